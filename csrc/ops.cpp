@@ -1,0 +1,26 @@
+// Registration of the fastkd operator schemas with the PyTorch dispatcher.
+//
+// The CPU kernels (csrc/cpu/) and the CUDA kernels (csrc/cuda/*_api.cpp) add their
+// implementations with TORCH_LIBRARY_IMPL; fakes and autograd live in Python
+// (fastkd/ops/native.py), so torch.compile and torch.library.opcheck see every op.
+#include <Python.h>
+#include <torch/library.h>
+
+// `import fastkd._C` only needs the module to exist: loading the shared object runs the
+// static registrations below.
+extern "C" PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+
+TORCH_LIBRARY(fastkd, m) {
+  // Dense fused distillation: per-row weighted loss (float32), gradient of that loss written
+  // into grad_student / grad_teacher when given (grad_student may alias student).
+  // divergence: 0 kl, 1 reverse_kl, 2 jsd, 3 tvd. softcap <= 0 means off. target may be
+  // absent (no cross-entropy term, no ignored rows).
+  m.def(
+      "dense_kd(Tensor student, Tensor teacher, Tensor? target, Tensor(a!)? grad_student, "
+      "Tensor(b!)? grad_teacher, float temperature, float ce_weight, float div_weight, "
+      "int divergence, float beta, int ignore_index, float label_smoothing, float softcap) "
+      "-> Tensor");
+}

@@ -1,0 +1,108 @@
+"""Backend resolution: which kernel computes a loss for given tensors.
+
+`"auto"` (or the `FASTKD_BACKEND` environment variable, which overrides it) picks, for
+float64 inputs, the reference (`"torch"`); for CUDA tensors `"triton"`, then `"cuda"`, then
+`"torch"`; for CPU tensors the fused C++ kernel `"cpu"`, then `"torch"`. An explicitly named
+backend that cannot run the given tensors raises `BackendUnavailableError` with the reason;
+nothing falls back silently.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from typing import Callable, Optional
+
+import torch
+
+BACKENDS = ("auto", "triton", "cuda", "cpu", "torch")
+KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+class BackendUnavailableError(RuntimeError):
+    """An explicitly requested backend cannot run on this machine or these tensors."""
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_import_error() -> Optional[str]:
+    try:
+        import triton  # noqa: F401
+
+        from .ops import triton_dense  # noqa: F401
+    except Exception as exc:  # ImportError, or a broken Triton install
+        return f"Triton is not importable ({exc})"
+    return None
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@functools.lru_cache(maxsize=None)
+def _native_status() -> tuple:
+    """(has_cpu_kernels, has_cuda_kernels, reason_if_missing)."""
+    try:
+        from .ops import native
+    except Exception as exc:
+        return False, False, f"the native extension fastkd._C is not importable ({exc})"
+    return native.HAS_CPU, native.HAS_CUDA, native.MISSING_REASON
+
+
+def unavailable_reason(backend: str, device: torch.device, dtype: torch.dtype) -> Optional[str]:
+    """Why `backend` cannot run tensors of this device and dtype; None when it can."""
+    if backend == "torch":
+        return None
+    if dtype not in KERNEL_DTYPES:
+        return f"backend {backend!r} takes float32, bfloat16 or float16, not {dtype}"
+    if backend == "triton":
+        if device.type != "cuda" and not (device.type == "cpu" and _interpreting()):
+            return ("backend 'triton' needs CUDA tensors (or CPU tensors with "
+                    f"TRITON_INTERPRET=1), got device {device}")
+        return _triton_import_error()
+    has_cpu, has_cuda, reason = _native_status()
+    if backend == "cpu":
+        if device.type != "cpu":
+            return f"backend 'cpu' needs CPU tensors, got device {device}"
+        return None if has_cpu else reason
+    if backend == "cuda":
+        if device.type != "cuda":
+            return f"backend 'cuda' needs CUDA tensors, got device {device}"
+        return None if has_cuda else (reason or "fastkd._C was built without CUDA kernels")
+    raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+
+
+def resolve_backend(backend: str, tensor: torch.Tensor) -> str:
+    """Returns the concrete backend name for `tensor`'s device and dtype."""
+    if not isinstance(backend, str) or backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        override = os.environ.get("FASTKD_BACKEND", "auto")
+        if override not in BACKENDS:
+            raise ValueError(f"FASTKD_BACKEND must be one of {BACKENDS}, got {override!r}")
+        backend = override
+    device, dtype = tensor.device, tensor.dtype
+    if backend == "auto":
+        preference = ("triton", "cuda", "torch") if device.type == "cuda" else ("cpu", "torch")
+        for candidate in preference:
+            if unavailable_reason(candidate, device, dtype) is None:
+                return candidate
+        return "torch"
+    reason = unavailable_reason(backend, device, dtype)
+    if reason is not None:
+        raise BackendUnavailableError(f"backend {backend!r} is unavailable: {reason}")
+    return backend
+
+
+def dense_kernel(backend: str) -> Callable:
+    """The dense-loss kernel (contract of `fastkd.reference.dense_kd_rows`) of a backend."""
+    if backend == "torch":
+        from .reference import dense_kd_rows
+
+        return dense_kd_rows
+    if backend == "triton":
+        from .ops.triton_dense import dense_kd_triton
+
+        return dense_kd_triton
+    from .ops.native import dense_kd_native
+
+    return dense_kd_native

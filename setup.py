@@ -1,0 +1,55 @@
+"""Build fastkd: the Python package, `kernels/` installed as `fastkd.kernels`, and the native
+extension `fastkd._C` from `csrc/` (CPU kernels always; CUDA kernels only where a CUDA toolkit
+and a CUDA build of torch are both present)."""
+
+import glob
+import os
+
+from setuptools import find_packages, setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _native_extensions():
+    import torch
+    from torch.utils import cpp_extension
+
+    cpu_sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
+    cuda_sources = sorted(glob.glob("csrc/cuda/*.cu") + glob.glob("csrc/cuda/*_api.cpp"))
+    cxx_flags = ["-O3", "-std=c++17", "-fopenmp"]
+    build_cuda = (
+        os.environ.get("FASTKD_NO_CUDA", "0") != "1"
+        and torch.version.cuda is not None
+        and cpp_extension.CUDA_HOME is not None
+        and bool(cuda_sources)
+    )
+    common = dict(
+        name="fastkd._C",
+        include_dirs=[os.path.join(ROOT, "csrc")],
+        extra_link_args=["-fopenmp"],
+        py_limited_api=False,
+    )
+    if build_cuda:
+        nvcc_flags = ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo",
+                      "-gencode=arch=compute_80,code=sm_80",
+                      "-gencode=arch=compute_90a,code=sm_90a"]
+        ext = cpp_extension.CUDAExtension(
+            sources=cpu_sources + cuda_sources,
+            extra_compile_args={"cxx": cxx_flags + ["-DFASTKD_WITH_CUDA"], "nvcc": nvcc_flags},
+            **common,
+        )
+    else:
+        ext = cpp_extension.CppExtension(
+            sources=cpu_sources, extra_compile_args={"cxx": cxx_flags}, **common
+        )
+    return [ext], {"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)}
+
+
+ext_modules, cmdclass = _native_extensions()
+
+setup(
+    packages=find_packages(include=["fastkd", "fastkd.*"]) + ["fastkd.kernels"],
+    package_dir={"fastkd.kernels": "kernels"},
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+)
