@@ -1,6 +1,6 @@
-"""Build fastkd: the Python package, `kernels/` installed as `fastkd.kernels`, and the native
-extension `fastkd._C` from `csrc/` (CPU kernels always; CUDA kernels only where a CUDA toolkit
-and a CUDA build of torch are both present)."""
+"""Build fastkd: the Python package (`kernels/` and `bench/` installed as `fastkd.kernels` and
+`fastkd.bench`) and the native extension `fastkd._C` from `csrc/`: CPU kernels always, CUDA
+kernels only where a CUDA toolkit and a CUDA build of torch are both present."""
 
 import glob
 import os
@@ -48,8 +48,8 @@ def _native_extensions():
 ext_modules, cmdclass = _native_extensions()
 
 setup(
-    packages=find_packages(include=["fastkd", "fastkd.*"]) + ["fastkd.kernels"],
-    package_dir={"fastkd.kernels": "kernels"},
+    packages=find_packages(include=["fastkd", "fastkd.*"]) + ["fastkd.kernels", "fastkd.bench"],
+    package_dir={"fastkd.kernels": "kernels", "fastkd.bench": "bench"},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )
