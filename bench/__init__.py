@@ -1,0 +1,1 @@
+"""Benchmark harness (installed as `fastkd.bench`); results live in bench/results/."""
