@@ -1,0 +1,103 @@
+"""Independent float64 oracle: the textbook formulas, differentiated by autograd.
+
+Written from DESIGN.md §1 without importing fastkd, so a bug in the library's reference
+cannot hide in its own test. Every backend's test compares against `oracle_loss` and the
+gradients autograd gives through it.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def _xlogy_diff(p, logp, logr):
+    """sum p * (logp - logr), with the 0 * log 0 = 0 convention.
+
+    The masked entries are replaced before the product too, so no NaN leaks into gradients
+    through the unselected branch of `where`."""
+    live = p > 0
+    safe = torch.where(live, logp, 0.0) - torch.where(live, logr, 0.0)
+    return torch.where(live, p * safe, 0.0).sum(-1)
+
+
+def divergence_rows(s, t, temperature, divergence, beta):
+    """D(p_t, p_s) per row for (..., V) float64 logits (already softcapped)."""
+    logp_s = F.log_softmax(s / temperature, dim=-1)
+    logp_t = F.log_softmax(t / temperature, dim=-1)
+    p_s, p_t = logp_s.exp(), logp_t.exp()
+    if divergence == "kl":
+        return _xlogy_diff(p_t, logp_t, logp_s)
+    if divergence == "reverse_kl":
+        return _xlogy_diff(p_s, logp_s, logp_t)
+    if divergence == "jsd":
+        m = beta * p_t + (1 - beta) * p_s
+        logm = torch.log(m)
+        return beta * _xlogy_diff(p_t, logp_t, logm) + (1 - beta) * _xlogy_diff(p_s, logp_s, logm)
+    if divergence == "tvd":
+        return 0.5 * (p_t - p_s).abs().sum(-1)
+    raise ValueError(divergence)
+
+
+def oracle_loss(student, teacher, target=None, *, temperature=1.0, alpha=0.5, divergence="kl",
+                beta=0.5, scale_by_t2=True, ignore_index=-100, label_smoothing=0.0,
+                softcap=None, reduction="mean", num_items_in_batch=None):
+    """The loss of DESIGN.md §1 in float64 (differentiable in student and teacher)."""
+    s, t = student.double(), teacher.double()
+    if softcap is not None:
+        s, t = softcap * torch.tanh(s / softcap), softcap * torch.tanh(t / softcap)
+    k = temperature**2 if scale_by_t2 else 1.0
+    d = divergence_rows(s, t, temperature, divergence, beta)
+    if target is None:
+        rows = k * d
+        count = torch.tensor(float(rows.numel()), dtype=torch.float64)
+    else:
+        valid = target != ignore_index
+        safe = torch.where(valid, target, 0)
+        ce = F.cross_entropy(s.reshape(-1, s.shape[-1]), safe.reshape(-1), reduction="none",
+                             label_smoothing=label_smoothing).reshape(target.shape)
+        terms = (1 - alpha) * k * d
+        if alpha != 0:
+            terms = terms + alpha * ce
+        rows = torch.where(valid, terms, 0.0)
+        count = valid.sum().double()
+    if reduction == "none":
+        return rows
+    if reduction == "sum":
+        return rows.sum()
+    if num_items_in_batch is not None:
+        return rows.sum() / num_items_in_batch
+    return rows.sum() / count.clamp(min=1)
+
+
+def oracle_with_grads(student, teacher, target=None, teacher_grad=True, **kw):
+    """(loss, d loss/d student, d loss/d teacher or None), all float64, for a scalar loss
+    (reduction="none" is summed with fixed random weights so every row's gradient counts)."""
+    s = student.detach().double().requires_grad_(True)
+    t = teacher.detach().double().requires_grad_(teacher_grad)
+    loss = oracle_loss(s, t, target, **kw)
+    scalar = loss if loss.dim() == 0 else (loss * row_weights(loss.shape)).sum()
+    inputs = (s, t) if teacher_grad else (s,)
+    grads = torch.autograd.grad(scalar, inputs)
+    return loss.detach(), grads[0], (grads[1] if teacher_grad else None)
+
+
+def row_weights(shape):
+    """Fixed, non-uniform weights used to reduce a reduction='none' loss to a scalar."""
+    g = torch.Generator().manual_seed(1234)
+    return torch.rand(shape, generator=g, dtype=torch.float64) + 0.5
+
+
+def random_logits(*shape, scale=3.0, dtype=torch.float32, seed=0):
+    """Normal logits of realistic scale (std `scale`), never zeros or uniform [0, 1)."""
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(*shape, generator=g, dtype=torch.float64) * scale).to(dtype)
+
+
+def random_target(*shape, vocab, ignore_fraction=0.0, ignore_index=-100, seed=0):
+    g = torch.Generator().manual_seed(seed + 7919)
+    y = torch.randint(0, vocab, shape, generator=g)
+    if ignore_fraction > 0:
+        mask = torch.rand(shape, generator=g) < ignore_fraction
+        y = torch.where(mask, torch.full_like(y, ignore_index), y)
+    return y
