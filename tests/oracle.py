@@ -41,9 +41,12 @@ def divergence_rows(s, t, temperature, divergence, beta):
 
 def oracle_loss(student, teacher, target=None, *, temperature=1.0, alpha=0.5, divergence="kl",
                 beta=0.5, scale_by_t2=True, ignore_index=-100, label_smoothing=0.0,
-                softcap=None, reduction="mean", num_items_in_batch=None):
-    """The loss of DESIGN.md §1 in float64 (differentiable in student and teacher)."""
-    s, t = student.double(), teacher.double()
+                softcap=None, reduction="mean", num_items_in_batch=None, dtype=torch.float64):
+    """The loss of DESIGN.md §1 in float64 (differentiable in student and teacher).
+
+    `dtype` other than float64 evaluates the same eager formula in that dtype: the
+    "same-dtype eager formula" whose error bounds a low-precision kernel (DESIGN.md §4)."""
+    s, t = student.to(dtype), teacher.to(dtype)
     if softcap is not None:
         s, t = softcap * torch.tanh(s / softcap), softcap * torch.tanh(t / softcap)
     k = temperature**2 if scale_by_t2 else 1.0
@@ -70,12 +73,14 @@ def oracle_loss(student, teacher, target=None, *, temperature=1.0, alpha=0.5, di
     return rows.sum() / count.clamp(min=1)
 
 
-def oracle_with_grads(student, teacher, target=None, teacher_grad=True, **kw):
+def oracle_with_grads(student, teacher, target=None, teacher_grad=True, dtype=torch.float64,
+                      **kw):
     """(loss, d loss/d student, d loss/d teacher or None), all float64, for a scalar loss
-    (reduction="none" is summed with fixed random weights so every row's gradient counts)."""
-    s = student.detach().double().requires_grad_(True)
-    t = teacher.detach().double().requires_grad_(teacher_grad)
-    loss = oracle_loss(s, t, target, **kw)
+    (reduction="none" is summed with fixed random weights so every row's gradient counts).
+    `dtype` evaluates the formula in that dtype instead (gradients then come in it)."""
+    s = student.detach().to(dtype).requires_grad_(True)
+    t = teacher.detach().to(dtype).requires_grad_(teacher_grad)
+    loss = oracle_loss(s, t, target, dtype=dtype, **kw)
     scalar = loss if loss.dim() == 0 else (loss * row_weights(loss.shape)).sum()
     inputs = (s, t) if teacher_grad else (s,)
     grads = torch.autograd.grad(scalar, inputs)
