@@ -14,6 +14,19 @@ from typing import Callable, Optional
 import torch
 
 
+def consume_once(ctx) -> None:
+    """Marks a fused-gradient Function's saved gradient as consumed.
+
+    The stored gradients are scaled in place in backward to keep peak memory at one [N, V]
+    buffer, so a second backward through the same graph is refused rather than silently
+    rescaling twice.
+    """
+    if getattr(ctx, "consumed", False):
+        raise RuntimeError("fastkd: the distillation loss's backward can run only once per "
+                           "forward (its fused gradient is scaled in place)")
+    ctx.consumed = True
+
+
 class DenseDistillationFunction(torch.autograd.Function):
     """rows = kernel(...); d rows / d logits is computed by the kernel in the forward pass."""
 
@@ -33,12 +46,7 @@ class DenseDistillationFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_rows):
-        # The stored gradients are consumed in place (scaled per row) to keep peak memory at
-        # one [N, V] buffer; a second backward through the same graph is therefore refused.
-        if getattr(ctx, "consumed", False):
-            raise RuntimeError("fastkd: the distillation loss's backward can run only once per "
-                               "forward (its fused gradient is scaled in place)")
-        ctx.consumed = True
+        consume_once(ctx)
         grad_student, grad_teacher = ctx.saved_tensors
         scale = grad_rows.unsqueeze(-1)
         if grad_student is not None:

@@ -1,0 +1,294 @@
+"""The other distillation families of the seeds: multi-teacher, decoupled (DKD), feature-,
+attention- and relation-based. Functional forms and `nn.Module`s with their learnable
+regressors. Logit-based ones reuse the fused dense kernels; the rest are plain PyTorch
+(`fastkd.reference.representation`), whose tensors are small."""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+import torch
+from torch import nn
+
+from ._dispatch import dense_kernel, resolve_backend
+from ._validation import check_floating, check_options, check_target, reduce_rows
+from .functional import check_logits_pair, loss_weights
+from .ops.multi_teacher import multi_teacher_rows
+from .reference import DIVERGENCES
+from .reference import representation as rep
+from .reference.decoupled import decoupled_kd_rows
+
+
+def _check_weights(weights, count: int) -> tuple:
+    if weights is None:
+        return (1.0 / count,) * count
+    weights = tuple(float(w) for w in weights)
+    if len(weights) != count or any(not w >= 0 for w in weights):
+        raise ValueError(f"weights must be {count} non-negative numbers (one per teacher), "
+                         f"got {weights}")
+    if not math.isclose(sum(weights), 1.0, rel_tol=1e-6):
+        raise ValueError(f"weights must sum to 1, got sum {sum(weights)}")
+    return weights
+
+
+def multi_teacher_distillation_loss(
+    student_logits: torch.Tensor, teacher_logits: Sequence[torch.Tensor],
+    target: Optional[torch.Tensor] = None, *, weights: Optional[Sequence[float]] = None,
+    mode: str = "sum", temperature: float = 1.0, alpha: float = 0.5, divergence: str = "kl",
+    beta: float = 0.5, scale_by_t2: bool = True, ignore_index: int = -100,
+    label_smoothing: float = 0.0, reduction: str = "mean", num_items_in_batch=None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Distillation from several teachers without stacking `[k, N, V]` copies.
+
+    student_logits (..., V); teacher_logits: a sequence of k tensors (..., V); weights: k
+    numbers summing to 1 (default uniform). mode="sum": alpha*CE + (1-alpha)*k_T *
+    sum_i w_i D(p_t_i, p_s), each teacher streamed through the fused kernel in turn (two [N, V]
+    buffers in all). mode="mixture": D against the mixture sum_i w_i p_t_i, whose logits
+    T*log(sum_i w_i p_t_i) are built in one float32 [N, V] buffer. Teachers get no gradient.
+    """
+    if isinstance(teacher_logits, torch.Tensor) or len(teacher_logits) == 0:
+        raise TypeError("teacher_logits must be a non-empty sequence of tensors")
+    if mode not in ("sum", "mixture"):
+        raise ValueError(f"mode must be 'sum' or 'mixture', got {mode!r}")
+    for i, teacher in enumerate(teacher_logits):
+        check_logits_pair(student_logits, teacher, target)
+        if teacher.requires_grad:
+            raise ValueError(f"teacher_logits[{i}] requires grad; multi-teacher losses treat "
+                             "teachers as constants (detach them)")
+    weights = _check_weights(weights, len(teacher_logits))
+    options = dict(temperature=temperature, alpha=alpha, divergence=divergence, beta=beta,
+                   ignore_index=ignore_index, label_smoothing=label_smoothing,
+                   reduction=reduction, num_items_in_batch=num_items_in_batch)
+    check_options(softcap=None, **options)
+    if mode == "mixture":
+        mixture = mixture_teacher_logits(teacher_logits, weights, temperature)
+        from .functional import distillation_loss
+
+        return distillation_loss(student_logits, mixture.to(student_logits.dtype), target,
+                                 scale_by_t2=scale_by_t2, backend=backend, **options)
+    lead_shape, vocab = student_logits.shape[:-1], student_logits.shape[-1]
+    if target is not None:
+        check_target(target, lead_shape, vocab, ignore_index)
+    name = resolve_backend(backend, student_logits)
+    student = student_logits.reshape(-1, vocab).contiguous()
+    teachers = [t.reshape(-1, vocab).contiguous() for t in teacher_logits]
+    flat_target = None if target is None else target.reshape(-1).to(torch.int64)
+    ce_weight, div_weight = loss_weights(target is not None, alpha, temperature, scale_by_t2)
+    kernel_options = (float(temperature), ce_weight, div_weight, DIVERGENCES.index(divergence),
+                      float(beta), int(ignore_index), float(label_smoothing), 0.0)
+    rows = multi_teacher_rows(student, teachers, flat_target, dense_kernel(name),
+                              kernel_options, weights)
+    valid = None if flat_target is None else (flat_target != ignore_index).sum()
+    return reduce_rows(rows, valid, reduction, num_items_in_batch, lead_shape)
+
+
+@torch.no_grad()
+def mixture_teacher_logits(teacher_logits: Sequence[torch.Tensor], weights: Sequence[float],
+                           temperature: float) -> torch.Tensor:
+    """T * log(sum_i w_i softmax(t_i / T)): logits whose tempered softmax is the mixture.
+
+    Accumulated in place in one float32 (..., V) buffer with log-add-exp, teacher by teacher.
+    Teachers with weight 0 are skipped (log 0 would be -inf everywhere).
+    """
+    acc = None
+    for teacher, weight in zip(teacher_logits, weights):
+        if weight == 0:
+            continue
+        log_p = torch.log_softmax(teacher.float() / temperature, dim=-1).add_(math.log(weight))
+        acc = log_p if acc is None else torch.logaddexp(acc, log_p, out=acc)
+    return acc.mul_(temperature)
+
+
+def decoupled_kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+                      target: torch.Tensor, *, temperature: float = 4.0, alpha: float = 1.0,
+                      beta: float = 8.0, ignore_index: int = -100,
+                      reduction: str = "mean") -> torch.Tensor:
+    """DKD (Zhao et al. 2022): T^2 * (alpha * TCKD + beta * NCKD) per token.
+
+    student_logits, teacher_logits (..., V) with V >= 2; target (...) int64. Defaults are the
+    paper's CIFAR settings. Add the hard CE term yourself (the paper weighs it 1).
+    """
+    check_logits_pair(student_logits, teacher_logits, target)
+    lead_shape, vocab = student_logits.shape[:-1], student_logits.shape[-1]
+    if vocab < 2:
+        raise ValueError(f"student_logits needs at least 2 classes for DKD, got V={vocab}")
+    check_target(target, lead_shape, vocab, ignore_index)
+    check_options(temperature=temperature, alpha=0.5, divergence="kl", beta=0.5,
+                  ignore_index=ignore_index, label_smoothing=0.0, softcap=None,
+                  reduction=reduction, num_items_in_batch=None)
+    for name, value in (("alpha", alpha), ("beta", beta)):
+        if not isinstance(value, (int, float)) or value < 0:
+            raise ValueError(f"{name} must be a number >= 0 for DKD, got {value!r}")
+    flat_target = target.reshape(-1).to(torch.int64)
+    rows = decoupled_kd_rows(student_logits.reshape(-1, vocab), teacher_logits.reshape(-1, vocab),
+                             flat_target, temperature=temperature, alpha=alpha, beta=beta,
+                             ignore_index=ignore_index)
+    valid = (flat_target != ignore_index).sum()
+    return reduce_rows(rows, valid, reduction, None, lead_shape)
+
+
+def _check_pair(student, teacher, same_shape: bool = True) -> None:
+    check_floating("student", student)
+    check_floating("teacher", teacher)
+    if same_shape and student.shape != teacher.shape:
+        raise ValueError(f"teacher shape {tuple(teacher.shape)} must equal the (projected) "
+                         f"student shape {tuple(student.shape)}")
+    if not same_shape and student.shape[0] != teacher.shape[0]:
+        raise ValueError(f"student and teacher must have the same batch size, got "
+                         f"{student.shape[0]} and {teacher.shape[0]}")
+
+
+def hint_loss(student_features, teacher_features):
+    """FitNets hint (MSE) between regressed student features and teacher features (same
+    shape). The teacher is treated as a constant."""
+    _check_pair(student_features, teacher_features)
+    return rep.hint_loss(student_features, teacher_features.detach())
+
+
+def hidden_state_loss(student_hidden, teacher_hidden, *, metric="cosine", mask=None):
+    """Cosine (1 - cos) or MSE per token between projected student and teacher hidden states
+    (..., H); mask (...) bool selects the tokens that count."""
+    _check_pair(student_hidden, teacher_hidden)
+    if mask is not None and mask.shape != student_hidden.shape[:-1]:
+        raise ValueError(f"mask must have shape {tuple(student_hidden.shape[:-1])}, "
+                         f"got {tuple(mask.shape)}")
+    return rep.hidden_state_loss(student_hidden, teacher_hidden.detach(), metric, mask)
+
+
+def attention_transfer_loss(student_features, teacher_features, *, p=2.0):
+    """Zagoruyko & Komodakis attention transfer between (B, Cs, H, W) and (B, Ct, H, W)."""
+    _check_pair(student_features, teacher_features, same_shape=False)
+    if student_features.shape[2:] != teacher_features.shape[2:]:
+        raise ValueError("student_features and teacher_features must share spatial sizes, got "
+                         f"{tuple(student_features.shape[2:])} and "
+                         f"{tuple(teacher_features.shape[2:])}")
+    return rep.attention_transfer_loss(student_features, teacher_features.detach(), p)
+
+
+def attention_map_loss(student_probs, teacher_probs, *, mask=None):
+    """KL(teacher || student) of attention probabilities (B, heads, Lq, Lk), averaged over
+    heads and the query positions selected by mask (B, Lq)."""
+    _check_pair(student_probs, teacher_probs)
+    if student_probs.dim() != 4:
+        raise ValueError(f"student_probs must be (B, heads, Lq, Lk), got "
+                         f"{tuple(student_probs.shape)}")
+    if mask is not None and mask.shape != (student_probs.shape[0], student_probs.shape[2]):
+        raise ValueError(f"mask must have shape (B, Lq) = "
+                         f"{(student_probs.shape[0], student_probs.shape[2])}, "
+                         f"got {tuple(mask.shape)}")
+    return rep.attention_probs_kl(student_probs, teacher_probs.detach(), mask)
+
+
+def rkd_loss(student_embeddings, teacher_embeddings, *, distance_weight=25.0,
+             angle_weight=50.0):
+    """Relational KD (Park et al. 2019) on (B, Ds) / (B, Dt) embeddings, B >= 2: weighted
+    distance-wise plus angle-wise Huber losses (the paper's weights by default)."""
+    _check_pair(student_embeddings, teacher_embeddings, same_shape=False)
+    if student_embeddings.dim() != 2 or student_embeddings.shape[0] < 2:
+        raise ValueError("student_embeddings must be (B, D) with B >= 2, got "
+                         f"{tuple(student_embeddings.shape)}")
+    loss = student_embeddings.new_zeros(())
+    if distance_weight:
+        loss = loss + distance_weight * rep.rkd_distance_loss(student_embeddings,
+                                                              teacher_embeddings)
+    if angle_weight:
+        loss = loss + angle_weight * rep.rkd_angle_loss(student_embeddings, teacher_embeddings)
+    return loss
+
+
+def similarity_preserving_loss(student_features, teacher_features):
+    """Tung & Mori similarity-preserving loss between any (B, ...) student/teacher features."""
+    _check_pair(student_features, teacher_features, same_shape=False)
+    return rep.similarity_preserving_loss(student_features, teacher_features.detach())
+
+
+class HintLoss(nn.Module):
+    """FitNets hint with a learnable regressor: a 1x1 conv (kind="conv", (B, C, H, W)
+    features) or a linear map (kind="linear", (..., C) features) from student to teacher
+    width. Optimise the regressor's parameters with the student's."""
+
+    def __init__(self, student_channels: int, teacher_channels: int, kind: str = "conv"):
+        super().__init__()
+        if kind == "conv":
+            self.regressor = nn.Conv2d(student_channels, teacher_channels, kernel_size=1)
+        elif kind == "linear":
+            self.regressor = nn.Linear(student_channels, teacher_channels)
+        else:
+            raise ValueError(f"kind must be 'conv' or 'linear', got {kind!r}")
+
+    def forward(self, student_features, teacher_features):
+        return hint_loss(self.regressor(student_features), teacher_features)
+
+
+class HiddenStateLoss(nn.Module):
+    """Transformer hidden-state matching with a learnable projection (student_dim ->
+    teacher_dim; identity when equal) and metric "cosine" or "mse"."""
+
+    def __init__(self, student_dim: int, teacher_dim: int, metric: str = "cosine"):
+        super().__init__()
+        if metric not in ("cosine", "mse"):
+            raise ValueError(f"metric must be 'cosine' or 'mse', got {metric!r}")
+        self.metric = metric
+        self.projection = (nn.Identity() if student_dim == teacher_dim
+                           else nn.Linear(student_dim, teacher_dim, bias=False))
+
+    def forward(self, student_hidden, teacher_hidden, mask=None):
+        return hidden_state_loss(self.projection(student_hidden), teacher_hidden,
+                                 metric=self.metric, mask=mask)
+
+
+class AttentionTransferLoss(nn.Module):
+    """Attention transfer summed over pairs of feature maps: forward(student_maps,
+    teacher_maps) with tensors or equal-length lists of (B, C, H, W) tensors."""
+
+    def __init__(self, p: float = 2.0):
+        super().__init__()
+        self.p = p
+
+    def forward(self, student_maps, teacher_maps):
+        if isinstance(student_maps, torch.Tensor):
+            student_maps, teacher_maps = [student_maps], [teacher_maps]
+        if len(student_maps) != len(teacher_maps):
+            raise ValueError("student_maps and teacher_maps must have the same length")
+        return sum(attention_transfer_loss(s, t, p=self.p)
+                   for s, t in zip(student_maps, teacher_maps))
+
+
+class RKDLoss(nn.Module):
+    """Relational KD (distance + angle) as a module."""
+
+    def __init__(self, distance_weight: float = 25.0, angle_weight: float = 50.0):
+        super().__init__()
+        self.distance_weight, self.angle_weight = distance_weight, angle_weight
+
+    def forward(self, student_embeddings, teacher_embeddings):
+        return rkd_loss(student_embeddings, teacher_embeddings,
+                        distance_weight=self.distance_weight, angle_weight=self.angle_weight)
+
+
+class DecoupledKDLoss(nn.Module):
+    """DKD as a module: T^2 * (alpha * TCKD + beta * NCKD)."""
+
+    def __init__(self, temperature: float = 4.0, alpha: float = 1.0, beta: float = 8.0,
+                 ignore_index: int = -100, reduction: str = "mean"):
+        super().__init__()
+        self.options = dict(temperature=temperature, alpha=alpha, beta=beta,
+                            ignore_index=ignore_index, reduction=reduction)
+
+    def forward(self, student_logits, teacher_logits, target):
+        return decoupled_kd_loss(student_logits, teacher_logits, target, **self.options)
+
+
+class MultiTeacherDistillationLoss(nn.Module):
+    """`multi_teacher_distillation_loss` as a module (keywords fixed at construction)."""
+
+    def __init__(self, weights: Optional[Sequence[float]] = None, mode: str = "sum", **options):
+        super().__init__()
+        self.options = dict(weights=weights, mode=mode, **options)
+
+    def forward(self, student_logits, teacher_logits, target=None, num_items_in_batch=None):
+        return multi_teacher_distillation_loss(student_logits, teacher_logits, target,
+                                               num_items_in_batch=num_items_in_batch,
+                                               **self.options)

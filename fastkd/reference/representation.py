@@ -1,0 +1,130 @@
+"""Feature-, attention- and relation-based distillation losses (pure PyTorch).
+
+These losses act on intermediate representations, whose tensors are small next to the
+`[tokens x vocab]` logits, so plain PyTorch with autograd is the right implementation: there
+is no large temporary to fuse away. Each function takes already-projected features (the
+learnable regressors live in `fastkd.losses`) and returns a scalar.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+
+def _masked_mean(values: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+    """Mean of `values` (...) over positions where `mask` (...) is True (0 when none)."""
+    if mask is None:
+        return values.mean()
+    mask = mask.to(values.dtype)
+    return (values * mask).sum() / mask.sum().clamp(min=1)
+
+
+def hint_loss(student_features: torch.Tensor, teacher_features: torch.Tensor) -> torch.Tensor:
+    """FitNets hint: mean squared error between (regressed) student and teacher features.
+
+    student_features, teacher_features: same shape, e.g. (B, C, H, W) or (B, L, H).
+    """
+    return F.mse_loss(student_features, teacher_features)
+
+
+def hidden_state_loss(student_hidden: torch.Tensor, teacher_hidden: torch.Tensor,
+                      metric: str = "cosine",
+                      mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Per-token hidden-state matching for transformers.
+
+    student_hidden, teacher_hidden: (..., H) (student already projected to H). mask: (...)
+    bool, True for tokens that count. metric "cosine": mean of 1 - cos(h_s, h_t);
+    "mse": mean over tokens of the mean squared difference over H.
+    """
+    if metric == "cosine":
+        per_token = 1.0 - F.cosine_similarity(student_hidden, teacher_hidden, dim=-1)
+    elif metric == "mse":
+        per_token = (student_hidden - teacher_hidden).pow(2).mean(-1)
+    else:
+        raise ValueError(f"metric must be 'cosine' or 'mse', got {metric!r}")
+    return _masked_mean(per_token, mask)
+
+
+def attention_map(features: torch.Tensor, p: float = 2.0) -> torch.Tensor:
+    """Zagoruyko & Komodakis' spatial attention: (B, C, *spatial) -> (B, prod(spatial)).
+
+    Q = sum_c |F_c|^p over channels, flattened and L2-normalised per sample.
+    """
+    q = features.abs().pow(p).sum(1).flatten(1)
+    return F.normalize(q, dim=1)
+
+
+def attention_transfer_loss(student_features: torch.Tensor, teacher_features: torch.Tensor,
+                            p: float = 2.0) -> torch.Tensor:
+    """Attention transfer: mean over the batch of || Q_s - Q_t ||_2 (paper's form, beta=2).
+
+    student_features: (B, Cs, H, W); teacher_features: (B, Ct, H, W) — channels may differ,
+    spatial sizes must match (interpolate first otherwise).
+    """
+    diff = attention_map(student_features, p) - attention_map(teacher_features, p)
+    return diff.norm(dim=1).mean()
+
+
+def attention_probs_kl(student_probs: torch.Tensor, teacher_probs: torch.Tensor,
+                       mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """KL(teacher || student) between attention probabilities, per head and query row.
+
+    student_probs, teacher_probs: (B, heads, Lq, Lk), rows summing to 1 over Lk (masked keys
+    at probability 0 on both sides contribute nothing). mask: (B, Lq) bool of query
+    positions that count. Returns the mean over batch, heads and counted queries.
+    """
+    live = teacher_probs > 0
+    log_ratio = torch.where(live, teacher_probs, 1.0).log() - torch.where(
+        live, student_probs, 1.0).log()
+    per_row = torch.where(live, teacher_probs * log_ratio, 0.0).sum(-1)   # (B, heads, Lq)
+    if mask is not None:
+        mask = mask.unsqueeze(1).expand_as(per_row)
+    return _masked_mean(per_row, mask)
+
+
+def _normalised_distances(embeddings: torch.Tensor) -> torch.Tensor:
+    """Pairwise Euclidean distances (B, B) divided by their mean over distinct pairs."""
+    d = torch.cdist(embeddings, embeddings)
+    b = embeddings.shape[0]
+    off_diagonal = ~torch.eye(b, dtype=torch.bool, device=embeddings.device)
+    return d / d[off_diagonal].mean().clamp(min=torch.finfo(d.dtype).tiny)
+
+
+def rkd_distance_loss(student_embeddings: torch.Tensor,
+                      teacher_embeddings: torch.Tensor) -> torch.Tensor:
+    """Relational KD, distance-wise (Park et al. 2019): Huber loss between the mean-normalised
+    pairwise distance matrices. embeddings: (B, Ds) and (B, Dt), B >= 2."""
+    with torch.no_grad():
+        target = _normalised_distances(teacher_embeddings.detach())
+    return F.smooth_l1_loss(_normalised_distances(student_embeddings), target)
+
+
+def _triplet_cosines(embeddings: torch.Tensor) -> torch.Tensor:
+    """cos of the angle at j between e_i and e_k: (B, B, B) from (B, D)."""
+    diff = F.normalize(embeddings.unsqueeze(0) - embeddings.unsqueeze(1), dim=2)  # e_i - e_j
+    return torch.bmm(diff, diff.transpose(1, 2))
+
+
+def rkd_angle_loss(student_embeddings: torch.Tensor,
+                   teacher_embeddings: torch.Tensor) -> torch.Tensor:
+    """Relational KD, angle-wise: Huber loss between triplet angle cosines. (B, D) inputs;
+    memory is O(B^2 * D), so use it on modest batches (as the paper does)."""
+    with torch.no_grad():
+        target = _triplet_cosines(teacher_embeddings.detach())
+    return F.smooth_l1_loss(_triplet_cosines(student_embeddings), target)
+
+
+def similarity_preserving_loss(student_features: torch.Tensor,
+                               teacher_features: torch.Tensor) -> torch.Tensor:
+    """Similarity-preserving KD (Tung & Mori 2019): || G_s - G_t ||_F^2 / B^2 with
+    G = row-L2-normalised (F F^T), F the features flattened to (B, -1)."""
+    b = student_features.shape[0]
+
+    def gram(features):
+        flat = features.reshape(b, -1)
+        return F.normalize(flat @ flat.t(), dim=1)
+
+    return (gram(student_features) - gram(teacher_features)).pow(2).sum() / (b * b)
