@@ -32,7 +32,9 @@ def divergence_rows(s, t, temperature, divergence, beta):
         return _xlogy_diff(p_s, logp_s, logp_t)
     if divergence == "jsd":
         m = beta * p_t + (1 - beta) * p_s
-        logm = torch.log(m)
+        # log of a masked-out m = 0 (p_t = p_s = 0 there) would send 0 * inf = NaN into the
+        # gradient through the unselected branch of _xlogy_diff's where.
+        logm = torch.log(torch.where(m > 0, m, 1.0))
         return beta * _xlogy_diff(p_t, logp_t, logm) + (1 - beta) * _xlogy_diff(p_s, logp_s, logm)
     if divergence == "tvd":
         return 0.5 * (p_t - p_s).abs().sum(-1)

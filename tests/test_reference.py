@@ -1,0 +1,367 @@
+"""The reference backend (`backend="torch"`) against the independent float64 oracle.
+
+Losses and gradients (student, and teacher when its logits require grad) over divergences,
+temperatures, reductions, ignored fractions, -inf columns, extreme logits, leading dimensions,
+options, dtypes, vocabulary sizes and the reference's row chunking. Tolerances follow
+DESIGN.md §4: float64 ~1e-12 relative, float32 1e-5 relative, bf16/fp16 at most twice the
+error of the same formula evaluated eagerly in that dtype plus a rounding floor.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from oracle import oracle_loss, oracle_with_grads, random_logits, random_target, row_weights
+
+import fastkd
+import fastkd.reference.dense as reference_dense
+
+DIVERGENCE_CASES = [("kl", 0.5), ("reverse_kl", 0.5), ("jsd", 0.5), ("jsd", 0.1), ("tvd", 0.5)]
+DIVERGENCE_IDS = ["kl", "reverse_kl", "jsd-0.5", "jsd-0.1", "tvd"]
+RTOL = {torch.float64: 1e-12, torch.float32: 1e-5}
+# Per-element rounding of one value to the dtype (half an ulp at 1.0): the floor of the
+# low-precision rule, since a gradient returned in bf16/fp16 can be no closer than that.
+HALF_ULP = {torch.bfloat16: 2.0**-9, torch.float16: 2.0**-12}
+
+
+def run_fastkd(student, teacher, target=None, *, student_grad=True, teacher_grad=True,
+               inplace_backward=False, **kw):
+    """(loss, student grad, teacher grad) of `fastkd.distillation_loss(backend="torch")`.
+
+    reduction="none" is reduced with the oracle's fixed row weights, so each row's gradient
+    is checked with a distinct scale."""
+    s = student.detach().clone().requires_grad_(student_grad)
+    t = teacher.detach().clone().requires_grad_(teacher_grad)
+    loss = fastkd.distillation_loss(s, t, target, backend="torch",
+                                    inplace_backward=inplace_backward, **kw)
+    scalar = loss if loss.dim() == 0 else (loss.double() * row_weights(loss.shape)).sum()
+    scalar.backward()
+    return loss.detach(), s.grad, t.grad
+
+
+def assert_close(actual, expected, rtol, atol=0.0, what="value"):
+    """max |actual - expected| <= rtol * max |expected| + atol (relative error in the max
+    norm over the whole tensor: a gradient is judged against its own scale, so a tiny entry
+    that cancels is not asked for more digits than the dtype has)."""
+    assert actual is not None, f"{what}: missing"
+    assert actual.shape == expected.shape, f"{what}: shape {actual.shape} != {expected.shape}"
+    a, e = actual.detach().double(), expected.detach().double()
+    assert bool(torch.isfinite(a).all()), f"{what}: non-finite values"
+    err, scale = (a - e).abs().max(), e.abs().max()
+    assert err <= rtol * scale + atol, f"{what}: error {err:.3e} > {rtol:g} * {scale:.3e} + {atol}"
+
+
+def check_against_oracle(student, teacher, target=None, *, student_grad=True,
+                         teacher_grad=True, inplace_backward=False, rtol=None, atol=None,
+                         **kw):
+    """Runs fastkd and the oracle on the same inputs and compares loss and gradients.
+
+    The default absolute floor is the dtype's smallest normal number: a gradient entry of
+    1e-47 (a saturated softmax) has no float32 representation."""
+    rtol = RTOL[student.dtype] if rtol is None else rtol
+    atol = torch.finfo(student.dtype).tiny if atol is None else atol
+    loss, gs, gt = run_fastkd(student, teacher, target, student_grad=student_grad,
+                              teacher_grad=teacher_grad, inplace_backward=inplace_backward,
+                              **kw)
+    ref_loss, ref_gs, ref_gt = oracle_with_grads(student, teacher, target, teacher_grad, **kw)
+    assert loss.dtype == (torch.float64 if student.dtype == torch.float64 else torch.float32)
+    assert_close(loss, ref_loss, rtol, atol, "loss")
+    if student_grad:
+        assert gs.dtype == student.dtype
+        assert_close(gs, ref_gs, rtol, atol, "student grad")
+    else:
+        assert gs is None
+    if teacher_grad:
+        assert gt.dtype == teacher.dtype
+        assert_close(gt, ref_gt, rtol, atol, "teacher grad")
+    else:
+        assert gt is None
+    return loss, gs, gt
+
+
+def inputs(shape, dtype=torch.float64, ignore_fraction=0.3, scale=3.0, seed=0):
+    student = random_logits(*shape, scale=scale, dtype=dtype, seed=seed)
+    teacher = random_logits(*shape, scale=scale, dtype=dtype, seed=seed + 1)
+    target = random_target(*shape[:-1], vocab=shape[-1], ignore_fraction=ignore_fraction,
+                           seed=seed)
+    return student, teacher, target
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("temperature", [0.5, 1.0, 2.0, 8.0])
+@pytest.mark.parametrize("divergence,beta", DIVERGENCE_CASES, ids=DIVERGENCE_IDS)
+def test_divergence_temperature_reduction(divergence, beta, temperature, reduction, dtype):
+    student, teacher, target = inputs((2, 3, 37), dtype, seed=11)
+    check_against_oracle(student, teacher, target, temperature=temperature, alpha=0.3,
+                         divergence=divergence, beta=beta, reduction=reduction)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("divergence,beta", DIVERGENCE_CASES, ids=DIVERGENCE_IDS)
+@pytest.mark.parametrize("fraction", [0.0, 0.3, 1.0])
+def test_ignored_fraction(fraction, divergence, beta, reduction):
+    student, teacher, target = inputs((6, 29), torch.float32, ignore_fraction=fraction, seed=3)
+    kw = dict(temperature=2.0, divergence=divergence, beta=beta, reduction=reduction)
+    loss, gs, gt = check_against_oracle(student, teacher, target, **kw)
+    ignored = target == -100
+    assert bool((gs[ignored] == 0).all()) and bool((gt[ignored] == 0).all())
+    if fraction == 1.0:
+        assert bool((loss == 0).all()), "all-ignored loss must be exactly 0"
+        assert bool((gs == 0).all()) and bool((gt == 0).all()), "all-ignored grads must be 0"
+
+
+def masked_columns(n, vocab, fraction=0.3, seed=0):
+    """(n, vocab) bool mask of -inf columns, different per row, at least one column free."""
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.rand(n, vocab, generator=g) < fraction
+    mask[:, 0] = False
+    return mask
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("student_padded", [False, True], ids=["student-finite", "padded"])
+@pytest.mark.parametrize("divergence,beta", DIVERGENCE_CASES, ids=DIVERGENCE_IDS)
+def test_neg_inf_teacher_columns(divergence, beta, student_padded, dtype):
+    if divergence == "reverse_kl" and not student_padded:
+        pytest.skip("KL(p_s || p_t) is +inf when the student puts mass where p_t = 0")
+    student, teacher, _ = inputs((8, 41), dtype, seed=5)
+    mask = masked_columns(8, 41, seed=5)
+    teacher = teacher.masked_fill(mask, float("-inf"))
+    if student_padded:
+        student = student.masked_fill(mask, float("-inf"))
+    target = torch.zeros(8, dtype=torch.int64)  # column 0 is never masked
+    target[2] = -100
+    loss, gs, gt = check_against_oracle(student, teacher, target, temperature=2.0,
+                                        divergence=divergence, beta=beta, reduction="none")
+    assert bool((gt[mask] == 0).all()), "a -inf teacher column has zero probability"
+    if student_padded:
+        assert bool((gs[mask] == 0).all()), "a -inf student column has zero probability"
+
+
+def test_zero_weight_term_is_not_evaluated():
+    """alpha=1: the divergence (here infinite: reverse KL against a masked teacher) has weight
+    0 and must not be evaluated, so no 0 * inf = NaN reaches the loss or the gradients."""
+    student, teacher, target = inputs((6, 23), torch.float32, seed=9)
+    teacher[:, 5] = float("-inf")
+    loss, gs, gt = run_fastkd(student, teacher, target, alpha=1.0, divergence="reverse_kl",
+                              temperature=2.0)
+    finite_teacher = teacher.masked_fill(torch.isinf(teacher), 0.0)
+    ref_loss, ref_gs, _ = oracle_with_grads(student, finite_teacher, target, alpha=1.0,
+                                            temperature=2.0)
+    assert_close(loss, ref_loss, 1e-5, what="loss")
+    assert_close(gs, ref_gs, 1e-5, what="student grad")
+    assert bool((gt == 0).all()), "alpha=1 gives the teacher no gradient"
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("temperature", [1.0, 8.0])
+@pytest.mark.parametrize("divergence,beta", DIVERGENCE_CASES, ids=DIVERGENCE_IDS)
+def test_extreme_logits(divergence, beta, temperature, dtype):
+    student, teacher, target = inputs((5, 33), dtype, scale=1e4, seed=21)
+    assert student.abs().max() > 1e4
+    # Saturated softmaxes make some gradients cancel to ~1e-66 (the JSD teacher gradient at
+    # T=8): judge the error against the gradient's natural unit, div_weight / T = (1-alpha)*T.
+    atol = RTOL[dtype] * 0.5 * temperature
+    check_against_oracle(student, teacher, target, temperature=temperature,
+                         divergence=divergence, beta=beta, label_smoothing=0.1, atol=atol)
+
+
+@pytest.mark.parametrize("shape", [(13,), (5, 13), (2, 3, 13), (2, 1, 3, 13)],
+                         ids=lambda s: "x".join(map(str, s)))
+def test_leading_dims(shape):
+    student, teacher, target = inputs(shape, torch.float64, seed=2)
+    loss, _, _ = check_against_oracle(student, teacher, target, temperature=2.0,
+                                      reduction="none")
+    assert loss.shape == shape[:-1]
+    flat = fastkd.distillation_loss(student.reshape(-1, 13), teacher.reshape(-1, 13),
+                                    target.reshape(-1), temperature=2.0, reduction="none",
+                                    backend="torch")
+    assert torch.equal(flat, loss.reshape(-1))
+
+
+OPTION_CASES = {
+    "label_smoothing": dict(label_smoothing=0.1),
+    "label_smoothing_1": dict(label_smoothing=1.0),
+    "softcap": dict(softcap=5.0),
+    "softcap_smoothing_T2": dict(softcap=4.0, label_smoothing=0.2, temperature=2.0),
+    "num_items_int": dict(num_items_in_batch=17),
+    "num_items_tensor": dict(num_items_in_batch=torch.tensor(17)),
+    "num_items_float_tensor": dict(num_items_in_batch=torch.tensor(9.5)),
+    "num_items_sum": dict(num_items_in_batch=17, reduction="sum"),
+    "no_t2": dict(scale_by_t2=False, temperature=4.0),
+    "alpha_0": dict(alpha=0.0, temperature=2.0),
+    "alpha_1": dict(alpha=1.0, temperature=2.0),
+    "no_target": dict(target=None, alpha=0.7, temperature=2.0),
+    "no_target_none": dict(target=None, temperature=0.5, reduction="none"),
+    "ignore_index_0": dict(ignore_index=0),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("divergence,beta", DIVERGENCE_CASES, ids=DIVERGENCE_IDS)
+@pytest.mark.parametrize("case", list(OPTION_CASES))
+def test_options(case, divergence, beta, dtype):
+    kw = dict(OPTION_CASES[case])
+    student, teacher, target = inputs((3, 4, 19), dtype, seed=31)
+    target = kw.pop("target", target)
+    if kw.get("ignore_index") == 0:
+        target = target.clamp(min=0)  # label 0 now means "ignored"
+    check_against_oracle(student, teacher, target, divergence=divergence, beta=beta, **kw)
+
+
+@pytest.mark.parametrize("student_grad,teacher_grad", [(True, False), (False, True)])
+def test_which_inputs_get_gradients(student_grad, teacher_grad):
+    student, teacher, target = inputs((4, 17), torch.float32, seed=4)
+    check_against_oracle(student, teacher, target, student_grad=student_grad,
+                         teacher_grad=teacher_grad, temperature=2.0, divergence="jsd")
+
+
+def test_forward_without_grad_matches():
+    student, teacher, target = inputs((4, 17), torch.float32, seed=4)
+    with torch.no_grad():
+        loss = fastkd.distillation_loss(student.requires_grad_(), teacher, target,
+                                        temperature=2.0, backend="torch")
+    assert loss.grad_fn is None
+    assert_close(loss, oracle_loss(student, teacher, target, temperature=2.0), 1e-5)
+
+
+def test_alpha_0_uses_target_only_as_mask():
+    """alpha=0 with a target == the pure divergence over the non-ignored rows only."""
+    student, teacher, target = inputs((12, 19), torch.float64, seed=8)
+    masked = fastkd.distillation_loss(student, teacher, target, alpha=0.0, temperature=2.0,
+                                      backend="torch")
+    keep = target != -100
+    plain = fastkd.distillation_loss(student[keep], teacher[keep], None, temperature=2.0,
+                                     backend="torch")
+    assert_close(masked, plain, 1e-14)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("shape", [(4, 5, 1), (4, 5, 7), (6, 1000), (3, 32000)],
+                         ids=["V1", "V7", "V1000", "V32000"])
+def test_vocab_sizes(shape, dtype):
+    student, teacher, target = inputs(shape, dtype, seed=13)
+    # V=1: every distribution is the point mass, so loss and gradients are 0; the smoothed CE
+    # lse - 0.9 z - 0.1 mean(z) cancels only to rounding of |z| ~ 3: an absolute floor.
+    atol = RTOL[dtype] if shape[-1] == 1 else None
+    for divergence in ("kl", "jsd"):
+        check_against_oracle(student, teacher, target, temperature=2.0, divergence=divergence,
+                             label_smoothing=0.1, atol=atol)
+
+
+def low_precision_error_bound(kernel, oracle, eager, half_ulp):
+    """DESIGN.md §4: kernel error <= 2 * eager error + one rounding of the largest value."""
+    kernel_err = (kernel.double() - oracle).abs().max()
+    eager_err = (eager.double() - oracle).abs().max()
+    return kernel_err, 2 * eager_err + half_ulp * oracle.abs().max()
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+@pytest.mark.parametrize("divergence,beta", DIVERGENCE_CASES, ids=DIVERGENCE_IDS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_low_precision(dtype, divergence, beta, temperature):
+    student, teacher, target = inputs((4, 8, 257), dtype, seed=17)
+    kw = dict(temperature=temperature, divergence=divergence, beta=beta, label_smoothing=0.1)
+    loss, gs, gt = run_fastkd(student, teacher, target, **kw)
+    assert loss.dtype == torch.float32 and gs.dtype == dtype and gt.dtype == dtype
+    exact = oracle_with_grads(student, teacher, target, **kw)
+    eager = oracle_with_grads(student, teacher, target, dtype=dtype, **kw)
+    for what, kernel, ref, same_dtype in zip(("loss", "student grad", "teacher grad"),
+                                             (loss, gs, gt), exact, eager):
+        # The loss comes back in float32: its floor is float32 rounding, not the dtype's.
+        half_ulp = 2.0**-24 if what == "loss" else HALF_ULP[dtype]
+        err, bound = low_precision_error_bound(kernel, ref, same_dtype, half_ulp)
+        assert err <= bound, f"{what}: error {err:.3e} > bound {bound:.3e}"
+
+
+class CallCounter:
+    def __init__(self, fn):
+        self.fn, self.calls = fn, 0
+
+    def __call__(self, *args, **kwargs):
+        self.calls += 1
+        return self.fn(*args, **kwargs)
+
+
+@pytest.mark.parametrize("chunk_elements,rows_per_chunk", [(100, 2), (16, 1)],
+                         ids=["2-rows", "V-larger-than-chunk"])
+@pytest.mark.parametrize("inplace", [False, True], ids=["out-of-place", "inplace"])
+def test_reference_chunking(monkeypatch, chunk_elements, rows_per_chunk, inplace):
+    shape = (5, 7, 37)
+    student, teacher, target = inputs(shape, torch.float64, seed=23)
+    kw = dict(temperature=2.0, divergence="jsd", label_smoothing=0.1, softcap=6.0)
+    whole = run_fastkd(student, teacher, target, **kw)
+    counter = CallCounter(reference_dense._divergence_and_grads)
+    monkeypatch.setattr(reference_dense, "CHUNK_ELEMENTS", chunk_elements)
+    monkeypatch.setattr(reference_dense, "_divergence_and_grads", counter)
+    chunked = check_against_oracle(student, teacher, target, inplace_backward=inplace, **kw)
+    assert counter.calls == -(-35 // rows_per_chunk), "the rows must run in several chunks"
+    for a, b in zip(chunked, whole):
+        torch.testing.assert_close(a, b, rtol=1e-14, atol=0)
+
+
+@pytest.mark.parametrize("divergence", ["kl", "tvd"])
+def test_inplace_backward_same_gradients(divergence):
+    """Logits straight from an lm-head (a non-leaf): in-place backward overwrites them with
+    their gradient and must give the same parameter gradients."""
+    hidden = random_logits(6, 16, dtype=torch.float32, seed=1)
+    weight = random_logits(53, 16, scale=0.3, dtype=torch.float32, seed=2)
+    teacher = random_logits(6, 53, dtype=torch.float32, seed=3)
+    target = random_target(6, vocab=53, ignore_fraction=0.3, seed=1)
+    grads = []
+    for inplace in (False, True):
+        h = hidden.clone().requires_grad_()
+        w = weight.clone().requires_grad_()
+        t = teacher.clone().requires_grad_()
+        loss = fastkd.distillation_loss(h @ w.T, t, target, temperature=2.0,
+                                        divergence=divergence, backend="torch",
+                                        inplace_backward=inplace)
+        loss.backward()
+        grads.append((loss.detach(), h.grad, w.grad, t.grad))
+    for a, b in zip(*grads):
+        assert torch.equal(a, b)
+
+
+def test_inplace_backward_leaf_student():
+    student, teacher, target = inputs((5, 31), torch.float32, seed=6)
+    expected = run_fastkd(student, teacher, target, temperature=2.0)
+    got = run_fastkd(student, teacher, target, temperature=2.0, inplace_backward=True)
+    for a, b in zip(got, expected):
+        assert torch.equal(a, b)
+
+
+def test_backward_twice_raises():
+    student, teacher, target = inputs((4, 11), torch.float32, seed=7)
+    s = student.requires_grad_()
+    loss = fastkd.distillation_loss(s, teacher, target, backend="torch")
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="once"):
+        loss.backward()
+
+
+@pytest.mark.parametrize("alias", [False, True], ids=["buffers", "grad-aliases-student"])
+@pytest.mark.parametrize("divergence,beta", DIVERGENCE_CASES, ids=DIVERGENCE_IDS)
+def test_kernel_contract_poisoned_buffers(divergence, beta, alias):
+    """The kernel itself: NaN-poisoned gradient buffers are fully written (ignored rows with
+    exact zeros), rows are the weighted per-row loss, in float32."""
+    student, teacher, target = inputs((9, 21), torch.float32, seed=29)
+    temperature, alpha = 2.0, 0.4
+    code = fastkd.reference.DIVERGENCES.index(divergence)
+    s = student.clone()
+    grad_s = s if alias else torch.full_like(s, float("nan"))
+    grad_t = torch.full_like(teacher, float("nan"))
+    rows = fastkd.reference.dense_kd_rows(s, teacher, target, grad_s, grad_t, temperature,
+                                          alpha, (1 - alpha) * temperature**2, code, beta,
+                                          -100, 0.1, 0.0)
+    kw = dict(temperature=temperature, alpha=alpha, divergence=divergence, beta=beta,
+              label_smoothing=0.1)
+    assert rows.dtype == torch.float32
+    assert_close(rows, oracle_loss(student, teacher, target, reduction="none", **kw), 1e-5)
+    s64 = student.double().requires_grad_()
+    t64 = teacher.double().requires_grad_()
+    oracle_loss(s64, t64, target, reduction="sum", **kw).backward()
+    assert_close(grad_s, s64.grad, 1e-5, what="student grad")
+    assert_close(grad_t, t64.grad, 1e-5, what="teacher grad")
+    ignored = target == -100
+    assert bool((grad_s[ignored] == 0).all()) and bool((rows[ignored] == 0).all())
