@@ -26,8 +26,11 @@ test: $(VENV)/.built
 demo: $(VENV)/.built
 	$(VPY) -m fastkd demo
 
+# Bench-only tooling (plots) stays out of `make test`. BENCH_ARGS e.g. "--preset cpu-goals --plot".
+BENCH_ARGS ?= --plot
 bench: $(VENV)/.built
-	$(VPY) -m fastkd bench
+	$(VPY) -c "import matplotlib" 2>/dev/null || $(PIP) install matplotlib
+	$(VPY) -m fastkd bench $(BENCH_ARGS)
 
 lint: $(VENV)/.tools
 	$(VENV)/bin/ruff check fastkd kernels tests bench
