@@ -32,9 +32,10 @@ def check_same_device(**tensors) -> None:
                              "all tensors must be on the same device")
 
 
-def check_target(target, lead_shape: torch.Size, vocab: int, ignore_index: int,
+def check_target(target, lead_shape: torch.Size, vocab: Optional[int], ignore_index: int,
                  name: str = "target") -> None:
-    """Shape, dtype and (in eager mode only) label range of `target`."""
+    """Shape, dtype and (in eager mode only) label range of `target` (vocab=None: the caller
+    checks the range itself)."""
     if not isinstance(target, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor of int64 labels or None, "
                         f"got {type(target).__name__}")
@@ -45,7 +46,7 @@ def check_target(target, lead_shape: torch.Size, vocab: int, ignore_index: int,
                          f"dimensions), got {tuple(target.shape)}")
     # The range check reads the labels on the host: skip it while tracing for torch.compile,
     # where a data-dependent branch would break the graph.
-    if torch.compiler.is_compiling() or target.numel() == 0:
+    if vocab is None or torch.compiler.is_compiling() or target.numel() == 0:
         return
     bad = ((target < 0) | (target >= vocab)) & (target != ignore_index)
     if bool(bad.any()):
