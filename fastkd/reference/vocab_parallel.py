@@ -13,9 +13,12 @@ only per-row global quantities, built from per-row partial statistics of every s
     p*(log p - log m) (jsd) or |p_s - p_t|, <p_s, g>, <p_t, g> (tvd) given the global
     log-sum-exps; the caller sums these `[N, c]` partials over ranks.
   gradient: with the global statistics each slice's gradient is local (no communication):
-    the formulas of `fastkd.reference.dense` with the global normalisers.
+    the formulas of `fastkd.reference.dense` with the global normalisers (the kl /
+    reverse_kl bracket log p - log q - KL reuses the statistics' local differences, so it
+    cancels as exactly as the single-process formula, see `_combine_kl`).
 
-Arithmetic is float32 (float64 for float64 inputs); rows are processed in chunks.
+Arithmetic over [N, V_local] is float32 (float64 for float64 inputs), chunked over rows;
+the per-row combination of the gathered statistics is float64.
 """
 
 from __future__ import annotations
