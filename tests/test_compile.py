@@ -1,0 +1,64 @@
+"""`torch.compile(fullgraph=True)` of the loss: same loss and gradients as eager.
+
+fullgraph=True turns any graph break (a host sync, a data-dependent Python branch in
+validation or in the autograd Function) into an error. Two compiles only: compiling is slow
+on a small CPU machine.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from oracle import random_logits, random_target
+
+import fastkd
+
+
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def run(fn, student, teacher, target, teacher_grad):
+    s = student.clone().requires_grad_()
+    t = teacher.clone().requires_grad_(teacher_grad)
+    loss = fn(s, t, target)
+    loss.backward()
+    return loss.detach(), s.grad, t.grad
+
+
+def assert_same(compiled, eager):
+    for what, a, b in zip(("loss", "student grad", "teacher grad"), compiled, eager):
+        if b is None:
+            assert a is None, what
+            continue
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7, msg=what)
+
+
+def test_compiled_function_kl_with_ignored_target():
+    student = random_logits(3, 4, 50, seed=1)
+    teacher = random_logits(3, 4, 50, seed=2)
+    target = random_target(3, 4, vocab=50, ignore_fraction=0.3, seed=1)
+    assert bool((target == -100).any()) and bool((target != -100).any())
+
+    def loss_fn(s, t, y):
+        return fastkd.distillation_loss(s, t, y, temperature=2.0, alpha=0.3,
+                                        label_smoothing=0.1, backend="torch")
+
+    compiled = torch.compile(loss_fn, fullgraph=True)
+    got = run(compiled, student, teacher, target, teacher_grad=False)
+    assert got[1] is not None and bool((got[1][target == -100] == 0).all())
+    assert_same(got, run(loss_fn, student, teacher, target, teacher_grad=False))
+
+
+def test_compiled_module_jsd_without_target_teacher_grad():
+    student = random_logits(6, 40, seed=3)
+    teacher = random_logits(6, 40, seed=4)
+    crit = fastkd.DistillationLoss(temperature=1.5, divergence="jsd", beta=0.3,
+                                   reduction="sum", backend="torch")
+    compiled = torch.compile(crit, fullgraph=True)
+    got = run(compiled, student, teacher, None, teacher_grad=True)
+    assert got[2] is not None
+    assert_same(got, run(crit, student, teacher, None, teacher_grad=True))
