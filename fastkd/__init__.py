@@ -1,7 +1,12 @@
 """fastkd: fused, memory-lean knowledge-distillation losses for PyTorch."""
 
 from ._dispatch import BackendUnavailableError, resolve_backend
-from .functional import distillation_loss
+from .functional import (
+    distillation_loss,
+    fused_linear_distillation_loss,
+    fused_linear_sparse_distillation_loss,
+    sparse_distillation_loss,
+)
 from .losses import (
     AttentionTransferLoss,
     DecoupledKDLoss,
@@ -18,7 +23,7 @@ from .losses import (
     rkd_loss,
     similarity_preserving_loss,
 )
-from .modules import DistillationLoss
+from .modules import DistillationLoss, FusedLinearDistillationLoss, SparseDistillationLoss
 
 __version__ = "0.1.0"
 
@@ -27,18 +32,23 @@ __all__ = [
     "BackendUnavailableError",
     "DecoupledKDLoss",
     "DistillationLoss",
+    "FusedLinearDistillationLoss",
     "HiddenStateLoss",
     "HintLoss",
     "MultiTeacherDistillationLoss",
     "RKDLoss",
+    "SparseDistillationLoss",
     "attention_map_loss",
     "attention_transfer_loss",
     "decoupled_kd_loss",
     "distillation_loss",
+    "fused_linear_distillation_loss",
+    "fused_linear_sparse_distillation_loss",
     "hidden_state_loss",
     "hint_loss",
     "multi_teacher_distillation_loss",
     "resolve_backend",
     "rkd_loss",
     "similarity_preserving_loss",
+    "sparse_distillation_loss",
 ]

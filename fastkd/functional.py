@@ -6,7 +6,7 @@ from typing import Optional
 
 import torch
 
-from ._dispatch import dense_kernel, resolve_backend
+from ._dispatch import BackendUnavailableError, dense_kernel, resolve_backend
 from ._validation import (
     check_floating,
     check_options,
@@ -15,7 +15,10 @@ from ._validation import (
     reduce_rows,
 )
 from .ops import dense_distillation_rows
+from .ops.fused_linear import default_chunk_rows, fused_linear_rows
+from .ops.sparse import sparse_distillation_rows
 from .reference import DIVERGENCES
+from .reference.sparse import TAILS, sparse_kd_rows
 
 
 def loss_weights(target_given: bool, alpha: float, temperature: float,
@@ -94,3 +97,321 @@ def distillation_loss(
                                    inplace_backward=inplace_backward)
     valid = None if flat_target is None else (flat_target != ignore_index).sum()
     return reduce_rows(rows, valid, reduction, num_items_in_batch, lead_shape)
+
+
+# --- Large-vocabulary losses: fused lm-head (chunked) and top-k (offline) teacher -------------
+
+#: A top-k teacher row's probabilities may sum to at most exp(this) (rounding of stored values).
+TOPK_MASS_TOLERANCE = 1e-2
+
+
+def kernel_options(target_given: bool, *, temperature, alpha, divergence, beta, scale_by_t2,
+                   ignore_index, label_smoothing, softcap) -> tuple:
+    """The kernel's scalar arguments (temperature, ce_weight, div_weight, divergence code,
+    beta, ignore_index, label_smoothing, softcap with 0 = off)."""
+    ce_weight, div_weight = loss_weights(target_given, alpha, temperature, scale_by_t2)
+    return (float(temperature), ce_weight, div_weight, DIVERGENCES.index(divergence),
+            float(beta), int(ignore_index), float(label_smoothing),
+            float(softcap) if softcap is not None else 0.0)
+
+
+def _check_linear_head(prefix: str, hidden, weight, bias) -> None:
+    """hidden (..., H), weight (V, H) as nn.Linear.weight, bias (V,) | None; one dtype."""
+    check_floating(f"{prefix}_hidden", hidden)
+    check_floating(f"{prefix}_weight", weight)
+    if hidden.dim() < 1:
+        raise ValueError(f"{prefix}_hidden must have at least one dimension (..., H)")
+    if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(f"{prefix}_weight must have shape (V, {hidden.shape[-1]}) like "
+                         f"nn.Linear.weight (H = {prefix}_hidden's last dimension), got "
+                         f"{tuple(weight.shape)}")
+    if weight.dtype != hidden.dtype:
+        raise TypeError(f"{prefix}_weight dtype {weight.dtype} must equal {prefix}_hidden "
+                        f"dtype {hidden.dtype}")
+    if bias is not None:
+        check_floating(f"{prefix}_bias", bias)
+        if bias.shape != weight.shape[:1]:
+            raise ValueError(f"{prefix}_bias must have shape ({weight.shape[0]},), got "
+                             f"{tuple(bias.shape)}")
+        if bias.dtype != weight.dtype:
+            raise TypeError(f"{prefix}_bias dtype {bias.dtype} must equal {prefix}_weight "
+                            f"dtype {weight.dtype}")
+
+
+def _check_chunk_size(chunk_size) -> None:
+    if chunk_size is None:
+        return
+    if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be None or an int >= 1, got {chunk_size!r}")
+
+
+def _check_tail(tail) -> None:
+    if tail not in TAILS:
+        raise ValueError(f"tail must be one of {TAILS}, got {tail!r}")
+
+
+def _check_topk(logprobs, indices, lead_shape, vocab: int, valid_rows) -> None:
+    """Shapes and dtypes; in eager mode also index range, uniqueness and mass <= 1."""
+    check_floating("teacher_topk_logprobs", logprobs)
+    if not isinstance(indices, torch.Tensor) or indices.dtype not in (torch.int64, torch.int32):
+        raise TypeError("teacher_topk_indices must be an int64 tensor of vocabulary indices, "
+                        f"got {getattr(indices, 'dtype', type(indices).__name__)}")
+    if logprobs.dim() != len(lead_shape) + 1 or logprobs.shape[:-1] != lead_shape:
+        raise ValueError(f"teacher_topk_logprobs must have shape {tuple(lead_shape)} + (k,) "
+                         f"(the student's leading dimensions), got {tuple(logprobs.shape)}")
+    if indices.shape != logprobs.shape:
+        raise ValueError(f"teacher_topk_indices shape {tuple(indices.shape)} must equal "
+                         f"teacher_topk_logprobs shape {tuple(logprobs.shape)}")
+    k = logprobs.shape[-1]
+    if not 1 <= k <= vocab:
+        raise ValueError(f"teacher_topk_logprobs must hold 1 <= k <= V={vocab} entries per "
+                         f"row, got k={k}")
+    # Data checks read values on the host: eager mode only (see check_target).
+    if torch.compiler.is_compiling() or indices.numel() == 0:
+        return
+    if bool(((indices < 0) | (indices >= vocab)).any()):
+        raise ValueError(f"teacher_topk_indices must lie in [0, {vocab}), got "
+                         f"min {indices.min().item()}, max {indices.max().item()}")
+    ordered = indices.sort(dim=-1).values
+    if bool((ordered[..., 1:] == ordered[..., :-1]).any()):
+        raise ValueError("teacher_topk_indices must be unique within each row")
+    lse = torch.logsumexp(logprobs.float(), dim=-1)
+    bad = ~(lse <= TOPK_MASS_TOLERANCE)
+    if valid_rows is not None:
+        bad = bad & valid_rows
+    if bool(bad.any()):
+        raise ValueError("teacher_topk_logprobs must be log-probabilities (at the "
+                         "distillation temperature) whose exp sums to <= 1 per row; got a "
+                         f"row with log-sum-exp {lse[bad][0].item():.4g}")
+
+
+def _sparse_kernel(backend: str, tensor: torch.Tensor):
+    """The top-k teacher loss is implemented by the reference only (any device)."""
+    name = resolve_backend(backend, tensor)  # validates the name (and FASTKD_BACKEND)
+    if backend != "auto" and name != "torch":
+        raise BackendUnavailableError(f"backend {backend!r} has no top-k teacher kernel; use "
+                                      "backend='torch' or 'auto' (the reference, any device)")
+    return sparse_kd_rows
+
+
+def _flat_target(target):
+    return None if target is None else target.reshape(-1).to(torch.int64).contiguous()
+
+
+def _reduce_total(out, flat_target, n, ignore_index, reduction, num_items_in_batch,
+                  lead_shape):
+    """Reduction of the fused-linear output: rows for "none", else the summed loss."""
+    if reduction == "none":
+        return out.reshape(lead_shape)
+    if flat_target is None:
+        valid = torch.full((), n, dtype=torch.int64, device=out.device)
+    else:
+        valid = (flat_target != ignore_index).sum()
+    return reduce_rows(out.reshape(1), valid, reduction, num_items_in_batch, lead_shape)
+
+
+def _fused_linear_loss(student_hidden, student_weight, student_bias, target, teacher, kernel,
+                       options, sparse, chunk_size, reduction, num_items_in_batch, ignore_index):
+    lead_shape = student_hidden.shape[:-1]
+    hidden = student_hidden.reshape(-1, student_hidden.shape[-1])
+    flat_target = _flat_target(target)
+    n, vocab = hidden.shape[0], student_weight.shape[0]
+    chunk = chunk_size or default_chunk_rows(n, vocab, hidden.element_size(), hidden.device,
+                                             sparse)
+    out = fused_linear_rows(hidden, student_weight, student_bias, flat_target, teacher, kernel,
+                            options, sparse, chunk, reduction == "none")
+    return _reduce_total(out, flat_target, n, ignore_index, reduction, num_items_in_batch,
+                         lead_shape)
+
+
+def fused_linear_distillation_loss(
+    student_hidden: torch.Tensor,
+    student_weight: torch.Tensor,
+    teacher_hidden: torch.Tensor,
+    teacher_weight: torch.Tensor,
+    target: Optional[torch.Tensor] = None,
+    *,
+    student_bias: Optional[torch.Tensor] = None,
+    teacher_bias: Optional[torch.Tensor] = None,
+    chunk_size: Optional[int] = None,
+    temperature: float = 1.0,
+    alpha: float = 0.5,
+    divergence: str = "kl",
+    beta: float = 0.5,
+    scale_by_t2: bool = True,
+    ignore_index: int = -100,
+    label_smoothing: float = 0.0,
+    softcap: Optional[float] = None,
+    reduction: str = "mean",
+    num_items_in_batch=None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """`distillation_loss(h_s @ W_s.T + b_s, h_t @ W_t.T + b_t, target)` without [N, V] logits.
+
+    student_hidden (..., Hs), student_weight (V, Hs), student_bias (V,) | None; teacher_hidden
+    (..., Ht), teacher_weight (V, Ht), teacher_bias (V,) | None; all of one floating dtype;
+    target (...) int64 | None. Same keywords and result as `distillation_loss`.
+
+    Logits are computed `chunk_size` rows at a time in the input dtype and fed to the backend's
+    dense kernel; the chunk's gradient becomes grad-hidden and float32-accumulated grad-weight
+    / grad-bias at once. chunk_size=None: 64 MiB of chunk logits (student + teacher) on CPU,
+    512 MiB on CUDA, rounded down to a multiple of 64 rows (`default_chunk_rows`).
+    The teacher is a constant: no gradient flows to teacher_hidden / teacher_weight /
+    teacher_bias even if they require grad (use `distillation_loss` for online distillation).
+    reduction="none" recomputes the chunks in backward (about 1.5x the mean/sum work).
+    """
+    _check_linear_head("student", student_hidden, student_weight, student_bias)
+    _check_linear_head("teacher", teacher_hidden, teacher_weight, teacher_bias)
+    if teacher_hidden.shape[:-1] != student_hidden.shape[:-1]:
+        raise ValueError(f"teacher_hidden leading shape {tuple(teacher_hidden.shape[:-1])} must "
+                         f"equal student_hidden's {tuple(student_hidden.shape[:-1])}")
+    if teacher_weight.shape[0] != student_weight.shape[0]:
+        raise ValueError(f"teacher_weight has {teacher_weight.shape[0]} rows (vocabulary) but "
+                         f"student_weight has {student_weight.shape[0]}; pad the smaller head")
+    if teacher_hidden.dtype != student_hidden.dtype:
+        raise TypeError(f"teacher_hidden dtype {teacher_hidden.dtype} must equal "
+                        f"student_hidden dtype {student_hidden.dtype}")
+    check_same_device(student_hidden=student_hidden, student_weight=student_weight,
+                      student_bias=student_bias, teacher_hidden=teacher_hidden,
+                      teacher_weight=teacher_weight, teacher_bias=teacher_bias, target=target)
+    check_options(temperature=temperature, alpha=alpha, divergence=divergence, beta=beta,
+                  ignore_index=ignore_index, label_smoothing=label_smoothing, softcap=softcap,
+                  reduction=reduction, num_items_in_batch=num_items_in_batch)
+    _check_chunk_size(chunk_size)
+    if target is not None:
+        check_target(target, student_hidden.shape[:-1], student_weight.shape[0], ignore_index)
+    kernel = dense_kernel(resolve_backend(backend, student_hidden))
+    options = kernel_options(target is not None, temperature=temperature, alpha=alpha,
+                             divergence=divergence, beta=beta, scale_by_t2=scale_by_t2,
+                             ignore_index=ignore_index, label_smoothing=label_smoothing,
+                             softcap=softcap)
+    teacher = (teacher_hidden.reshape(-1, teacher_hidden.shape[-1]), teacher_weight,
+               teacher_bias)
+    return _fused_linear_loss(student_hidden, student_weight, student_bias, target, teacher,
+                              kernel, options, False, chunk_size, reduction,
+                              num_items_in_batch, ignore_index)
+
+
+def _check_sparse_call(student, logprobs, indices, target, tail, options, lead_shape, vocab):
+    """Validation shared by the two top-k teacher losses."""
+    check_options(**options)
+    _check_tail(tail)
+    if target is not None:
+        check_target(target, lead_shape, vocab, options["ignore_index"])
+    valid_rows = None if target is None else target != options["ignore_index"]
+    _check_topk(logprobs, indices, lead_shape, vocab, valid_rows)
+
+
+def _sparse_options(target, tail, temperature, alpha, divergence, beta, scale_by_t2,
+                    ignore_index, label_smoothing, softcap) -> tuple:
+    return kernel_options(target is not None, temperature=temperature, alpha=alpha,
+                          divergence=divergence, beta=beta, scale_by_t2=scale_by_t2,
+                          ignore_index=ignore_index, label_smoothing=label_smoothing,
+                          softcap=softcap) + (tail == "renormalize",)
+
+
+def sparse_distillation_loss(
+    student_logits: torch.Tensor,
+    teacher_topk_logprobs: torch.Tensor,
+    teacher_topk_indices: torch.Tensor,
+    target: Optional[torch.Tensor] = None,
+    *,
+    tail: str = "bucket",
+    temperature: float = 1.0,
+    alpha: float = 0.5,
+    divergence: str = "kl",
+    beta: float = 0.5,
+    scale_by_t2: bool = True,
+    ignore_index: int = -100,
+    label_smoothing: float = 0.0,
+    softcap: Optional[float] = None,
+    reduction: str = "mean",
+    num_items_in_batch=None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Distillation from a stored top-k teacher: `alpha * CE + (1 - alpha) * k * D_topk`.
+
+    student_logits (..., V); teacher_topk_logprobs (..., k) the teacher's log-probabilities at
+    the distillation temperature (any floating dtype); teacher_topk_indices (..., k) int64,
+    unique per row; target (...) int64 | None. The student's log-sum-exp runs over its full
+    vocabulary. tail="bucket": the k entries plus one bucket with the missing mass on both
+    sides (a lower bound of the dense divergence, equal when k = V); tail="renormalize": the
+    teacher renormalised over its k entries (exact definitions: `fastkd.reference.sparse`).
+    Only the reference implements it (backend "auto" or "torch", any device); the teacher gets
+    no gradient. Returns what `distillation_loss` returns.
+    """
+    check_floating("student_logits", student_logits)
+    if student_logits.dim() < 1:
+        raise ValueError("student_logits must have at least one dimension (..., V)")
+    lead_shape, vocab = student_logits.shape[:-1], student_logits.shape[-1]
+    keywords = dict(temperature=temperature, alpha=alpha, divergence=divergence, beta=beta,
+                    ignore_index=ignore_index, label_smoothing=label_smoothing, softcap=softcap,
+                    reduction=reduction, num_items_in_batch=num_items_in_batch)
+    _check_sparse_call(student_logits, teacher_topk_logprobs, teacher_topk_indices, target,
+                       tail, keywords, lead_shape, vocab)
+    check_same_device(student_logits=student_logits,
+                      teacher_topk_logprobs=teacher_topk_logprobs,
+                      teacher_topk_indices=teacher_topk_indices, target=target)
+    kernel = _sparse_kernel(backend, student_logits)
+    k = teacher_topk_logprobs.shape[-1]
+    flat_target = _flat_target(target)
+    options = _sparse_options(target, tail, temperature, alpha, divergence, beta, scale_by_t2,
+                              ignore_index, label_smoothing, softcap)
+    rows = sparse_distillation_rows(
+        student_logits.reshape(-1, vocab).contiguous(),
+        teacher_topk_logprobs.reshape(-1, k).contiguous(),
+        teacher_topk_indices.reshape(-1, k).to(torch.int64).contiguous(), flat_target, kernel,
+        options)
+    valid = None if flat_target is None else (flat_target != ignore_index).sum()
+    return reduce_rows(rows, valid, reduction, num_items_in_batch, lead_shape)
+
+
+def fused_linear_sparse_distillation_loss(
+    student_hidden: torch.Tensor,
+    student_weight: torch.Tensor,
+    teacher_topk_logprobs: torch.Tensor,
+    teacher_topk_indices: torch.Tensor,
+    target: Optional[torch.Tensor] = None,
+    *,
+    student_bias: Optional[torch.Tensor] = None,
+    tail: str = "bucket",
+    chunk_size: Optional[int] = None,
+    temperature: float = 1.0,
+    alpha: float = 0.5,
+    divergence: str = "kl",
+    beta: float = 0.5,
+    scale_by_t2: bool = True,
+    ignore_index: int = -100,
+    label_smoothing: float = 0.0,
+    softcap: Optional[float] = None,
+    reduction: str = "mean",
+    num_items_in_batch=None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """`sparse_distillation_loss(h @ W.T + b, topk_logprobs, topk_indices, target)` computed
+    `chunk_size` rows at a time (never [N, V] logits), as `fused_linear_distillation_loss`.
+
+    student_hidden (..., H), student_weight (V, H), student_bias (V,) | None; the top-k
+    teacher as in `sparse_distillation_loss`. chunk_size=None: 64 MiB of chunk logits on CPU,
+    512 MiB on CUDA (`default_chunk_rows`).
+    """
+    _check_linear_head("student", student_hidden, student_weight, student_bias)
+    lead_shape, vocab = student_hidden.shape[:-1], student_weight.shape[0]
+    keywords = dict(temperature=temperature, alpha=alpha, divergence=divergence, beta=beta,
+                    ignore_index=ignore_index, label_smoothing=label_smoothing, softcap=softcap,
+                    reduction=reduction, num_items_in_batch=num_items_in_batch)
+    _check_sparse_call(student_hidden, teacher_topk_logprobs, teacher_topk_indices, target,
+                       tail, keywords, lead_shape, vocab)
+    check_same_device(student_hidden=student_hidden, student_weight=student_weight,
+                      student_bias=student_bias, teacher_topk_logprobs=teacher_topk_logprobs,
+                      teacher_topk_indices=teacher_topk_indices, target=target)
+    _check_chunk_size(chunk_size)
+    kernel = _sparse_kernel(backend, student_hidden)
+    k = teacher_topk_logprobs.shape[-1]
+    teacher = (teacher_topk_logprobs.reshape(-1, k).contiguous(),
+               teacher_topk_indices.reshape(-1, k).to(torch.int64).contiguous(), None)
+    options = _sparse_options(target, tail, temperature, alpha, divergence, beta, scale_by_t2,
+                              ignore_index, label_smoothing, softcap)
+    return _fused_linear_loss(student_hidden, student_weight, student_bias, target, teacher,
+                              kernel, options, True, chunk_size, reduction,
+                              num_items_in_batch, ignore_index)
