@@ -365,3 +365,17 @@ def test_kernel_contract_poisoned_buffers(divergence, beta, alias):
     assert_close(grad_t, t64.grad, 1e-5, what="teacher grad")
     ignored = target == -100
     assert bool((grad_s[ignored] == 0).all()) and bool((rows[ignored] == 0).all())
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("with_target", [False, True], ids=["no-target", "target"])
+def test_empty_batch(reduction, with_target):
+    """Zero tokens: loss 0 (or an empty tensor), empty gradient, no NaN."""
+    student, teacher = torch.randn(0, 9), torch.randn(0, 9)
+    target = torch.zeros(0, dtype=torch.int64) if with_target else None
+    loss, gs, gt = run_fastkd(student, teacher, target, reduction=reduction)
+    if reduction == "none":
+        assert loss.shape == (0,)
+    else:
+        assert loss.item() == 0.0
+    assert gs.shape == (0, 9) and gt.shape == (0, 9)
