@@ -201,16 +201,18 @@ def test_no_grad_and_module_match_functional():
 
 
 class LargestTensor(TorchDispatchMode):
-    """Records the largest number of elements of any tensor an op produces."""
+    """Records the largest number of elements of any tensor (of `dtype`, if given) an op
+    produces."""
 
-    def __init__(self):
+    def __init__(self, dtype=None):
         super().__init__()
+        self.dtype = dtype
         self.largest = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         for t in out if isinstance(out, (tuple, list)) else (out,):
-            if isinstance(t, torch.Tensor):
+            if isinstance(t, torch.Tensor) and self.dtype in (None, t.dtype):
                 self.largest = max(self.largest, t.numel())
         return out
 
