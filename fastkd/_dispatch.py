@@ -23,7 +23,7 @@ class BackendUnavailableError(RuntimeError):
     """An explicitly requested backend cannot run on this machine or these tensors."""
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _triton_import_error() -> Optional[str]:
     try:
         import triton  # noqa: F401
@@ -38,7 +38,7 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _native_status() -> tuple:
     """(has_cpu_kernels, has_cuda_kernels, reason_if_missing)."""
     try:
@@ -71,10 +71,14 @@ def unavailable_reason(backend: str, device: torch.device, dtype: torch.dtype) -
     raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
 
 
-def resolve_backend(backend: str, tensor: torch.Tensor) -> str:
-    """Returns the concrete backend name for `tensor`'s device and dtype."""
+def check_backend_name(backend) -> None:
     if not isinstance(backend, str) or backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+
+
+def resolve_backend(backend: str, tensor: torch.Tensor) -> str:
+    """Returns the concrete backend name for `tensor`'s device and dtype."""
+    check_backend_name(backend)
     if backend == "auto":
         override = os.environ.get("FASTKD_BACKEND", "auto")
         if override not in BACKENDS:

@@ -8,7 +8,19 @@ import torch
 from torch import nn
 
 from . import functional as F
+from ._dispatch import check_backend_name
 from ._validation import check_options
+
+
+def _loss_keywords(temperature, alpha, divergence, beta, ignore_index, label_smoothing, softcap,
+                   reduction, backend) -> dict:
+    """Validated keywords shared by every loss module (backend checked, not stored)."""
+    check_backend_name(backend)
+    options = dict(temperature=temperature, alpha=alpha, divergence=divergence, beta=beta,
+                   ignore_index=ignore_index, label_smoothing=label_smoothing, softcap=softcap,
+                   reduction=reduction)
+    check_options(**options, num_items_in_batch=None)
+    return options
 
 
 class DistillationLoss(nn.Module):
@@ -24,11 +36,8 @@ class DistillationLoss(nn.Module):
                  reduction: str = "mean", backend: str = "auto",
                  inplace_backward: bool = False):
         super().__init__()
-        self.options = dict(temperature=temperature, alpha=alpha, divergence=divergence,
-                            beta=beta, ignore_index=ignore_index,
-                            label_smoothing=label_smoothing, softcap=softcap,
-                            reduction=reduction)
-        check_options(**self.options, num_items_in_batch=None)
+        self.options = _loss_keywords(temperature, alpha, divergence, beta, ignore_index,
+                                      label_smoothing, softcap, reduction, backend)
         self.options.update(scale_by_t2=scale_by_t2, backend=backend,
                             inplace_backward=inplace_backward)
 
@@ -39,15 +48,6 @@ class DistillationLoss(nn.Module):
 
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v!r}" for k, v in self.options.items())
-
-
-def _loss_keywords(temperature, alpha, divergence, beta, ignore_index, label_smoothing, softcap,
-                   reduction) -> dict:
-    options = dict(temperature=temperature, alpha=alpha, divergence=divergence, beta=beta,
-                   ignore_index=ignore_index, label_smoothing=label_smoothing, softcap=softcap,
-                   reduction=reduction)
-    check_options(**options, num_items_in_batch=None)
-    return options
 
 
 class FusedLinearDistillationLoss(nn.Module):
@@ -65,7 +65,7 @@ class FusedLinearDistillationLoss(nn.Module):
                  backend: str = "auto"):
         super().__init__()
         self.options = _loss_keywords(temperature, alpha, divergence, beta, ignore_index,
-                                      label_smoothing, softcap, reduction)
+                                      label_smoothing, softcap, reduction, backend)
         self.options.update(scale_by_t2=scale_by_t2, chunk_size=chunk_size, backend=backend)
 
     def forward(self, student_hidden: torch.Tensor, student_weight: torch.Tensor,
@@ -93,7 +93,7 @@ class SparseDistillationLoss(nn.Module):
         super().__init__()
         F._check_tail(tail)
         self.options = _loss_keywords(temperature, alpha, divergence, beta, ignore_index,
-                                      label_smoothing, softcap, reduction)
+                                      label_smoothing, softcap, reduction, backend)
         self.options.update(tail=tail, scale_by_t2=scale_by_t2, backend=backend)
 
     def forward(self, student_logits: torch.Tensor, teacher_topk_logprobs: torch.Tensor,

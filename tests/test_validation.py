@@ -186,7 +186,8 @@ def test_ignore_index(value):
 
 @pytest.mark.parametrize("keyword,value", [("temperature", 0.0), ("alpha", 2.0),
                                            ("divergence", "js"), ("reduction", "avg"),
-                                           ("softcap", -1.0), ("label_smoothing", 2.0)])
+                                           ("softcap", -1.0), ("label_smoothing", 2.0),
+                                           ("backend", "gpu")])
 def test_module_constructor_validates(keyword, value):
     with raises(ValueError, keyword):
         fastkd.DistillationLoss(**{keyword: value})
