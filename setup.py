@@ -4,10 +4,43 @@ kernels only where a CUDA toolkit and a CUDA build of torch are both present."""
 
 import glob
 import os
+import platform
 
 from setuptools import find_packages, setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+
+# Sources compiled with extra instruction-set flags (x86-64 only); their kernels run only
+# after a run-time CPU check, so the extension still loads on older CPUs.
+ISA_FLAGS = {"_avx2.cpp": ["-mavx2", "-mfma", "-mf16c"]}
+X86 = platform.machine().lower() in ("x86_64", "amd64")
+
+
+def _isa_flags(source: str):
+    for suffix, flags in ISA_FLAGS.items():
+        if X86 and source.endswith(suffix):
+            return flags
+    return None
+
+
+def _with_isa_build(base):
+    """`base` (torch's BuildExtension) that compiles the ISA_FLAGS sources separately."""
+
+    class BuildWithIsaFlags(base):
+        def build_extension(self, ext):
+            for source in [s for s in ext.sources if _isa_flags(s)]:
+                args = ext.extra_compile_args
+                flags = _isa_flags(source)
+                post = ({**args, "cxx": args["cxx"] + flags} if isinstance(args, dict)
+                        else list(args) + flags)
+                ext.sources.remove(source)
+                ext.extra_objects = list(ext.extra_objects or []) + self.compiler.compile(
+                    [source], output_dir=self.build_temp, macros=ext.define_macros,
+                    include_dirs=ext.include_dirs, debug=self.debug, extra_postargs=post,
+                    depends=ext.depends)
+            super().build_extension(ext)
+
+    return BuildWithIsaFlags
 
 
 def _native_extensions():
@@ -42,7 +75,8 @@ def _native_extensions():
         ext = cpp_extension.CppExtension(
             sources=cpu_sources, extra_compile_args={"cxx": cxx_flags}, **common
         )
-    return [ext], {"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)}
+    build_ext = _with_isa_build(cpp_extension.BuildExtension.with_options(use_ninja=True))
+    return [ext], {"build_ext": build_ext}
 
 
 ext_modules, cmdclass = _native_extensions()

@@ -14,6 +14,8 @@ extern "C" PyObject* PyInit__C(void) {
 }
 
 TORCH_LIBRARY(fastkd, m) {
+  // Fake (meta) implementations live in Python; tracing imports this module on demand.
+  m.set_python_module("fastkd.ops.native");
   // Dense fused distillation: per-row weighted loss (float32), gradient of that loss written
   // into grad_student / grad_teacher when given (grad_student may alias student).
   // divergence: 0 kl, 1 reverse_kl, 2 jsd, 3 tvd. softcap <= 0 means off. target may be

@@ -1,0 +1,177 @@
+// CPU implementation of fastkd::dense_kd: argument checks, choice of the compiled kernel
+// variant (AVX2 or portable), one at::parallel_for over rows.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <ATen/Version.h>
+#include <c10/util/Exception.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <optional>
+#include <string>
+
+#include "cpu/dense_kd_cpu.h"
+#include "dense_kd_params.h"
+
+namespace fastkd::cpu {
+namespace {
+
+// Rows per parallel task: at least ~32k elements so small inputs stay on one thread.
+constexpr int64_t kMinElementsPerTask = 1 << 15;
+
+bool cpu_has_avx2_fma() {
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+         __builtin_cpu_supports("f16c");
+#else
+  return false;
+#endif
+}
+
+// AVX2 variant when it was compiled, the CPU has it, and ATen's own capability (which
+// honours ATEN_CPU_CAPABILITY=default) allows it; the portable variant otherwise.
+DenseRowsFn select_rows_fn() {
+  static const DenseRowsFn fn = [] {
+    const std::string capability = at::get_cpu_capability();
+    const bool aten_allows = capability == "AVX2" || capability == "AVX512";
+    return (avx2_variant_compiled() && aten_allows && cpu_has_avx2_fma())
+               ? &dense_kd_rows_avx2
+               : &dense_kd_rows_default;
+  }();
+  return fn;
+}
+
+ElementType element_type(const at::Tensor& student) {
+  switch (student.scalar_type()) {
+    case at::kFloat:
+      return ElementType::kFloat32;
+    case at::kBFloat16:
+      return ElementType::kBFloat16;
+    case at::kHalf:
+      return ElementType::kFloat16;
+    default:
+      TORCH_CHECK_TYPE(false, "fastkd::dense_kd: student must be float32, bfloat16 or float16, got ",
+                       student.scalar_type());
+  }
+  return ElementType::kFloat32;
+}
+
+// Same shape, dtype and device as student, contiguous.
+void check_like_student(const at::Tensor& t, const char* name, const at::Tensor& student) {
+  TORCH_CHECK_VALUE(t.device().is_cpu(), "fastkd::dense_kd: ", name,
+                    " must be a CPU tensor, got device ", t.device());
+  TORCH_CHECK_VALUE(t.sizes() == student.sizes(), "fastkd::dense_kd: ", name, " must have shape ",
+                    student.sizes(), " (like student), got ", t.sizes());
+  TORCH_CHECK_TYPE(t.scalar_type() == student.scalar_type(), "fastkd::dense_kd: ", name,
+                   " must have dtype ", student.scalar_type(), " (like student), got ",
+                   t.scalar_type());
+  TORCH_CHECK_VALUE(t.is_contiguous(), "fastkd::dense_kd: ", name, " must be contiguous");
+}
+
+void check_tensors(const at::Tensor& student, const at::Tensor& teacher,
+                   const std::optional<at::Tensor>& target,
+                   const std::optional<at::Tensor>& grad_student,
+                   const std::optional<at::Tensor>& grad_teacher) {
+  TORCH_CHECK_VALUE(student.dim() == 2, "fastkd::dense_kd: student must be 2-D (N, V), got ",
+                    student.dim(), " dimensions");
+  TORCH_CHECK_VALUE(student.size(1) > 0 || student.size(0) == 0,
+                    "fastkd::dense_kd: student must have a non-empty vocabulary (V > 0)");
+  element_type(student);
+  check_like_student(student, "student", student);
+  check_like_student(teacher, "teacher", student);
+  if (target.has_value()) {
+    const at::Tensor& y = *target;
+    TORCH_CHECK_VALUE(y.device().is_cpu(), "fastkd::dense_kd: target must be a CPU tensor, got ",
+                      y.device());
+    TORCH_CHECK_TYPE(y.scalar_type() == at::kLong, "fastkd::dense_kd: target must be int64, got ",
+                     y.scalar_type());
+    TORCH_CHECK_VALUE(y.dim() == 1 && y.size(0) == student.size(0),
+                      "fastkd::dense_kd: target must have shape (", student.size(0), "), got ",
+                      y.sizes());
+    TORCH_CHECK_VALUE(y.is_contiguous(), "fastkd::dense_kd: target must be contiguous");
+  }
+  if (grad_student.has_value()) check_like_student(*grad_student, "grad_student", student);
+  if (grad_teacher.has_value()) check_like_student(*grad_teacher, "grad_teacher", student);
+}
+
+void check_options(double temperature, double ce_weight, double div_weight, int64_t divergence,
+                   double beta, double label_smoothing) {
+  TORCH_CHECK_VALUE(std::isfinite(temperature) && temperature > 0,
+                    "fastkd::dense_kd: temperature must be finite and > 0, got ", temperature);
+  TORCH_CHECK_VALUE(std::isfinite(ce_weight) && std::isfinite(div_weight),
+                    "fastkd::dense_kd: ce_weight and div_weight must be finite, got ", ce_weight,
+                    " and ", div_weight);
+  TORCH_CHECK_VALUE(divergence >= 0 && divergence <= 3,
+                    "fastkd::dense_kd: divergence must be 0 (kl), 1 (reverse_kl), 2 (jsd) or "
+                    "3 (tvd), got ", divergence);
+  TORCH_CHECK_VALUE(divergence != 2 || div_weight == 0 || (beta > 0 && beta < 1),
+                    "fastkd::dense_kd: beta must be in (0, 1) for jsd, got ", beta);
+  TORCH_CHECK_VALUE(label_smoothing >= 0 && label_smoothing <= 1,
+                    "fastkd::dense_kd: label_smoothing must be in [0, 1], got ", label_smoothing);
+}
+
+// Labels must be in [0, V) or ignore_index: a bad one would index outside the row.
+void check_labels(const int64_t* target, int64_t begin, int64_t end, int64_t vocab,
+                  int64_t ignore_index) {
+  for (int64_t r = begin; r < end; ++r) {
+    const int64_t y = target[r];
+    TORCH_CHECK_VALUE(y == ignore_index || (y >= 0 && y < vocab), "fastkd::dense_kd: target[",
+                      r, "] = ", y, " is outside [0, ", vocab, ") and is not ignore_index=",
+                      ignore_index);
+  }
+}
+
+void* data_or_null(const std::optional<at::Tensor>& t) {
+  return t.has_value() ? t->data_ptr() : nullptr;
+}
+
+at::Tensor dense_kd_cpu(const at::Tensor& student, const at::Tensor& teacher,
+                        const std::optional<at::Tensor>& target,
+                        const std::optional<at::Tensor>& grad_student,
+                        const std::optional<at::Tensor>& grad_teacher, double temperature,
+                        double ce_weight, double div_weight, int64_t divergence, double beta,
+                        int64_t ignore_index, double label_smoothing, double softcap) {
+  check_tensors(student, teacher, target, grad_student, grad_teacher);
+  check_options(temperature, ce_weight, div_weight, divergence, beta, label_smoothing);
+  const int64_t n = student.size(0), vocab = student.size(1);
+  at::Tensor rows = at::empty({n}, student.options().dtype(at::kFloat));
+  if (n == 0) return rows;
+
+  DenseKDParams params{};
+  params.student = student.data_ptr();
+  params.teacher = teacher.data_ptr();
+  params.target = target.has_value() ? target->data_ptr<int64_t>() : nullptr;
+  params.rows = rows.data_ptr<float>();
+  params.grad_student = data_or_null(grad_student);
+  params.grad_teacher = data_or_null(grad_teacher);
+  params.n_rows = n;
+  params.vocab = vocab;
+  params.student_row_stride = vocab;
+  params.teacher_row_stride = vocab;
+  params.grad_student_row_stride = vocab;
+  params.grad_teacher_row_stride = vocab;
+  params.temperature = static_cast<float>(temperature);
+  params.ce_weight = static_cast<float>(ce_weight);
+  params.div_weight = static_cast<float>(div_weight);
+  params.divergence = static_cast<int>(divergence);
+  params.beta = static_cast<float>(beta);
+  params.ignore_index = ignore_index;
+  params.label_smoothing = static_cast<float>(label_smoothing);
+  params.softcap = static_cast<float>(softcap);
+
+  const ElementType type = element_type(student);
+  const DenseRowsFn rows_fn = select_rows_fn();
+  const int64_t grain = std::max<int64_t>(1, kMinElementsPerTask / vocab);
+  at::parallel_for(0, n, grain, [&](int64_t begin, int64_t end) {
+    if (params.target != nullptr) check_labels(params.target, begin, end, vocab, ignore_index);
+    rows_fn(params, type, begin, end);
+  });
+  return rows;
+}
+
+}  // namespace
+}  // namespace fastkd::cpu
+
+TORCH_LIBRARY_IMPL(fastkd, CPU, m) {
+  m.impl("dense_kd", &fastkd::cpu::dense_kd_cpu);
+}

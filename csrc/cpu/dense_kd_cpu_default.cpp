@@ -1,0 +1,12 @@
+// Portable build of the fused CPU distillation row kernel (any x86-64 or other CPU).
+#define CPU_CAPABILITY DEFAULT
+#include "cpu/dense_kd_cpu_rows.h"
+
+namespace fastkd::cpu {
+
+void dense_kd_rows_default(const DenseKDParams& params, ElementType type, int64_t begin,
+                           int64_t end) {
+  DEFAULT::dense_kd_rows_impl(params, type, begin, end);
+}
+
+}  // namespace fastkd::cpu

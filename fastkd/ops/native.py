@@ -1,0 +1,66 @@
+"""Op boundary of the native kernels: `torch.ops.fastkd.dense_kd` from the extension fastkd._C.
+
+Importing this module loads fastkd._C (which registers the op schema and its CPU / CUDA
+kernels with the dispatcher) and registers the op's fake implementation, so torch.compile and
+torch.library.opcheck can trace it. If fastkd._C cannot be loaded the import raises;
+fastkd._dispatch reports that as the reason the `cpu` / `cuda` backends are unavailable.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .. import _C  # noqa: F401  (loading the shared object registers the ops)
+
+OP_NAME = "fastkd::dense_kd"
+
+
+def _has_kernel(dispatch_key: str) -> bool:
+    return bool(torch._C._dispatch_has_kernel_for_dispatch_key(OP_NAME, dispatch_key))
+
+
+#: The extension has a CPU / CUDA kernel for fastkd::dense_kd.
+HAS_CPU = _has_kernel("CPU")
+HAS_CUDA = _has_kernel("CUDA")
+#: Why the CPU kernels are missing (None when they are present).
+MISSING_REASON: Optional[str] = (
+    None if HAS_CPU else f"fastkd._C was built without a CPU kernel for {OP_NAME}")
+
+
+@torch.library.register_fake(OP_NAME)
+def _dense_kd_fake(student, teacher, target, grad_student, grad_teacher, temperature,
+                   ce_weight, div_weight, divergence, beta, ignore_index, label_smoothing,
+                   softcap):
+    """(N, V) logits -> (N,) float32 rows; the gradient buffers are written in place."""
+    torch._check(student.dim() == 2, lambda: "student must be 2-D (N, V)")
+    torch._check(teacher.shape == student.shape, lambda: "teacher must have student's shape")
+    return student.new_empty((student.shape[0],), dtype=torch.float32)
+
+
+def dense_kd_native(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    target: Optional[torch.Tensor],
+    grad_student: Optional[torch.Tensor],
+    grad_teacher: Optional[torch.Tensor],
+    temperature: float,
+    ce_weight: float,
+    div_weight: float,
+    divergence: int,
+    beta: float,
+    ignore_index: int,
+    label_smoothing: float,
+    softcap: float,
+) -> torch.Tensor:
+    """Kernel contract of `fastkd.reference.dense_kd_rows` on the native (CPU / CUDA) op.
+
+    student, teacher: (N, V) contiguous fp32/bf16/fp16; target: (N,) int64 or None;
+    grad_student / grad_teacher: (N, V) buffers or None (grad_student may alias student).
+    Returns rows: (N,) float32.
+    """
+    return torch.ops.fastkd.dense_kd(student, teacher, target, grad_student, grad_teacher,
+                                     float(temperature), float(ce_weight), float(div_weight),
+                                     int(divergence), float(beta), int(ignore_index),
+                                     float(label_smoothing), float(softcap))
