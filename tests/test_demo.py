@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from fastkd import demo
+from fastkd._dispatch import unavailable_reason
 
 LAST_LINE = re.compile(r"teacher_acc=(\d\.\d{4}) student_acc=(\d\.\d{4}) "
                        r"student_kd_acc=(\d\.\d{4})")
@@ -98,8 +99,16 @@ def textbook_hinton_loss(student, teacher, labels, temperature, alpha):
     return rows.mean()
 
 
+CPU_BACKENDS = ("torch", "cpu")  # what `auto` may pick for the demo's float32 CPU tensors
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("unlabelled_fraction", [0.0, 0.6, 1.0])
-def test_hinton_loss_matches_the_textbook_formula(unlabelled_fraction):
+def test_hinton_loss_matches_the_textbook_formula(unlabelled_fraction, backend, monkeypatch):
+    reason = unavailable_reason(backend, torch.device("cpu"), torch.float32)
+    if reason is not None:
+        pytest.skip(f"backend {backend!r} unavailable here: {reason}")
+    monkeypatch.setenv("FASTKD_BACKEND", backend)  # the demo's losses use backend="auto"
     generator = torch.Generator().manual_seed(11)
     n, classes = 48, 10
     student = (3 * torch.randn(n, classes, generator=generator)).requires_grad_()
