@@ -16,6 +16,7 @@ from oracle import oracle_loss, random_target, row_weights
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import fastkd
+from fastkd._dispatch import unavailable_reason
 from fastkd.ops.fused_linear import default_chunk_rows
 
 BACKENDS = ["torch", "auto"]  # auto = the C++ "cpu" kernel when built, else the reference
@@ -97,6 +98,20 @@ def test_matches_oracle(divergence, reduction, backend):
     target = random_target(23, vocab=40, ignore_fraction=0.3)
     check(inputs, target, temperature=2.0, alpha=0.3, divergence=divergence, beta=0.3,
           reduction=reduction, chunk_size=5, backend=backend)
+
+
+TRITON_REASON = unavailable_reason("triton", torch.device("cpu"), torch.float32)
+
+
+@pytest.mark.skipif(TRITON_REASON is not None, reason=f"triton backend: {TRITON_REASON}")
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+def test_triton_kernel_through_the_chunks(divergence, reduction):
+    """The Triton dense kernel (interpreted on CPU) behind the same chunked sweep."""
+    inputs = make_inputs(seed=12)
+    target = random_target(23, vocab=40, ignore_fraction=0.3)
+    check(inputs, target, temperature=2.0, alpha=0.3, divergence=divergence,
+          reduction=reduction, chunk_size=5, backend="triton")
 
 
 @pytest.mark.parametrize("chunk_size", [1, 7, 23, 64, None])
