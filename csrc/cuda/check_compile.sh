@@ -19,7 +19,11 @@ if ! command -v "$NVCC" >/dev/null 2>&1; then
 fi
 OUT=$(mktemp -d /tmp/fastkd-cuda-check.XXXXXX)
 trap 'rm -rf "$OUT"' EXIT
-FLAGS=(-O3 -std=c++17 --use_fast_math -lineinfo -Xptxas -v -I csrc)
+# setup.py's nvcc flags plus the ones torch's CUDAExtension always adds (COMMON_NVCC_FLAGS).
+FLAGS=(-O3 -std=c++17 --use_fast_math -lineinfo -Xptxas -v -I csrc
+       -D__CUDA_NO_HALF_OPERATORS__ -D__CUDA_NO_HALF_CONVERSIONS__
+       -D__CUDA_NO_BFLOAT16_CONVERSIONS__ -D__CUDA_NO_HALF2_OPERATORS__
+       --expt-relaxed-constexpr -Xcompiler -fPIC)
 ARCHS=("compute_90a,code=sm_90a" "compute_80,code=sm_80")
 start=$(date +%s)
 "$NVCC" --version | tail -n 2

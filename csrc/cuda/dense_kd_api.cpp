@@ -151,6 +151,7 @@ at::Tensor dense_kd_cuda(const at::Tensor& student, const at::Tensor& teacher,
   fastkd::cuda::DenseKDPlan plan;
   const cudaError_t err = fastkd::cuda::launch_dense_kd(
       p, dtype, request_from_env(), c10::cuda::getCurrentCUDAStream().stream(), &plan);
+  if (err != cudaSuccess) (void)cudaGetLastError();  // do not leave it for an unrelated check
   TORCH_CHECK(err == cudaSuccess, "fastkd::dense_kd (cuda): launch failed: ",
               cudaGetErrorString(err), (plan.note[0] != '\0' ? " (" : ""), plan.note,
               (plan.note[0] != '\0' ? ")" : ""));

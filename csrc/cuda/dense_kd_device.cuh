@@ -110,10 +110,9 @@ __device__ __forceinline__ void zero_fill(T* row, int64_t len) {
 __device__ __forceinline__ RowStats shfl_xor(const RowStats& v, int lane_mask) {
   RowStats o;
   o.ms = __shfl_xor_sync(0xffffffffu, v.ms, lane_mask);
-  o.ss = __shfl_xor_sync(0xffffffffu, v.ss, lane_mask);
   o.mt = __shfl_xor_sync(0xffffffffu, v.mt, lane_mask);
+  o.ss = __shfl_xor_sync(0xffffffffu, v.ss, lane_mask);
   o.st = __shfl_xor_sync(0xffffffffu, v.st, lane_mask);
-  o.mq = __shfl_xor_sync(0xffffffffu, v.mq, lane_mask);
   o.sq = __shfl_xor_sync(0xffffffffu, v.sq, lane_mask);
   o.x = __shfl_xor_sync(0xffffffffu, v.x, lane_mask);
   o.sum_z = __shfl_xor_sync(0xffffffffu, v.sum_z, lane_mask);

@@ -5,7 +5,15 @@
 // float64 oracle on a machine without a GPU (tests/test_cuda_math_emulation.py).
 //
 // Notation (DESIGN.md §1, fastkd/reference/dense.py): z = cap(raw) (softcap), a = z / T,
-// p_s = softmax(a_s), p_t = softmax(a_t), q = softmax(z_s) (cross-entropy at T = 1).
+// p_s = softmax(a_s), p_t = softmax(a_t), q = softmax(z_s) (cross-entropy at T = 1),
+// r = log(p_s / p_t). Per-element gradients (chain rule through a = z / T and cap):
+//   kl:         dD/da_s = p_s - p_t                  dD/da_t = p_t (-r - D)
+//   reverse_kl: dD/da_s = p_s (r - D)                dD/da_t = p_t - p_s
+//   jsd:        dD/da_s = (1-b) p_s (log(p_s/m) - KL(p_s||m))   (m = b p_t + (1-b) p_s)
+//               dD/da_t = b p_t (log(p_t/m) - KL(p_t||m))
+//   tvd:        dD/da_s = p_s (g - <p_s, g>)         dD/da_t = p_t (<p_t, g> - g), g = sign(r)/2
+//   CE:         dCE/dz_s = q - (1 - eps) onehot(y) - eps / V
+//   ds = cap'(s) (ce_w dCE/dz_s + div_w / T dD/da_s),   dt = cap'(t) div_w / T dD/da_t
 // A row is reduced in pieces (vector groups, threads, warps, CTAs of a cluster): each piece
 // keeps online-softmax statistics relative to its own running max, and `merge` combines two
 // pieces exactly (up to rounding) in any order. -inf logits are columns of probability 0:
@@ -19,8 +27,10 @@
 
 #if defined(__CUDACC__)
 #define FASTKD_HD __host__ __device__ __forceinline__
+#define FASTKD_UNROLL _Pragma("unroll")
 #else
 #define FASTKD_HD inline
+#define FASTKD_UNROLL
 #endif
 
 namespace fastkd {
@@ -53,8 +63,6 @@ struct RowOptions {
   float eps_over_v;
   float inv_v;
   float beta;            // JSD teacher weight
-  float log_beta;
-  float log_1m_beta;
 };
 
 FASTKD_HD RowOptions make_row_options(const DenseKDParams& p) {
@@ -74,10 +82,6 @@ FASTKD_HD RowOptions make_row_options(const DenseKDParams& p) {
   o.inv_v = 1.0f / static_cast<float>(p.vocab);
   o.eps_over_v = p.label_smoothing * o.inv_v;
   o.beta = p.beta;
-  // Only JSD reads these; guard the logs so other divergences never see log(0).
-  const bool jsd = p.divergence == kJSD;
-  o.log_beta = jsd ? logf(p.beta) : 0.0f;
-  o.log_1m_beta = jsd ? logf(1.0f - p.beta) : 0.0f;
   return o;
 }
 
@@ -97,141 +101,165 @@ FASTKD_HD float capped(float raw, const RowOptions& o) {
   return capped(raw, o, unused);
 }
 
-// exp(m_old - m_new): the factor that moves a sum kept relative to m_old onto m_new
+// exp((m_old - m_new) * scale): the factor that moves a sum kept relative to m_old onto m_new
 // (0 when m_old is -inf: such a sum is empty).
-FASTKD_HD float rescale(float m_old, float m_new) {
-  return m_old == kNegInf ? 0.0f : expf(m_old - m_new);
+FASTKD_HD float rescale(float m_old, float m_new, float scale) {
+  return m_old == kNegInf ? 0.0f : expf((m_old - m_new) * scale);
 }
 
 // sum * factor, where a factor of 0 (all terms underflowed) gives 0 even for an infinite sum.
 FASTKD_HD float scaled(float sum, float factor) { return factor == 0.0f ? 0.0f : sum * factor; }
 
-// Online-softmax statistics of a piece of one row.
+// Online-softmax statistics of a piece of one row. Maxima are of the capped logits z (not of
+// z / T), so every exponent is formed as (z - m) / T: the difference comes first and keeps
+// float32 precision relative to itself even for |z| ~ 1e4. max z does not depend on T, so the
+// CE softmax (T = 1) shares the student's max.
 struct alignas(16) RowStats {
-  float ms, ss;   // student at T: running max of a_s, sum exp(a_s - ms)
-  float mt, st;   // teacher at T
-  float mq, sq;   // student at T = 1 (CE), when not shared with the student stream
-  float x;        // KL: sum exp(a_t - mt) (a_t - a_s); reverse KL: sum exp(a_s - ms) (a_s - a_t)
-  float sum_z;    // sum of capped student logits (label smoothing)
-  float zy;       // capped student logit at the target (exactly one piece contributes)
+  float ms, mt;   // running max of z_s, z_t
+  float ss, st;   // sum exp((z - m) / T), student and teacher
+  float sq;       // sum exp(z_s - ms) (CE softmax), when not equal to ss (T != 1)
+  float x;        // KL: sum e_t (z_t - z_s); reverse KL: sum e_s (z_s - z_t); e = exp((z - m) / T)
+  float sum_z;    // sum of z_s (label smoothing)
+  float zy;       // z_s at the target (exactly one piece contributes)
 };
 
 FASTKD_HD RowStats empty_stats() {
   RowStats s;
-  s.ms = s.mt = s.mq = kNegInf;
+  s.ms = s.mt = kNegInf;
   s.ss = s.st = s.sq = 0.0f;
   s.x = s.sum_z = s.zy = 0.0f;
   return s;
 }
 
-FASTKD_HD void merge_stream(float& m, float& s, float m2, float s2, float& f1, float& f2) {
-  const float mn = fmaxf(m, m2);
-  f1 = rescale(m, mn);
-  f2 = rescale(m2, mn);
-  s = scaled(s, f1) + scaled(s2, f2);
-  m = mn;
-}
+// The student max is needed by the divergence and by CE; the teacher's by the divergence.
+FASTKD_HD bool tracks_student(const RowOptions& o) { return o.has_div || o.has_ce; }
+FASTKD_HD bool tracks_ce_sum(const RowOptions& o) { return o.has_ce && !o.q_from_student; }
 
 // a <- a (+) b. Symmetric in a and b bit for bit, so every lane of a butterfly reduction and
 // every CTA of a cluster that merges the same pieces gets the same row statistics.
 template <int kDiv>
 FASTKD_HD void merge(RowStats& a, const RowStats& b, const RowOptions& o) {
-  float fa, fb;
-  if (o.has_div) {
-    merge_stream(a.ms, a.ss, b.ms, b.ss, fa, fb);
-    if (kDiv == kReverseKL) a.x = scaled(a.x, fa) + scaled(b.x, fb);
-    merge_stream(a.mt, a.st, b.mt, b.st, fa, fb);
-    if (kDiv == kKL) a.x = scaled(a.x, fa) + scaled(b.x, fb);
+  if (tracks_student(o)) {
+    const float m = fmaxf(a.ms, b.ms);
+    if (o.has_div) {
+      const float fa = rescale(a.ms, m, o.inv_t), fb = rescale(b.ms, m, o.inv_t);
+      a.ss = scaled(a.ss, fa) + scaled(b.ss, fb);
+      if (kDiv == kReverseKL) a.x = scaled(a.x, fa) + scaled(b.x, fb);
+    }
+    if (tracks_ce_sum(o)) {
+      a.sq = scaled(a.sq, rescale(a.ms, m, 1.0f)) + scaled(b.sq, rescale(b.ms, m, 1.0f));
+    }
+    a.ms = m;
   }
-  if (o.has_ce && !o.q_from_student) merge_stream(a.mq, a.sq, b.mq, b.sq, fa, fb);
+  if (o.has_div) {
+    const float m = fmaxf(a.mt, b.mt);
+    const float fa = rescale(a.mt, m, o.inv_t), fb = rescale(b.mt, m, o.inv_t);
+    a.st = scaled(a.st, fa) + scaled(b.st, fb);
+    if (kDiv == kKL) a.x = scaled(a.x, fa) + scaled(b.x, fb);
+    a.mt = m;
+  }
   a.sum_z += b.sum_z;
   a.zy += b.zy;
 }
 
-// Folds values a[0..E) (-inf = absent) into (m, s); e[k] = exp(a[k] - m_new). Returns the
-// factor applied to the previous sums (1 while everything seen so far is -inf).
 template <int E>
-FASTKD_HD float fold_stream(float& m, float& s, const float (&a)[E], float (&e)[E]) {
-  float local = a[0];
-#pragma unroll
-  for (int k = 1; k < E; ++k) local = fmaxf(local, a[k]);
-  const float mn = fmaxf(m, local);
-  if (mn == kNegInf) {
-#pragma unroll
-    for (int k = 0; k < E; ++k) e[k] = 0.0f;
-    return 1.0f;
-  }
-  const float f = rescale(m, mn);
-  s *= f;
-#pragma unroll
-  for (int k = 0; k < E; ++k) {
-    e[k] = expf(a[k] - mn);
-    s += e[k];
-  }
-  m = mn;
-  return f;
+FASTKD_HD float max_of(const float (&z)[E]) {
+  float m = z[0];
+  FASTKD_UNROLL
+  for (int k = 1; k < E; ++k) m = fmaxf(m, z[k]);
+  return m;
 }
 
 // Folds a group of E elements (raw logits; valid[k] false = outside the row) into `st`.
 template <int kDiv, int E>
 FASTKD_HD void accumulate(RowStats& st, const float (&s_raw)[E], const float (&t_raw)[E],
                           const bool (&valid)[E], const RowOptions& o) {
-  float zs[E];
-#pragma unroll
-  for (int k = 0; k < E; ++k) zs[k] = capped(s_raw[k], o);
-  if (o.has_div) {
-    float as[E], at[E], es[E], et[E];
-#pragma unroll
-    for (int k = 0; k < E; ++k) {
-      as[k] = valid[k] ? zs[k] * o.inv_t : kNegInf;
-      at[k] = valid[k] ? capped(t_raw[k], o) * o.inv_t : kNegInf;
-    }
-    const float fs = fold_stream(st.ms, st.ss, as, es);
-    const float ft = fold_stream(st.mt, st.st, at, et);
-    if (kDiv == kKL) {
-      float x = scaled(st.x, ft);
-#pragma unroll
-      for (int k = 0; k < E; ++k) x += et[k] > 0.0f ? et[k] * (at[k] - as[k]) : 0.0f;
-      st.x = x;
-    } else if (kDiv == kReverseKL) {
-      float x = scaled(st.x, fs);
-#pragma unroll
-      for (int k = 0; k < E; ++k) x += es[k] > 0.0f ? es[k] * (as[k] - at[k]) : 0.0f;
-      st.x = x;
+  float zs[E], zt[E], es[E], et[E];
+  FASTKD_UNROLL
+  for (int k = 0; k < E; ++k) {
+    zs[k] = valid[k] ? capped(s_raw[k], o) : kNegInf;
+    zt[k] = valid[k] && o.has_div ? capped(t_raw[k], o) : kNegInf;
+    es[k] = et[k] = 0.0f;
+  }
+  if (tracks_student(o)) {
+    const float m = fmaxf(st.ms, max_of(zs));
+    if (m != kNegInf) {  // else every value so far is -inf: nothing to add
+      if (o.has_div) {
+        const float f = rescale(st.ms, m, o.inv_t);
+        float ss = st.ss * f;
+        FASTKD_UNROLL
+        for (int k = 0; k < E; ++k) {
+          es[k] = expf((zs[k] - m) * o.inv_t);
+          ss += es[k];
+        }
+        st.ss = ss;
+        if (kDiv == kReverseKL) {
+          float x = scaled(st.x, f);
+          FASTKD_UNROLL
+          for (int k = 0; k < E; ++k) x += es[k] > 0.0f ? es[k] * (zs[k] - zt[k]) : 0.0f;
+          st.x = x;
+        }
+      }
+      if (tracks_ce_sum(o)) {
+        float sq = st.sq * rescale(st.ms, m, 1.0f);
+        FASTKD_UNROLL
+        for (int k = 0; k < E; ++k) sq += expf(zs[k] - m);
+        st.sq = sq;
+      }
+      st.ms = m;
     }
   }
-  if (o.has_ce && !o.q_from_student) {
-    float zq[E], eq[E];
-#pragma unroll
-    for (int k = 0; k < E; ++k) zq[k] = valid[k] ? zs[k] : kNegInf;
-    fold_stream(st.mq, st.sq, zq, eq);
+  if (o.has_div) {
+    const float m = fmaxf(st.mt, max_of(zt));
+    if (m != kNegInf) {
+      const float f = rescale(st.mt, m, o.inv_t);
+      float s = st.st * f;
+      FASTKD_UNROLL
+      for (int k = 0; k < E; ++k) {
+        et[k] = expf((zt[k] - m) * o.inv_t);
+        s += et[k];
+      }
+      st.st = s;
+      if (kDiv == kKL) {
+        float x = scaled(st.x, f);
+        FASTKD_UNROLL
+        for (int k = 0; k < E; ++k) x += et[k] > 0.0f ? et[k] * (zt[k] - zs[k]) : 0.0f;
+        st.x = x;
+      }
+      st.mt = m;
+    }
   }
   if (o.has_ce && o.eps > 0.0f) {
-#pragma unroll
+    FASTKD_UNROLL
     for (int k = 0; k < E; ++k) st.sum_z += valid[k] ? zs[k] : 0.0f;
   }
 }
 
-// Row-level scalars once the statistics of the whole row are merged.
+// Row-level scalars once the statistics of the whole row are merged. With
+// log p_s = (z_s - ms) / T - log ss and log p_t = (z_t - mt) / T - log st:
+//   r = log(p_s / p_t) = (z_s - z_t) / T - c,   c = (ms - mt) / T + log ss - log st.
 struct RowScalars {
-  float lse_s, lse_t, lse_q;
+  float ms, mt;
+  float log_ss, log_st, log_sq;
+  float c;
   float d;             // divergence value (JSD / TVD: after the second reduction)
-  float kl_t, kl_s;    // JSD: KL(p_t || m), KL(p_s || m)
+  float kl_t, kl_s;    // JSD: KL(p_t || m), KL(p_s || m), m = beta p_t + (1 - beta) p_s
   float dot_s, dot_t;  // TVD: <p_s, g>, <p_t, g>, g = sign(p_s - p_t) / 2
   float sum_z, zy;
 };
 
-FASTKD_HD float lse_of(float m, float s) { return m == kNegInf ? kNegInf : m + logf(s); }
-
 template <int kDiv>
 FASTKD_HD RowScalars finish_stats(const RowStats& st, const RowOptions& o) {
   RowScalars r;
-  r.lse_s = lse_of(st.ms, st.ss);
-  r.lse_t = lse_of(st.mt, st.st);
-  r.lse_q = o.q_from_student ? r.lse_s : lse_of(st.mq, st.sq);
-  // KL(p_t || p_s) = sum p_t (a_t - a_s) - lse_t + lse_s, with sum p_t (...) = x / st.
-  if (kDiv == kKL) r.d = st.x / st.st + (r.lse_s - r.lse_t);
-  else if (kDiv == kReverseKL) r.d = st.x / st.ss + (r.lse_t - r.lse_s);
+  r.ms = st.ms;
+  r.mt = st.mt;
+  r.log_ss = logf(st.ss);
+  r.log_st = logf(st.st);
+  r.log_sq = o.q_from_student ? r.log_ss : logf(st.sq);
+  r.c = o.has_div ? (st.ms - st.mt) * o.inv_t + (r.log_ss - r.log_st) : 0.0f;
+  // KL(p_t || p_s) = sum p_t (-r) = x / (T st) + c;  KL(p_s || p_t) = sum p_s r = x / (T ss) - c.
+  if (kDiv == kKL) r.d = o.inv_t * st.x / st.st + r.c;
+  else if (kDiv == kReverseKL) r.d = o.inv_t * st.x / st.ss - r.c;
   else r.d = 0.0f;
   r.kl_t = r.kl_s = r.dot_s = r.dot_t = 0.0f;
   r.sum_z = st.sum_z;
@@ -239,13 +267,27 @@ FASTKD_HD RowScalars finish_stats(const RowStats& st, const RowOptions& o) {
   return r;
 }
 
-// log(beta * p_t + (1 - beta) * p_s) from the log-probabilities, in log space.
-FASTKD_HD float jsd_log_mixture(float logp_t, float logp_s, const RowOptions& o) {
-  const float u = logp_t + o.log_beta;
-  const float v = logp_s + o.log_1m_beta;
-  const float hi = fmaxf(u, v);
-  if (hi == kNegInf) return kNegInf;
-  return hi + logf(1.0f + expf(fminf(u, v) - hi));
+// Per-element probabilities and log ratio r = log(p_s / p_t) from capped logits.
+struct Pair {
+  float p_s, p_t, r;
+};
+
+FASTKD_HD Pair pair_of(float zs, float zt, const RowScalars& rs, const RowOptions& o) {
+  Pair q;
+  q.p_s = expf((zs - rs.ms) * o.inv_t - rs.log_ss);
+  q.p_t = expf((zt - rs.mt) * o.inv_t - rs.log_st);
+  q.r = (zs - zt) * o.inv_t - rs.c;
+  return q;
+}
+
+// (log(p_s / m), log(p_t / m)), m = beta p_t + (1 - beta) p_s, from r = log(p_s / p_t); the
+// exponential is of -|r|, so it never overflows. Meaningful where the matching p > 0.
+FASTKD_HD void jsd_log_ratios(float r, const RowOptions& o, float& ls, float& lt) {
+  const bool positive = r >= 0.0f;
+  const float x = expf(-fabsf(r));
+  const float lg = -logf(positive ? o.beta * x + (1.0f - o.beta) : o.beta + (1.0f - o.beta) * x);
+  ls = positive ? lg : lg + r;
+  lt = positive ? lg - r : lg;
 }
 
 FASTKD_HD float half_sign(float x) { return x > 0.0f ? 0.5f : (x < 0.0f ? -0.5f : 0.0f); }
@@ -254,21 +296,19 @@ FASTKD_HD float half_sign(float x) { return x > 0.0f ? 0.5f : (x < 0.0f ? -0.5f 
 // JSD: acc = (KL(p_t||m), KL(p_s||m), -); TVD: acc = (sum |p_s - p_t|, <p_s, g>, <p_t, g>).
 template <int kDiv>
 FASTKD_HD void accumulate_second(float (&acc)[3], float s_raw, float t_raw, bool valid,
-                                 const RowScalars& r, const RowOptions& o) {
+                                 const RowScalars& rs, const RowOptions& o) {
   if (!valid) return;
-  const float logp_s = capped(s_raw, o) * o.inv_t - r.lse_s;
-  const float logp_t = capped(t_raw, o) * o.inv_t - r.lse_t;
-  const float p_s = expf(logp_s);
-  const float p_t = expf(logp_t);
+  const Pair q = pair_of(capped(s_raw, o), capped(t_raw, o), rs, o);
   if (kDiv == kJSD) {
-    const float logm = jsd_log_mixture(logp_t, logp_s, o);
-    acc[0] += p_t > 0.0f ? p_t * (logp_t - logm) : 0.0f;
-    acc[1] += p_s > 0.0f ? p_s * (logp_s - logm) : 0.0f;
+    float ls, lt;
+    jsd_log_ratios(q.r, o, ls, lt);
+    acc[0] += q.p_t > 0.0f ? q.p_t * lt : 0.0f;
+    acc[1] += q.p_s > 0.0f ? q.p_s * ls : 0.0f;
   } else if (kDiv == kTVD) {
-    const float g = half_sign(p_s - p_t);
-    acc[0] += fabsf(p_s - p_t);
-    acc[1] += p_s * g;
-    acc[2] += p_t * g;
+    const float g = half_sign(q.r);
+    acc[0] += fabsf(q.p_s - q.p_t);
+    acc[1] += q.p_s * g;
+    acc[2] += q.p_t * g;
   }
 }
 
@@ -286,12 +326,14 @@ FASTKD_HD void finish_second(RowScalars& r, const float (&acc)[3], const RowOpti
 }
 
 // The row's weighted loss; a term whose weight is 0 is not evaluated (0 * inf would be NaN).
+// CE = lse - (1 - eps) z_y - eps mean(z) with lse = ms + log sq, grouped as
+// (1 - eps)(ms - z_y) + eps (ms - mean z) + log sq so that no large |z| cancels.
 FASTKD_HD float row_loss(const RowScalars& r, const RowOptions& o) {
   float row = 0.0f;
   if (o.has_div) row += o.div_w * r.d;
   if (o.has_ce) {
-    float ce = r.lse_q - o.keep_y * r.zy;
-    if (o.eps > 0.0f) ce -= o.eps * r.sum_z * o.inv_v;
+    float ce = o.keep_y * (r.ms - r.zy) + r.log_sq;
+    if (o.eps > 0.0f) ce += o.eps * (r.ms - r.sum_z * o.inv_v);
     row += o.ce_w * ce;
   }
   return row;
@@ -305,31 +347,30 @@ FASTKD_HD void grad_element(float s_raw, float t_raw, bool is_target, const RowS
   const float zs = capped(s_raw, o, dcap_s);
   float gsum = 0.0f, gtsum = 0.0f, p_s = 0.0f;
   if (o.has_div) {
-    const float logp_s = zs * o.inv_t - r.lse_s;
-    const float logp_t = capped(t_raw, o, dcap_t) * o.inv_t - r.lse_t;
-    p_s = expf(logp_s);
-    const float p_t = expf(logp_t);
+    const Pair q = pair_of(zs, capped(t_raw, o, dcap_t), r, o);
+    p_s = q.p_s;
     float ds, dt;
     if (kDiv == kKL) {
-      ds = p_s - p_t;
-      dt = p_t > 0.0f ? p_t * (logp_t - logp_s - r.d) : 0.0f;
+      ds = q.p_s - q.p_t;
+      dt = q.p_t > 0.0f ? q.p_t * (-q.r - r.d) : 0.0f;
     } else if (kDiv == kReverseKL) {
-      ds = p_s > 0.0f ? p_s * (logp_s - logp_t - r.d) : 0.0f;
-      dt = p_t - p_s;
+      ds = q.p_s > 0.0f ? q.p_s * (q.r - r.d) : 0.0f;
+      dt = q.p_t - q.p_s;
     } else if (kDiv == kJSD) {
-      const float logm = jsd_log_mixture(logp_t, logp_s, o);
-      ds = (1.0f - o.beta) * (p_s > 0.0f ? p_s * (logp_s - logm - r.kl_s) : 0.0f);
-      dt = o.beta * (p_t > 0.0f ? p_t * (logp_t - logm - r.kl_t) : 0.0f);
+      float ls, lt;
+      jsd_log_ratios(q.r, o, ls, lt);
+      ds = (1.0f - o.beta) * (q.p_s > 0.0f ? q.p_s * (ls - r.kl_s) : 0.0f);
+      dt = o.beta * (q.p_t > 0.0f ? q.p_t * (lt - r.kl_t) : 0.0f);
     } else {
-      const float g = half_sign(p_s - p_t);
-      ds = p_s * (g - r.dot_s);
-      dt = p_t * (r.dot_t - g);
+      const float g = half_sign(q.r);
+      ds = q.p_s * (g - r.dot_s);
+      dt = q.p_t * (r.dot_t - g);
     }
     gsum = o.div_w_over_t * ds;
     gtsum = o.div_w_over_t * dt;
   }
   if (o.has_ce) {
-    const float q = o.q_from_student ? p_s : expf(zs - r.lse_q);
+    const float q = o.q_from_student ? p_s : expf(zs - r.ms - r.log_sq);
     gsum += o.ce_w * (q - o.eps_over_v - (is_target ? o.keep_y : 0.0f));
   }
   gs = gsum * dcap_s;
