@@ -198,6 +198,10 @@ def test_teacher_gets_no_gradient_even_if_it_requires_grad():
     loss.backward()
     assert hidden.grad is not None
     assert all(t.grad is None for t in teacher.values())
+    frozen_student = fastkd.fused_linear_distillation_loss(
+        inputs["student_hidden"], inputs["student_weight"], teacher["teacher_hidden"],
+        teacher["teacher_weight"], target, teacher_bias=teacher["teacher_bias"])
+    assert not frozen_student.requires_grad  # no graph through the teacher's chunk logits
 
 
 def test_no_grad_and_module_match_functional():

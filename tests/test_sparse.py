@@ -294,3 +294,13 @@ def test_mass_check_ignores_ignored_rows():
     y = torch.tensor([-100, 1, 2, 3])
     loss = fastkd.sparse_distillation_loss(s, logprobs, indices, y)
     assert bool(torch.isfinite(loss))
+
+
+def test_stored_teacher_is_a_constant():
+    s = random_logits(4, 10, seed=23)
+    logprobs, indices = teacher_topk(random_logits(4, 10, seed=24), 3)
+    logprobs.requires_grad_(True)
+    assert not fastkd.sparse_distillation_loss(s, logprobs, indices).requires_grad
+    student = s.clone().requires_grad_(True)
+    fastkd.sparse_distillation_loss(student, logprobs, indices).backward()
+    assert student.grad is not None and logprobs.grad is None

@@ -155,8 +155,7 @@ class FusedLinearDistillationFunction(torch.autograd.Function):
                                    "per forward (its gradients are scaled in place)")
             ctx.consumed = True
             grad_h, grad_w, grad_b = ctx.saved_tensors
-            scale = grad_out.to(grad_h.dtype if grad_h is not None else torch.float32)
-            grad_h, grad_w, grad_b = (None if g is None else g.mul_(scale.to(g.dtype))
+            grad_h, grad_w, grad_b = (None if g is None else g.mul_(grad_out.to(g.dtype))
                                       for g in (grad_h, grad_w, grad_b))
         h_dtype, w_dtype = ctx.dtypes
         grad_h = None if grad_h is None else grad_h.to(h_dtype)
@@ -172,8 +171,10 @@ def fused_linear_rows(hidden, weight, bias, target, teacher: tuple, kernel: Call
     needs = (grad_on and hidden.requires_grad, grad_on and weight.requires_grad,
              grad_on and bias is not None and bias.requires_grad)
     if not any(needs):
-        rows = fused_sweep(hidden, weight, bias, target, teacher, kernel, options, sparse,
-                           chunk, needs)[0]
+        # no_grad: a teacher that requires grad must not pull chunk logits into a graph.
+        with torch.no_grad():
+            rows = fused_sweep(hidden, weight, bias, target, teacher, kernel, options, sparse,
+                               chunk, needs)[0]
         return rows if per_row else rows.sum()
     t_a, t_b, t_c = (None if t is None else t.detach() for t in teacher)
     return FusedLinearDistillationFunction.apply(hidden, weight, bias, target, t_a, t_b, t_c,

@@ -40,6 +40,7 @@ def sparse_distillation_rows(student: torch.Tensor, topk_logprobs: torch.Tensor,
                              kernel: Callable, options: tuple) -> torch.Tensor:
     """(N, V), (N, k), (N, k), (N,) | None -> (N,) rows, differentiable in student only."""
     if not (torch.is_grad_enabled() and student.requires_grad):
-        return kernel(student, topk_logprobs, topk_indices, target, None, *options)
+        with torch.no_grad():  # the stored teacher is a constant, even if it requires grad
+            return kernel(student, topk_logprobs, topk_indices, target, None, *options)
     return SparseDistillationFunction.apply(student, topk_logprobs, topk_indices, target,
                                             kernel, options)
