@@ -259,6 +259,8 @@ def fused_linear_distillation_loss(
     The teacher is a constant: no gradient flows to teacher_hidden / teacher_weight /
     teacher_bias even if they require grad (use `distillation_loss` for online distillation).
     reduction="none" recomputes the chunks in backward (about 1.5x the mean/sum work).
+    There is no inplace_backward keyword: each chunk's logits are always overwritten by their
+    gradient.
     """
     _check_linear_head("student", student_hidden, student_weight, student_bias)
     _check_linear_head("teacher", teacher_hidden, teacher_weight, teacher_bias)
