@@ -291,14 +291,15 @@ def print_report(report: Report, out=None) -> None:
         eager = next((r["median_ms"] for r in rows if r["provider"] == "eager"), None)
         print(f"\n{loss} {mode} {dtype} N={n} V={v}" + (f" Hs={hs} Ht={ht}" if hs else "")
               + (f" k={ht}" if loss == "sparse_distillation" else ""), file=out)
-        print(f"  {'provider':<9}{'median ms':>11}{'p20-p80 ms':>18}{'peak MiB':>10}"
+        print(f"  {'provider':<9}{'median ms':>11} {'p20-p80 ms':>21}{'peak MiB':>10}"
               f"{'GB/s':>8}{'TFLOP/s':>9}{'roofline%':>10}{'vs eager':>9}{'loss':>10}",
               file=out)
         for r in rows:
             speedup = None if eager is None else eager / r["median_ms"]
             value = report.values.get(_value_key(loss, dtype, n, v, hs, ht, r["provider"]))
-            print(f"  {r['provider']:<9}{r['median_ms']:>11.3f}"
-                  f"{r['p20_ms']:>9.3f}-{r['p80_ms']:<8.3f}{r['peak_mem_mb']:>10.1f}"
+            spread = f"{r['p20_ms']:.3f}-{r['p80_ms']:.3f}"
+            print(f"  {r['provider']:<9}{r['median_ms']:>11.3f} {spread:>21}"
+                  f"{r['peak_mem_mb']:>10.1f}"
                   f"{_fmt(r['gbps'], '8.2f')}{_fmt(r['tflops'], '9.4f')}"
                   f"{_fmt(r['roofline_pct'], '10.1f')}{_fmt(speedup, '8.2f')}x"
                   f"{_fmt(value, '10.5f')}", file=out)

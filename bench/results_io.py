@@ -81,13 +81,15 @@ def git_rev(root: str = REPO_ROOT) -> str:
 
 
 def format_value(value) -> str:
-    """CSV text of one value: '' for None, 4 significant figures for floats."""
+    """CSV text of one value: '' for None or NaN; floats to 5 significant figures, written
+    without an exponent (14610.0 -> '14610', 0.00047941 -> '0.00047941')."""
     if value is None:
         return ""
     if isinstance(value, float):
-        if value != value:  # NaN
+        if value != value:
             return ""
-        return f"{value:.4g}"
+        rounded = float(f"{value:.5g}")
+        return f"{rounded:.12f}".rstrip("0").rstrip(".")
     return str(value)
 
 

@@ -43,7 +43,9 @@ def test_append_rows_writes_header_once_and_empty_cells_for_none(tmp_path):
     assert lines[0] == EXPECTED_COLUMNS
     assert len(lines) == 3
     first = dict(zip(EXPECTED_COLUMNS, lines[1]))
-    assert first["median_ms"] == "1.235" and first["gbps"] == ""
+    assert first["median_ms"] == "1.2346" and first["gbps"] == ""
+    assert results_io.format_value(14610.03) == "14610"
+    assert results_io.format_value(0.000479412) == "0.00047941"
 
 
 def test_append_rows_rejects_wrong_keys_and_foreign_files(tmp_path):
