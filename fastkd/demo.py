@@ -30,9 +30,20 @@ the teacher's T=1 distribution is almost one-hot.
 These numbers came from the `torch` backend; the fused `cpu` backend rounds differently in
 float32, so over 1200 steps its accuracies can differ in the third decimal.
 
+After distillation, student_kd is also dynamically int8-quantised (`fastkd.demo_deploy`):
+its test accuracy is the row student_kd_int8, and a deployment table gives the serialised
+size and the single-thread latency on the whole test split (539 rows) of the teacher, the
+float32 student_kd and their int8 copies (teacher_int8 is there for scale).
+
+`--method NAME[,NAME...]` (or `all`) compares other distillation families (DKD, FitNets hint,
+hidden-state cosine, RKD, similarity-preserving, mutual, EMA self-distillation, multi-teacher)
+on the same regime; see `fastkd.demo_methods`. The rows are then teacher, student, student_kd
+(= `response`) and one per method; student_kd_unlabelled is left out.
+
 Every number printed is a test accuracy in [0, 1], summarised over all seeds (mean, sample
 std, min, max), never a picked seed. The last stdout line is
-`teacher_acc=<x> student_acc=<y> student_kd_acc=<z>` (means over seeds).
+`teacher_acc=<x> student_acc=<y> student_kd_acc=<z>` (means over seeds), followed with
+--method by one `<row>_acc=<mean>` field per method other than response.
 """
 
 from __future__ import annotations
@@ -71,6 +82,8 @@ class DemoConfig:
     temperature: float = 4.0
     alpha: float = 0.1
     progress: bool = True
+    methods: Tuple[str, ...] = ()     # `--method` names; () = the default demo
+    latency_repeats: int = 50         # timed calls per model and seed (median reported)
 
 
 @dataclass
@@ -140,11 +153,13 @@ def make_split(x: torch.Tensor, y: torch.Tensor, config: DemoConfig, seed: int) 
 
 
 def model_seed(seed: int, role: str) -> int:
-    """Initialisation seed of one role ("teacher" or "student") for one experiment seed.
+    """Initialisation seed of one role ("teacher", "student", or the `--method` extras "peer",
+    "teacher_b", "teacher_c") for one experiment seed.
 
     Every student method shares the "student" seed, so they start from the same weights.
     """
-    return 1000 * seed + {"teacher": 1, "student": 2}[role]
+    roles = {"teacher": 1, "student": 2, "peer": 3, "teacher_b": 4, "teacher_c": 5}
+    return 1000 * seed + roles[role]
 
 
 def build_mlp(widths: Sequence[int], seed: int) -> nn.Sequential:
@@ -188,8 +203,13 @@ def batches(n_rows: int, batch_size: int, steps: int,
 
 
 def train(model: nn.Module, data: Tuple[torch.Tensor, ...], loss_fn: LossFn,
-          config: DemoConfig, steps: int, seed: int, desc: str) -> nn.Module:
-    """Adam on `loss_fn` for `steps` mini-batches of the rows of `data`; returns the model."""
+          config: DemoConfig, steps: int, seed: int, desc: str,
+          after_step: Optional[Callable[[], None]] = None) -> nn.Module:
+    """Adam on `loss_fn` for `steps` mini-batches of the rows of `data`; returns the model.
+
+    The batch order depends on `seed` and len(data[0]) only, so every method trained on the
+    same rows sees the same batches. `after_step()` runs after each optimizer step (EMA).
+    """
     from tqdm import tqdm
 
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr,
@@ -203,6 +223,8 @@ def train(model: nn.Module, data: Tuple[torch.Tensor, ...], loss_fn: LossFn,
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        if after_step is not None:
+            after_step()
     return model
 
 
@@ -295,16 +317,50 @@ STUDENT_METHODS: Dict[str, StudentMethod] = {
 
 
 def run_seed(x: torch.Tensor, y: torch.Tensor, config: DemoConfig, seed: int,
-             methods: Dict[str, StudentMethod]) -> Dict[str, float]:
-    """Test accuracy of the teacher and of every student method for one seed."""
+             methods: Dict[str, StudentMethod]) -> Tuple[Dict[str, float], Dict[str, dict]]:
+    """One seed: ({row: test accuracy}, {model: deployment stats}).
+
+    Rows: the teacher, every method's student (a method may return {row: model} to add
+    auxiliary rows). When student_kd runs, its dynamically int8-quantised copy
+    student_kd_int8 follows it, teacher_int8 follows the teacher (for scale), and the
+    deployment stats (size, latency on the test split) of these four models are returned;
+    otherwise the stats are empty.
+    """
+    from fastkd.demo_deploy import deployment_stats, quantize_int8
+
     split = make_split(x, y, config, seed)
     teacher = run_teacher(split, config, seed)
     teacher.requires_grad_(False)
-    results = {"teacher": accuracy(teacher, split.x_test, split.y_test)}
+    deployed: Dict[str, nn.Module] = {"teacher": teacher}
+    if "student_kd" in methods:
+        deployed["teacher_int8"] = quantize_int8(teacher)
+    results = {row: accuracy(model, split.x_test, split.y_test)
+               for row, model in deployed.items()}
     for name, method in methods.items():
-        student = method(split, config, seed, teacher)
-        results[name] = accuracy(student, split.x_test, split.y_test)
-    return results
+        output = method(split, config, seed, teacher)
+        models = output if isinstance(output, dict) else {name: output}
+        if name == "student_kd":
+            models = {name: output, "student_kd_int8": quantize_int8(output)}
+            deployed.update(models)
+        for row, model in models.items():
+            results[row] = accuracy(model, split.x_test, split.y_test)
+    if len(deployed) == 1:
+        return results, {}
+    return results, {row: deployment_stats(model, split.x_test, config.latency_repeats)
+                     for row, model in deployed.items()}
+
+
+def chosen_methods(config: DemoConfig) -> Tuple[Dict[str, StudentMethod], Tuple[str, ...]]:
+    """(student methods to run by row, last-line rows) for the default demo or --method."""
+    if not config.methods:
+        return STUDENT_METHODS, HEADLINE
+    from fastkd.demo_methods import METHODS, method_rows
+
+    methods: Dict[str, StudentMethod] = {"student": run_student, "student_kd": run_student_kd}
+    for name in config.methods:
+        methods.setdefault(METHODS[name].row, METHODS[name].runner)
+    extra = tuple(row for row in method_rows(config.methods) if row not in HEADLINE)
+    return methods, HEADLINE + extra
 
 
 # ----------------------------------------------------------------------------- report
@@ -317,8 +373,12 @@ def summarise(values: Sequence[float]) -> Dict[str, float]:
             "min": min(values), "max": max(values)}
 
 
-def format_summary(per_seed: List[Dict[str, float]], baseline: str = "student") -> List[str]:
-    """Table of every model, paired gains over `baseline`, then the HEADLINE line last."""
+def format_summary(per_seed: List[Dict[str, float]], baseline: str = "student",
+                   headline: Sequence[str] = HEADLINE,
+                   before_last: Sequence[str] = ()) -> List[str]:
+    """Table of every model, paired gains of every student row over `baseline` (rows named
+    teacher* are teachers), the int8-vs-float difference when present, then `before_last`,
+    then the `headline` line last."""
     names = list(per_seed[0])
     stats = {name: summarise([r[name] for r in per_seed]) for name in names}
     width = max(len(name) for name in names)
@@ -328,13 +388,19 @@ def format_summary(per_seed: List[Dict[str, float]], baseline: str = "student") 
         lines.append(f"{name:<{width}} {s['mean']:7.4f} {s['std']:7.4f} {s['min']:7.4f} "
                      f"{s['max']:7.4f}")
     for name in names:
-        if name in ("teacher", baseline):
+        if name.startswith("teacher") or name == baseline:
             continue
         gains = [r[name] - r[baseline] for r in per_seed]
         wins = sum(gain > 0 for gain in gains)
         lines.append(f"{name} - {baseline}: mean {statistics.fmean(gains):+.4f}, "
                      f"better on {wins}/{len(gains)} seeds")
-    lines.append(" ".join(f"{name}_acc={stats[name]['mean']:.4f}" for name in HEADLINE))
+    if "student_kd_int8" in names:
+        diffs = [r["student_kd_int8"] - r["student_kd"] for r in per_seed]
+        lines.append(f"student_kd_int8 - student_kd: mean {statistics.fmean(diffs):+.4f}, "
+                     f"min {min(diffs):+.4f}, max {max(diffs):+.4f}, "
+                     f"equal on {sum(d == 0 for d in diffs)}/{len(diffs)} seeds")
+    lines.extend(before_last)
+    lines.append(" ".join(f"{name}_acc={stats[name]['mean']:.4f}" for name in headline))
     return lines
 
 
@@ -348,6 +414,10 @@ def parse_args(argv: Sequence[str]) -> DemoConfig:
     parser.add_argument("--labels-per-class", type=int, default=DemoConfig.labelled_per_class,
                         help="labels the students may see per class; 0 = every label "
                              "(default %(default)s)")
+    parser.add_argument("--method", default=None,
+                        help="comma-separated distillation methods to compare, or 'all' "
+                             "(response, dkd, hint, hidden, rkd, sp, mutual, ema, multi; see "
+                             "fastkd.demo_methods); default: the Hinton demo alone")
     parser.add_argument("--quick", action="store_true",
                         help="3 seeds of 3 epochs, for tests (the numbers are then noisy)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -360,8 +430,16 @@ def parse_args(argv: Sequence[str]) -> DemoConfig:
         parser.error(f"--epochs must be >= 1, got {epochs}")
     if args.labels_per_class < 0:
         parser.error(f"--labels-per-class must be >= 0, got {args.labels_per_class}")
+    methods: Tuple[str, ...] = ()
+    if args.method is not None:
+        from fastkd.demo_methods import parse_method_list
+
+        try:
+            methods = parse_method_list(args.method)
+        except ValueError as error:
+            parser.error(str(error))
     return replace(DemoConfig(), seeds=seeds, epochs=epochs, progress=not args.no_progress,
-                   labelled_per_class=args.labels_per_class or None)
+                   labelled_per_class=args.labels_per_class or None, methods=methods)
 
 
 def describe(config: DemoConfig) -> str:
@@ -377,18 +455,29 @@ def describe(config: DemoConfig) -> str:
 def main(argv: Sequence[str] = ()) -> int:
     config = parse_args(argv)
     torch.set_num_threads(1)  # the models are tiny; leave the other core to others
+    from fastkd.demo_deploy import format_deployment
+
     x, y = load_digits_tensors()
     print(describe(config), flush=True)
+    methods, headline = chosen_methods(config)
+    if config.methods:
+        from fastkd.demo_methods import describe_methods
+
+        print("methods (same student init, rows, batches and steps; weights fixed in "
+              "advance):\n" + describe_methods(config.methods), flush=True)
     started = time.perf_counter()
-    per_seed = []
+    per_seed, deployment = [], []
     for seed in range(config.seeds):
-        result = run_seed(x, y, config, seed, STUDENT_METHODS)
+        result, deployed = run_seed(x, y, config, seed, methods)
         per_seed.append(result)
+        deployment.append(deployed)
         print(f"seed {seed}: " + " ".join(f"{k}={v:.4f}" for k, v in result.items()),
               flush=True)
     print(f"test accuracy over {config.seeds} seeds "
-          f"({time.perf_counter() - started:.1f} s of training):")
-    print("\n".join(format_summary(per_seed)), flush=True)
+          f"({time.perf_counter() - started:.1f} s of training and timing):")
+    table = format_deployment(deployment) if deployment[0] else []
+    print("\n".join(format_summary(per_seed, headline=headline, before_last=table)),
+          flush=True)
     return 0
 
 
