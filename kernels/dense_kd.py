@@ -84,9 +84,9 @@ def _tanh_and_slope(y):
 
 
 @triton.jit
-def _load_logits(ptr, offs, mask, softcap, HAS_SOFTCAP: tl.constexpr):
-    """Returns (z, slope): z = cap(x) in float32 (-inf in masked lanes), slope = cap'(x)."""
-    x = tl.load(ptr + offs, mask=mask, other=float("-inf")).to(tl.float32)
+def _logits(x, mask, softcap, HAS_SOFTCAP: tl.constexpr):
+    """Raw loaded values -> (z, slope): z = cap(x) in float32 (-inf in masked lanes)."""
+    x = x.to(tl.float32)
     if HAS_SOFTCAP:
         th, slope = _tanh_and_slope(x / softcap)
         z = tl.where(mask, softcap * th, float("-inf"))
@@ -94,6 +94,13 @@ def _load_logits(ptr, offs, mask, softcap, HAS_SOFTCAP: tl.constexpr):
         z = x
         slope = 1.0
     return z, slope
+
+
+@triton.jit
+def _load_logits(ptr, offs, mask, softcap, HAS_SOFTCAP: tl.constexpr):
+    """(cap(x), cap'(x)) of the masked elements at ptr + offs; -inf elsewhere."""
+    return _logits(tl.load(ptr + offs, mask=mask, other=float("-inf")), mask, softcap,
+                   HAS_SOFTCAP)
 
 
 @triton.jit
@@ -305,11 +312,20 @@ def dense_kd_single_kernel(
 
 
 @triton.jit
-def _chunk_start(i, n_chunks, BLOCK_V: tl.constexpr, REVERSE: tl.constexpr):
+def _chunk_cols(i, n_chunks, col0, BLOCK_V: tl.constexpr, REVERSE: tl.constexpr):
+    """Columns of the i-th chunk visited (last chunk first when REVERSE)."""
     if REVERSE:
-        return (n_chunks - 1 - i) * BLOCK_V
+        return (n_chunks - 1 - i) * BLOCK_V + col0
     else:
-        return i * BLOCK_V
+        return i * BLOCK_V + col0
+
+
+@triton.jit
+def _prefetch(ptr, base, i, n_chunks, col0, V, BLOCK_V: tl.constexpr, REVERSE: tl.constexpr):
+    """Raw values of chunk i, issued one iteration ahead of their use so a chunk's load is in
+    flight while the previous one is computed (i == n_chunks falls outside [0, V): no load)."""
+    cols = _chunk_cols(i, n_chunks, col0, BLOCK_V, REVERSE)
+    return tl.load(ptr + base + cols, mask=(cols >= 0) & (cols < V), other=float("-inf"))
 
 
 @triton.jit
@@ -350,10 +366,13 @@ def _multipass_row(
     if HAS_CE:  # read before any gradient store: safe when grad_student aliases student
         z_y = _target_logit(s_ptr, base + y, y, V, softcap, HAS_SOFTCAP)
     # Pass 1 (forward): online max / sum-exp of every softmax and the kl cross term.
+    next_s = _prefetch(s_ptr, base, 0, n_chunks, col0, V, BLOCK_V, False)
+    if HAS_DIV:
+        next_t = _prefetch(t_ptr, base, 0, n_chunks, col0, V, BLOCK_V, False)
     for i in range(0, n_chunks):
-        cols = i * BLOCK_V + col0
-        mask = cols < V
-        z_s, _ = _load_logits(s_ptr, base + cols, mask, softcap, HAS_SOFTCAP)
+        mask = i * BLOCK_V + col0 < V
+        z_s, _ = _logits(next_s, mask, softcap, HAS_SOFTCAP)
+        next_s = _prefetch(s_ptr, base, i + 1, n_chunks, col0, V, BLOCK_V, False)
         m_s_new, m_safe = _online_max(m_s, z_s)
         alpha_s, e_s = _rescaled(m_s, m_safe, z_s, scale)
         acc_s = acc_s * alpha_s + e_s
@@ -366,7 +385,8 @@ def _multipass_row(
             if HAS_SMOOTH:
                 acc_z += tl.where(mask, z_s, 0.0)
         if HAS_DIV:
-            z_t, _ = _load_logits(t_ptr, base + cols, mask, softcap, HAS_SOFTCAP)
+            z_t, _ = _logits(next_t, mask, softcap, HAS_SOFTCAP)
+            next_t = _prefetch(t_ptr, base, i + 1, n_chunks, col0, V, BLOCK_V, False)
             m_t_new, m_safe_t = _online_max(m_t, z_t)
             alpha_t, e_t = _rescaled(m_t, m_safe_t, z_t, scale)
             acc_t = acc_t * alpha_t + e_t
@@ -396,11 +416,14 @@ def _multipass_row(
             acc_a = zero_v
             acc_b = zero_v
             acc_c = zero_v
+            next_s = _prefetch(s_ptr, base, 0, n_chunks, col0, V, BLOCK_V, True)
+            next_t = _prefetch(t_ptr, base, 0, n_chunks, col0, V, BLOCK_V, True)
             for i in range(0, n_chunks):
-                cols = _chunk_start(i, n_chunks, BLOCK_V, True) + col0
-                mask = cols < V
-                z_s, _ = _load_logits(s_ptr, base + cols, mask, softcap, HAS_SOFTCAP)
-                z_t, _ = _load_logits(t_ptr, base + cols, mask, softcap, HAS_SOFTCAP)
+                mask = _chunk_cols(i, n_chunks, col0, BLOCK_V, True) < V
+                z_s, _ = _logits(next_s, mask, softcap, HAS_SOFTCAP)
+                z_t, _ = _logits(next_t, mask, softcap, HAS_SOFTCAP)
+                next_s = _prefetch(s_ptr, base, i + 1, n_chunks, col0, V, BLOCK_V, True)
+                next_t = _prefetch(t_ptr, base, i + 1, n_chunks, col0, V, BLOCK_V, True)
                 p_s = tl.exp2((z_s - m_s) * scale) * inv_s
                 p_t = tl.exp2((z_t - m_t) * scale) * inv_t
                 a, b, cc = _pair_terms(p_s, p_t, (z_s - z_t) * scale - c, beta, DIV)
@@ -422,16 +445,24 @@ def _multipass_row(
     tl.store(rows_ptr + row + tl.zeros([1, 1], tl.int64), loss)
     if NEED_GS or NEED_GT:
         # Last pass, opposite direction to the previous one (its last chunks are in L2).
+        next_s = _prefetch(s_ptr, base, 0, n_chunks, col0, V, BLOCK_V, not PAIR_PASS)
+        if HAS_DIV:
+            next_t = _prefetch(t_ptr, base, 0, n_chunks, col0, V, BLOCK_V, not PAIR_PASS)
         for i in range(0, n_chunks):
-            cols = _chunk_start(i, n_chunks, BLOCK_V, not PAIR_PASS) + col0
+            cols = _chunk_cols(i, n_chunks, col0, BLOCK_V, not PAIR_PASS)
             mask = cols < V
-            z_s, slope_s = _load_logits(s_ptr, base + cols, mask, softcap, HAS_SOFTCAP)
+            # The prefetch reads chunk i+1 before chunk i is stored: in place is still safe,
+            # since each chunk is stored only after its own load.
+            z_s, slope_s = _logits(next_s, mask, softcap, HAS_SOFTCAP)
+            next_s = _prefetch(s_ptr, base, i + 1, n_chunks, col0, V, BLOCK_V, not PAIR_PASS)
             e_s = tl.exp2((z_s - m_s) * scale)
             p_s = e_s * inv_s
             g_s = zero_v
             g_t = zero_v
             if HAS_DIV:
-                z_t, slope_t = _load_logits(t_ptr, base + cols, mask, softcap, HAS_SOFTCAP)
+                z_t, slope_t = _logits(next_t, mask, softcap, HAS_SOFTCAP)
+                next_t = _prefetch(t_ptr, base, i + 1, n_chunks, col0, V, BLOCK_V,
+                                   not PAIR_PASS)
                 p_t = tl.exp2((z_t - m_t) * scale) * inv_t
                 g_s, g_t = _div_grads(p_s, p_t, z_s - z_t, scale, c, r1, r2, beta, DIV)
                 if HAS_SOFTCAP:

@@ -36,8 +36,12 @@ pytestmark = needs_device
 
 DIVERGENCE_CASES = [("kl", 0.5), ("reverse_kl", 0.5), ("jsd", 0.5), ("jsd", 0.1), ("tvd", 0.5)]
 DIVERGENCE_IDS = ["kl", "reverse_kl", "jsd-0.5", "jsd-0.1", "tvd"]
-#: Kernel paths: the default launch, and the multi-pass kernel with 256-element chunks.
-PATHS = {"single": {}, "multi": dict(max_single_v=0, block_v=256)}
+#: One case per divergence, for the tests that multiply parameters.
+DIVERGENCE_FOUR = DIVERGENCE_CASES[:3] + DIVERGENCE_CASES[4:]
+FOUR_IDS = ["kl", "reverse_kl", "jsd", "tvd"]
+#: Kernel paths: the default launch (single-load for these V), and the multi-pass kernel
+#: forced with 512-element chunks so rows span several chunks and end in a partial one.
+PATHS = {"single": {}, "multi": dict(max_single_v=0, block_v=512)}
 HALF_ULP = {torch.bfloat16: 2.0**-9, torch.float16: 2.0**-12}
 
 
@@ -122,7 +126,7 @@ def check_kernel(student, teacher, target, rtol=1e-5, atol=None, **kw):
 @pytest.mark.parametrize("vocab", [1, 7, 1000, 4097])
 @pytest.mark.parametrize("divergence,beta", DIVERGENCE_CASES, ids=DIVERGENCE_IDS)
 def test_divergences_and_vocab_sizes(divergence, beta, vocab, path):
-    student, teacher, target = inputs(5, vocab, seed=vocab)
+    student, teacher, target = inputs(5 if vocab < 4096 else 3, vocab, seed=vocab)
     target[1] = -100
     # V=1: every term cancels to 0 up to rounding of |z| ~ 3 (an absolute floor).
     atol = 1e-5 if vocab == 1 else None
@@ -141,7 +145,7 @@ def test_temperatures(temperature, path):
 
 
 @pytest.mark.parametrize("path", PATHS)
-@pytest.mark.parametrize("divergence,beta", DIVERGENCE_CASES, ids=DIVERGENCE_IDS)
+@pytest.mark.parametrize("divergence,beta", DIVERGENCE_FOUR, ids=FOUR_IDS)
 def test_low_temperature_float32(divergence, beta, path):
     """T = 0.5: the jsd / tvd gradients are differences of O(1) row sums that cancel
     (b p_t (ln(p_t/m) - K_t) with ln(p_t/m) ~ K_t), so float32 arithmetic itself cannot reach
@@ -160,7 +164,7 @@ def test_low_temperature_float32(divergence, beta, path):
 
 
 @pytest.mark.parametrize("path", PATHS)
-@pytest.mark.parametrize("divergence,beta", DIVERGENCE_CASES, ids=DIVERGENCE_IDS)
+@pytest.mark.parametrize("divergence,beta", DIVERGENCE_FOUR, ids=FOUR_IDS)
 def test_softcap(divergence, beta, path):
     student, teacher, target = inputs(4, 700, scale=8.0, seed=4)
     check_kernel(student, teacher, target, path=path, divergence=divergence, beta=beta,
@@ -168,16 +172,19 @@ def test_softcap(divergence, beta, path):
 
 
 def masked_columns(n, vocab, fraction=0.3, seed=0):
+    """(n, vocab) -inf mask, different per row; the last column (the label) stays finite.
+    Row 1 ends in whole -inf chunks, row 3 starts with one (the running max stays -inf)."""
     g = torch.Generator().manual_seed(seed)
     mask = torch.rand(n, vocab, generator=g) < fraction
-    mask[:, 0] = False
-    mask[1, 300:] = True  # whole -inf chunks in the multi-pass kernel
+    mask[1, 300:] = True
+    mask[3, :600] = True
+    mask[:, -1] = False
     return mask.to(DEVICE)
 
 
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("student_padded", [False, True], ids=["student-finite", "padded"])
-@pytest.mark.parametrize("divergence,beta", DIVERGENCE_CASES, ids=DIVERGENCE_IDS)
+@pytest.mark.parametrize("divergence,beta", DIVERGENCE_FOUR, ids=FOUR_IDS)
 def test_neg_inf_columns(divergence, beta, student_padded, path):
     if divergence == "reverse_kl" and not student_padded:
         pytest.skip("KL(p_s || p_t) is +inf when the student puts mass where p_t = 0")
@@ -186,7 +193,7 @@ def test_neg_inf_columns(divergence, beta, student_padded, path):
     teacher = teacher.masked_fill(mask, float("-inf"))
     if student_padded:
         student = student.masked_fill(mask, float("-inf"))
-    target = torch.zeros(4, dtype=torch.int64, device=DEVICE)  # column 0 is never masked
+    target = torch.full((4,), 999, dtype=torch.int64, device=DEVICE)
     target[2] = -100
     _, gs, gt = check_kernel(student, teacher, target, path=path, divergence=divergence,
                              beta=beta)
@@ -196,7 +203,7 @@ def test_neg_inf_columns(divergence, beta, student_padded, path):
 
 
 @pytest.mark.parametrize("path", PATHS)
-@pytest.mark.parametrize("divergence,beta", DIVERGENCE_CASES, ids=DIVERGENCE_IDS)
+@pytest.mark.parametrize("divergence,beta", DIVERGENCE_FOUR, ids=FOUR_IDS)
 def test_extreme_logits(divergence, beta, path):
     student, teacher, target = inputs(4, 900, scale=1e4, seed=21)
     assert student.abs().max() > 1e4
@@ -276,7 +283,7 @@ def low_precision_check(actual, exact, eager, half_ulp, what):
 
 
 @pytest.mark.parametrize("path", PATHS)
-@pytest.mark.parametrize("divergence,beta", DIVERGENCE_CASES, ids=DIVERGENCE_IDS)
+@pytest.mark.parametrize("divergence,beta", DIVERGENCE_FOUR, ids=FOUR_IDS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 def test_low_precision(dtype, divergence, beta, path):
     student, teacher, target = inputs(4, 1000, dtype, seed=17)
@@ -393,8 +400,8 @@ GPU_VOCABS = [32000, 128256, 151936, 262144]
 
 
 @gpu
-@needs_cuda
 @compiled_kernels
+@needs_cuda
 @pytest.mark.parametrize("vocab", GPU_VOCABS)
 @pytest.mark.parametrize("divergence,beta", DIVERGENCE_CASES, ids=DIVERGENCE_IDS)
 def test_gpu_real_vocab_bf16(divergence, beta, vocab):
@@ -403,7 +410,8 @@ def test_gpu_real_vocab_bf16(divergence, beta, vocab):
     student = (torch.randn(n, vocab, generator=g) * 3).bfloat16().cuda()
     teacher = (torch.randn(n, vocab, generator=g) * 3).bfloat16().cuda()
     target = random_target(n, vocab=vocab, ignore_fraction=0.25, seed=vocab).cuda()
-    teacher[0, vocab // 2:] = float("-inf")
+    if divergence != "reverse_kl":  # reverse KL is +inf against a masked teacher
+        teacher[0, vocab // 2:] = float("-inf")
     kw = dict(divergence=divergence, beta=beta, label_smoothing=0.1)
     rows, gs, gt = run_kernel(student, teacher, target, **kw)
     exact = oracle_rows(student, teacher, target, **kw)
@@ -415,8 +423,8 @@ def test_gpu_real_vocab_bf16(divergence, beta, vocab):
 
 
 @gpu
-@needs_cuda
 @compiled_kernels
+@needs_cuda
 @pytest.mark.parametrize("vocab", [32000, 128256])
 def test_gpu_real_vocab_fp32_and_inplace(vocab):
     student, teacher, target = (x.cuda() for x in inputs(8, vocab, seed=vocab))
@@ -428,8 +436,8 @@ def test_gpu_real_vocab_fp32_and_inplace(vocab):
 
 
 @gpu
-@needs_cuda
 @compiled_kernels
+@needs_cuda
 def test_gpu_int64_offsets():
     """N * V > 2**31: rows past the int32 range are read and written at the right place."""
     vocab, n = 262144, 8200
@@ -439,14 +447,14 @@ def test_gpu_int64_offsets():
     rows, gs, _ = run_kernel(student, teacher, target, grad_teacher=False)
     tail = slice(n - 3, n)
     ref_rows, ref_gs, _ = oracle_rows(student[tail], teacher[tail], target[tail])
-    assert_close(rows[tail], ref_rows, rtol=1e-4, what="rows past 2**31")
+    assert_close(rows[tail], ref_rows, what="rows past 2**31")
     err, scale = max_error(gs[tail], ref_gs)
     assert err <= HALF_ULP[torch.bfloat16] * scale * 4, f"student grad past 2**31: {err:.3e}"
 
 
 @gpu
-@needs_cuda
 @compiled_kernels
+@needs_cuda
 def test_gpu_torch_compile_fullgraph():
     assert not ON_CPU
     compiled_matches_eager()

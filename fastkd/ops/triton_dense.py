@@ -7,10 +7,13 @@ so `torch.compile(fullgraph=True)` traces through it. The kernels are in `fastkd
 (maths, gradient derivation and byte counts in its header). With `TRITON_INTERPRET=1` the same
 launch runs on CPU tensors through Triton's interpreter.
 
-Launch heuristics (chosen from the H100's register file and L2 size, NOT tuned on a GPU yet):
-  V <= SINGLE_LOAD_MAX_V: the single-load kernel, whole rows in registers (byte floor);
-      several rows per program when V is small so every program has ~2-8k elements.
-  larger V: the multi-pass kernel, one row per program, BLOCK_V-element chunks.
+Launch heuristics (from ptxas register counts for sm_90 and the H100's L2 size; NOT yet
+timed on a GPU; docs/triton_kernel.md has the reasoning and what to measure first):
+  V <= SINGLE_LOAD_MAX_V (half of it with softcap): the single-load kernel, whole rows in
+      registers at 8 elements per thread per tensor (byte floor); rows are packed several per
+      program when V is small so every program has SMALL_ROW_ELEMENTS elements.
+  larger V: the multi-pass kernel, one row per program, MULTIPASS_BLOCK_V-element chunks
+      with the next chunk's load issued before the current one is computed.
 """
 
 from __future__ import annotations
@@ -20,15 +23,21 @@ from typing import Optional
 
 import torch
 
-#: Largest V whose row pair stays in registers (16 warps x 32 threads x 16 fp32 per tensor).
+#: Largest V whose row pair stays in registers: 32 warps x 32 threads x 8 elements per
+#: tensor; ptxas (sm_90) reports <= 64 registers and no spills for fp32 / bf16 without softcap.
 SINGLE_LOAD_MAX_V = 8192
-#: Chunk of the multi-pass kernel: 8 elements per thread per tensor at 16 warps (16-byte bf16
-#: vectors); ~100 registers/thread, so about one row per SM is in flight and a row's second
-#: pass finds part of its first pass in L2.
-MULTIPASS_BLOCK_V = 4096
-MULTIPASS_WARPS = 16
-#: Elements per program in the single-load kernel for small V (rows are packed up to this).
+#: With softcap two more row-sized arrays (the cap' slopes) stay live: 8192 spills, 4096 not.
+SOFTCAP_SINGLE_LOAD_MAX_V = 4096
+#: Elements per program of the single-load kernel for small V (rows packed up to this).
 SMALL_ROW_ELEMENTS = 2048
+#: Elements per thread per tensor in the single-load kernel (sets its warp count).
+ELEMENTS_PER_THREAD = 8
+#: Multi-pass chunk: 4 elements per thread per tensor at 16 warps, with the next chunk's
+#: load in flight during the current one's arithmetic (16 KB per SM in flight). ptxas (sm_90):
+#: ~100-105 registers, no spills (4096 / 16 warps spills, 4096 / 32 warps spills a little), so
+#: one row per SM: the H100's 132 rows in flight keep a row's re-read partly in L2 (50 MB).
+MULTIPASS_BLOCK_V = 2048
+MULTIPASS_WARPS = 16
 LOG2E = 1.4426950408889634
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -63,12 +72,15 @@ def _check_inputs(student, teacher, target, grad_student, grad_teacher) -> None:
                              f"got {tuple(target.shape)}")
 
 
-def _launch_config(n: int, vocab: int, max_single_v: int, block_v: int) -> tuple:
+def _launch_config(n: int, vocab: int, softcap_on: bool, max_single_v: int,
+                   block_v: int) -> tuple:
     """(single_load, grid, block constexprs, num_warps)."""
-    if vocab <= max_single_v:
+    limit = min(max_single_v, SOFTCAP_SINGLE_LOAD_MAX_V) if softcap_on else max_single_v
+    if vocab <= limit:
         width = max(16, _next_pow2(vocab))
         rows_per_program = max(1, SMALL_ROW_ELEMENTS // width)
-        warps = min(16, max(4, rows_per_program * width // 512))
+        elements = rows_per_program * width
+        warps = min(32, max(4, elements // (32 * ELEMENTS_PER_THREAD)))
         grid = (math.ceil(n / rows_per_program),)
         return True, grid, {"BLOCK_N": rows_per_program, "BLOCK_V": width}, warps
     return False, (n,), {"BLOCK_V": block_v}, MULTIPASS_WARPS
@@ -102,7 +114,8 @@ def launch_dense_kd(student, teacher, target, grad_student, grad_teacher, temper
     # Without a divergence the only softmax is the CE one, at temperature 1.
     t_eff = float(temperature) if has_div else 1.0
     ce_pow = 1 if t_eff == 1.0 else (2 if t_eff == 2.0 else 0)
-    single, grid, blocks, warps = _launch_config(n, vocab, max_single_v, block_v)
+    single, grid, blocks, warps = _launch_config(n, vocab, softcap > 0.0, max_single_v,
+                                                  block_v)
     flags = dict(HAS_TARGET=target is not None, HAS_CE=has_ce,
                  HAS_SMOOTH=has_ce and label_smoothing > 0.0, HAS_DIV=has_div,
                  DIV=int(divergence), CE_POW=ce_pow, HAS_SOFTCAP=softcap > 0.0,
