@@ -33,7 +33,11 @@ float32, so over 1200 steps its accuracies can differ in the third decimal.
 After distillation, student_kd is also dynamically int8-quantised (`fastkd.demo_deploy`):
 its test accuracy is the row student_kd_int8, and a deployment table gives the serialised
 size and the single-thread latency on the whole test split (539 rows) of the teacher, the
-float32 student_kd and their int8 copies (teacher_int8 is there for scale).
+float32 student_kd and their int8 copies (teacher_int8 is there for scale). Measured (5 seeds):
+int8 leaves the accuracy unchanged (0.9354 both; per seed within +-0.0019), shrinks the
+checkpoint 7069 -> 4877 bytes, but is slower at this size (~65 -> ~127 us best call): with 16
+hidden units, quantising the activations costs more than the int8 matmul saves; the teacher
+gets 342677 -> 91199 bytes and ~1160 -> ~870 us.
 
 `--method NAME[,NAME...]` (or `all`) compares other distillation families (DKD, FitNets hint,
 hidden-state cosine, RKD, similarity-preserving, mutual, EMA self-distillation, multi-teacher)
