@@ -122,6 +122,15 @@ def test_llm_vocabulary(divergence, beta):
     check_op(student, teacher, target, divergence=divergence, beta=beta, label_smoothing=0.05)
 
 
+@pytest.mark.parametrize("divergence", ["kl", "reverse_kl"])
+def test_large_gradient_buffers(divergence):
+    """17 MiB gradients: the kernel streams them past the caches and asks for huge pages."""
+    student, teacher, target = inputs(136, 32768, seed=23)
+    rows, gs, gt = check_op(student, teacher, target, divergence=divergence)
+    rows_i, gs_i, gt_i = run_op(student, teacher, target, inplace=True, divergence=divergence)
+    assert torch.equal(rows_i, rows) and torch.equal(gs_i, gs) and torch.equal(gt_i, gt)
+
+
 def test_rows_split_across_threads():
     """64 rows of 1000: at::parallel_for splits them into several tasks."""
     student, teacher, target = inputs(64, 1000, seed=12)

@@ -1,333 +1,319 @@
 // Row kernel of the fused CPU distillation loss (contract: fastkd.reference.dense_kd_rows).
 //
-// Included by one .cpp per CPU capability; that file defines CPU_CAPABILITY (and the
-// matching CPU_CAPABILITY_* macro) first, so at::vec::Vectorized<float> is the AVX2 or the
-// portable implementation and everything below lives in an inline namespace of that name:
-// the variants never collide at link time.
-//
-// One row of V logits goes through three sweeps; only sweep A reads the inputs and only
-// sweep C writes the outputs, so a gradient may overwrite the student (in-place backward):
-//   A  load (converting bf16/fp16), softcap, scale by 1/T into float buffers; row maxima.
-//   B  shift by the maxima, exponentiate into cached buffers, accumulate the softmax sums and
-//      the divergence terms that need no normaliser (kl, reverse_kl); JSD / TVD need one
-//      more sweep over the cached values once the normalisers are known.
-//   C  gradient from the cached values, written once in the output dtype.
-// Buffers are padded to a whole number of vectors with -inf logits (zero probability), so
-// sweeps B and C run on whole vectors; masks keep 0 * inf out of every sum.
+// Included by one .cpp per CPU capability (see dense_kd_cpu_vec.h). Per row of V logits, with
+// a = cap(z) / T and x = a - max(a):
+//   A  max of the raw student / teacher logits (cap is monotonic, so max(a) = cap(max z) / T).
+//   B  x and e = exp(x) per column, e cached in a per-thread float32 row buffer; softmax
+//      normalisers and the divergence sums that need no normaliser (kl, reverse_kl).
+//      JSD and TVD take one more sweep over the cached values once the normalisers exist.
+//   C  student and teacher gradients from the cached e (x recomputed from the logits where a
+//      divergence needs log-probabilities), written once in the output dtype.
+// Only A and B read the logits from memory (B from cache), and every column is read in C
+// before its gradient is written, so the student gradient may overwrite the student logits
+// (in-place backward). With softcap, tanh(z / c) is cached in B and reused by C.
+// Columns past V in the last vector get x = -inf (zero probability); masks keep 0 * inf out
+// of every sum.
 #pragma once
 
-#include <ATen/cpu/vec/functional.h>
-#include <ATen/cpu/vec/vec.h>
-#include <c10/util/BFloat16.h>
-#include <c10/util/Half.h>
-
-#include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <cstring>
-#include <limits>
 #include <memory>
-#include <type_traits>
 
 #include "cpu/dense_kd_cpu.h"
+#include "cpu/dense_kd_cpu_vec.h"
 #include "dense_kd_params.h"
 
 namespace fastkd::cpu {
 inline namespace CPU_CAPABILITY {
 
-using Vec = at::vec::Vectorized<float>;
-constexpr int64_t kLanes = Vec::size();
-constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+constexpr int kKL = static_cast<int>(Divergence::kKL);
+constexpr int kReverseKL = static_cast<int>(Divergence::kReverseKL);
+constexpr int kJSD = static_cast<int>(Divergence::kJSD);
+constexpr int kTVD = static_cast<int>(Divergence::kTVD);
 
-inline float lane_sum(const Vec& v) {
-  alignas(64) float lanes[kLanes];
-  v.store(lanes);
-  float total = 0.f;
-  for (int64_t i = 0; i < kLanes; ++i) total += lanes[i];
-  return total;
-}
-
-inline float lane_max(const Vec& v) {
-  alignas(64) float lanes[kLanes];
-  v.store(lanes);
-  float best = lanes[0];
-  for (int64_t i = 1; i < kLanes; ++i) best = std::max(best, lanes[i]);
-  return best;
-}
-
-#if defined(CPU_CAPABILITY_AVX2)
-// exp(x) in ~15 AVX2 instructions, max relative error ~1.2e-7 (about 1 ulp) on normal results;
-// results below FLT_MIN flush to 0, -inf gives 0 and NaN stays NaN. exp(x) = 2^n * e^r with
-// n = round(x / ln 2), r = x - n ln 2 (two-part ln 2), e^r = 1 + r + r^2 q(r), q a degree-4
-// least-squares fit on [-ln2/2, ln2/2] (coefficients fitted for this file). Sleef's u10 exp
-// costs about twice as much and exp is the bulk of the work here.
-inline Vec fast_exp(const Vec& x) {
-  const __m256 clamped = _mm256_min_ps(_mm256_set1_ps(88.3f),
-                                       _mm256_max_ps(_mm256_set1_ps(-88.f), x));
-  const __m256 n = _mm256_round_ps(_mm256_mul_ps(clamped, _mm256_set1_ps(1.44269504f)),
-                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), clamped);
-  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
-  __m256 q = _mm256_set1_ps(0.0013933645f);
-  q = _mm256_fmadd_ps(q, r, _mm256_set1_ps(0.0083631761f));
-  q = _mm256_fmadd_ps(q, r, _mm256_set1_ps(0.0416664667f));
-  q = _mm256_fmadd_ps(q, r, _mm256_set1_ps(0.166665763f));
-  q = _mm256_fmadd_ps(q, r, _mm256_set1_ps(0.5f));
-  const __m256 er = _mm256_add_ps(_mm256_fmadd_ps(_mm256_mul_ps(r, r), q, r),
-                                  _mm256_set1_ps(1.f));
-  // 2^n from the exponent bits; n = -127 (x <= -88) gives the bit pattern of 0.0.
-  const __m256i bits = _mm256_slli_epi32(
-      _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-  return _mm256_mul_ps(er, _mm256_castsi256_ps(bits));
-}
-#else
-inline Vec fast_exp(const Vec& x) { return x.exp(); }
-#endif
-
-// v where p > 0, else 0: drops the 0 * (+-inf) and NaN products of zero-probability columns.
-inline Vec where_positive(const Vec& p, const Vec& v) {
-  return Vec::blendv(Vec(0.f), v, p > Vec(0.f));
-}
-
-// Per-thread float32 row buffers (each `padded` floats, uninitialised).
+// Per-thread float32 row buffers, each padded to a whole number of vectors (uninitialised).
 class RowScratch {
  public:
-  enum Slot { kStudentLogits, kTeacherLogits, kStudentExp, kTeacherExp, kCeExp, kLogMixture,
-              kStudentCapGrad, kTeacherCapGrad, kStaging, kNumSlots };
+  enum Slot { kStudentExp, kTeacherExp, kCeExp, kLogMixture, kStudentTanh, kTeacherTanh,
+              kStudentStaging, kTeacherStaging, kNumSlots };
 
   explicit RowScratch(int64_t vocab)
       : padded_((vocab + kLanes - 1) / kLanes * kLanes),
         storage_(new float[static_cast<size_t>(padded_ * kNumSlots)]) {}
 
   float* slot(Slot s) const { return storage_.get() + padded_ * static_cast<int64_t>(s); }
-  int64_t padded() const { return padded_; }
 
  private:
   int64_t padded_;
   std::unique_ptr<float[]> storage_;
 };
 
-// Scalars of one row, filled as the sweeps go.
-struct RowStats {
-  float max_s = 0.f, max_t = 0.f;     // maxima of the scaled logits a = cap(z) / T
-  float sum_s = 0.f, sum_t = 0.f;     // softmax normalisers (relative to the maxima)
-  float sum_q = 0.f;                  // normaliser of the temperature-1 softmax (CE)
-  float log_sum_s = 0.f, log_sum_t = 0.f, log_sum_q = 0.f;
-  float cross = 0.f;                  // kl: sum e_t (x_t - x_s); reverse_kl: sum e_s (x_s - x_t)
-  float sum_shifted_s = 0.f;          // sum over the vocabulary of x_s (label smoothing)
-  float label_scaled = 0.f;           // a_s[y] before the shift
-  float divergence = 0.f;             // D(p_t, p_s)
-  float kl_t = 0.f, kl_s = 0.f;       // jsd: KL(p_t||m), KL(p_s||m)
-  float dot_s = 0.f, dot_t = 0.f;     // tvd: <p_s, g>, <p_t, g>
+// One side (student or teacher) of a row.
+template <typename scalar_t>
+struct Side {
+  const scalar_t* logits = nullptr;
+  float* exp = nullptr;       // e = exp(x), padded
+  float* tanh = nullptr;      // tanh(z / c) (softcap only), padded
+  float scale = 1.f;          // 1 / T, or 1 for a CE-only student
+  float max_scaled = 0.f;     // max(a)
+  float sum = 0.f, log_sum = 0.f;
 };
+
+// x = cap(z) * scale - max(a) of one side, from local copies (so the hot loops keep them in
+// registers instead of reloading members that a float store might alias).
+template <typename scalar_t, bool kSoftcap>
+struct ShiftedLogits {
+  const scalar_t* logits;
+  float* tanh;
+  float mul;         // scale, or softcap * scale
+  float max_scaled;
+  float inv_cap;
+
+  // Columns [j, j + n), -inf past n. kCacheTanh: compute tanh(z / c) from the logits and
+  // cache it (sweep B); otherwise reuse the cached value.
+  template <bool kCacheTanh>
+  Vec at(int64_t j, int64_t n) const {
+    Vec x;
+    if constexpr (kSoftcap) {
+      Vec th;
+      if constexpr (kCacheTanh) {
+        th = (load_logits(logits + j, n) * Vec(inv_cap)).tanh();
+        th.store(tanh + j);
+      } else {
+        th = Vec::loadu(tanh + j);
+      }
+      x = at::vec::fmsub(th, Vec(mul), Vec(max_scaled));
+    } else {
+      x = at::vec::fmsub(load_logits(logits + j, n), Vec(mul), Vec(max_scaled));
+    }
+    return keep_lanes(x, n, kNegInf);
+  }
+};
+
+// Scalars of one row beyond the two sides.
+struct RowStats {
+  float sum_q = 0.f, log_sum_q = 0.f;  // normaliser of the temperature-1 softmax (CE)
+  float cross = 0.f;         // kl: sum e_t (x_t - x_s); reverse_kl: sum e_s (x_s - x_t)
+  float sum_shifted_s = 0.f; // sum over the vocabulary of x_s (label smoothing)
+  float label_shifted = 0.f; // x_s[y]
+  float divergence = 0.f;    // D(p_t, p_s)
+  float kl_t = 0.f, kl_s = 0.f;  // jsd: KL(p_t||m), KL(p_s||m)
+  float dot_s = 0.f, dot_t = 0.f;  // tvd: <p_s, g>, <p_t, g>
+};
+
+// Gradients of at least this many bytes are written with streaming stores.
+constexpr int64_t kStreamMinBytes = int64_t{16} << 20;
 
 template <typename scalar_t>
 class RowKernel {
  public:
-  RowKernel(const DenseKDParams& p, RowScratch& scratch)
-      : p_(p), scratch_(scratch), vocab_(p.vocab), padded_(scratch.padded()),
-        has_div_(p.div_weight != 0.f),
-        has_ce_(p.target != nullptr && p.ce_weight != 0.f),
-        softcap_(p.softcap > 0.f),
-        student_scale_(has_div_ ? 1.f / p.temperature : 1.f),
-        ce_ratio_(has_div_ ? p.temperature : 1.f) {
-    xs_ = scratch.slot(RowScratch::kStudentLogits);
-    xt_ = scratch.slot(RowScratch::kTeacherLogits);
-    es_ = scratch.slot(RowScratch::kStudentExp);
-    et_ = scratch.slot(RowScratch::kTeacherExp);
+  RowKernel(const DenseKDParams& p, const RowScratch& scratch)
+      : p_(p), vocab_(p.vocab), full_(p.vocab / kLanes * kLanes), rest_(p.vocab - full_),
+        has_div_(p.div_weight != 0.f), has_ce_(p.target != nullptr && p.ce_weight != 0.f),
+        softcap_(p.softcap > 0.f ? p.softcap : 0.f),
+        ce_ratio_(has_div_ ? p.temperature : 1.f),
+        stream_outputs_(p.n_rows * p.vocab * static_cast<int64_t>(sizeof(scalar_t)) >=
+                        kStreamMinBytes) {
+    s_.exp = scratch.slot(RowScratch::kStudentExp);
+    t_.exp = scratch.slot(RowScratch::kTeacherExp);
+    s_.tanh = scratch.slot(RowScratch::kStudentTanh);
+    t_.tanh = scratch.slot(RowScratch::kTeacherTanh);
+    s_.scale = has_div_ ? 1.f / p.temperature : 1.f;
+    t_.scale = 1.f / p.temperature;
     eq_ = scratch.slot(RowScratch::kCeExp);
     lm_ = scratch.slot(RowScratch::kLogMixture);
-    dcs_ = scratch.slot(RowScratch::kStudentCapGrad);
-    dct_ = scratch.slot(RowScratch::kTeacherCapGrad);
-    staging_ = scratch.slot(RowScratch::kStaging);
+    staging_s_ = scratch.slot(RowScratch::kStudentStaging);
+    staging_t_ = scratch.slot(RowScratch::kTeacherStaging);
   }
 
   void run(int64_t row) {
     const int64_t label = p_.target != nullptr ? p_.target[row] : 0;
-    const bool ignored = p_.target != nullptr && label == p_.ignore_index;
-    if (ignored || !(has_ce_ || has_div_)) {
+    if ((p_.target != nullptr && label == p_.ignore_index) || !(has_ce_ || has_div_)) {
       write_zero_row(row);
       return;
     }
+    s_.logits = static_cast<const scalar_t*>(p_.student) + row * p_.student_row_stride;
+    s_.max_scaled = max_scaled(s_);
     RowStats st;
-    const auto* student = static_cast<const scalar_t*>(p_.student) + row * p_.student_row_stride;
-    st.max_s = load_scaled(student, xs_, p_.grad_student != nullptr ? dcs_ : nullptr,
-                           student_scale_);
-    if (has_ce_) st.label_scaled = xs_[label];
-    if (has_div_) {
-      const auto* teacher = static_cast<const scalar_t*>(p_.teacher) + row * p_.teacher_row_stride;
-      st.max_t = load_scaled(teacher, xt_, p_.grad_teacher != nullptr ? dct_ : nullptr,
-                             1.f / p_.temperature);
+    if (has_ce_) {
+      st.label_shifted = scaled(static_cast<float>(s_.logits[label]), s_) - s_.max_scaled;
     }
-    exponentiate(st);
-    float value = 0.f;
-    if (has_div_) value += p_.div_weight * divergence(st);
-    if (has_ce_) value += p_.ce_weight * cross_entropy(st);
-    p_.rows[row] = value;
-    if (p_.grad_student != nullptr) write_student_grad(row, st, has_ce_ ? label : -1);
-    if (p_.grad_teacher != nullptr) write_teacher_grad(row, st);
+    if (has_div_) {
+      t_.logits = static_cast<const scalar_t*>(p_.teacher) + row * p_.teacher_row_stride;
+      t_.max_scaled = max_scaled(t_);
+    }
+    if (softcap_ > 0.f) {
+      run_divergence<true>(row, st, label);
+    } else {
+      run_divergence<false>(row, st, label);
+    }
   }
 
  private:
   static constexpr bool kIsFloat = std::is_same_v<scalar_t, float>;
 
-  scalar_t* grad_row(void* base, int64_t stride, int64_t row) const {
-    return static_cast<scalar_t*>(base) + row * stride;
+  template <bool kSoftcap>
+  void run_divergence(int64_t row, RowStats& st, int64_t label) {
+    switch (p_.divergence) {
+      case kKL: return run_as<kKL, kSoftcap>(row, st, label);
+      case kReverseKL: return run_as<kReverseKL, kSoftcap>(row, st, label);
+      case kJSD: return run_as<kJSD, kSoftcap>(row, st, label);
+      default: return run_as<kTVD, kSoftcap>(row, st, label);
+    }
+  }
+
+  template <int kDiv, bool kSoftcap>
+  void run_as(int64_t row, RowStats& st, int64_t label) {
+    exponentiate<kDiv, kSoftcap>(st);
+    float value = 0.f;
+    if (has_div_) value += p_.div_weight * divergence<kDiv, kSoftcap>(st);
+    if (has_ce_) value += p_.ce_weight * cross_entropy(st);
+    p_.rows[row] = value;
+    if (p_.grad_student != nullptr || p_.grad_teacher != nullptr) {
+      write_grads<kDiv, kSoftcap>(row, st, has_ce_ ? label : -1);
+    }
+  }
+
+  template <typename T>
+  T* out_row(void* base, int64_t stride, int64_t row) const {
+    return base == nullptr ? nullptr : static_cast<T*>(base) + row * stride;
   }
 
   void write_zero_row(int64_t row) {
     p_.rows[row] = 0.f;
-    if (p_.grad_student != nullptr) {
-      std::memset(grad_row(p_.grad_student, p_.grad_student_row_stride, row), 0,
-                  sizeof(scalar_t) * vocab_);
-    }
-    if (p_.grad_teacher != nullptr) {
-      std::memset(grad_row(p_.grad_teacher, p_.grad_teacher_row_stride, row), 0,
-                  sizeof(scalar_t) * vocab_);
+    for (auto* out : {out_row<scalar_t>(p_.grad_student, p_.grad_student_row_stride, row),
+                      out_row<scalar_t>(p_.grad_teacher, p_.grad_teacher_row_stride, row)}) {
+      if (out != nullptr) std::memset(out, 0, sizeof(scalar_t) * vocab_);
     }
   }
 
-  // Sweep A: out = cap(z) * scale (float32, padded with -inf), dcap = cap'(z) when asked.
-  // Returns max(out).
-  float load_scaled(const scalar_t* raw, float* out, float* dcap, float scale) {
-    const float* src;
-    if constexpr (kIsFloat) {
-      src = raw;
-    } else {
-      at::vec::convert(raw, out, vocab_);  // widened in place, then transformed in place
-      src = out;
-    }
-    const Vec vscale(scale), vcap(p_.softcap), vinv_cap(1.f / p_.softcap), one(1.f);
-    Vec vmax(kNegInf);
-    for (int64_t j = 0; j < padded_; j += kLanes) {
-      const int64_t n = std::min<int64_t>(kLanes, vocab_ - j);
-      Vec z = n == kLanes ? Vec::loadu(src + j) : Vec::loadu(src + j, n);
-      if (softcap_) {
-        const Vec th = (z * vinv_cap).tanh();
-        z = th * vcap;
-        if (dcap != nullptr) (one - th * th).store(dcap + j);
-      }
-      Vec a = z * vscale;
-      if (n < kLanes) a = Vec::set(Vec(kNegInf), a, n);
-      a.store(out + j);
-      vmax = at::vec::maximum(vmax, a);
-    }
-    return lane_max(vmax);
+  // a = cap(z) * scale for one value.
+  float scaled(float z, const Side<scalar_t>& side) const {
+    return (softcap_ > 0.f ? softcap_ * std::tanh(z / softcap_) : z) * side.scale;
   }
 
-  // Sweep B: x = a - max (stored back), e = exp(x) cached, normalisers and the
-  // normaliser-free divergence sums.
+  // Sweep A: max(a) from the raw maximum (cap and scale are increasing).
+  float max_scaled(const Side<scalar_t>& side) const {
+    Vec best(kNegInf);
+    for (int64_t j = 0; j < full_; j += kLanes) {
+      best = at::vec::maximum(best, load_logits(side.logits + j, kLanes));
+    }
+    if (rest_ > 0) {
+      best = at::vec::maximum(best, keep_lanes(load_logits(side.logits + full_, rest_), rest_,
+                                               kNegInf));
+    }
+    return scaled(lane_max(best), side);
+  }
+
+  template <bool kSoftcap>
+  ShiftedLogits<scalar_t, kSoftcap> shifted_view(const Side<scalar_t>& side) const {
+    return {side.logits, side.tanh, kSoftcap ? softcap_ * side.scale : side.scale,
+            side.max_scaled, kSoftcap ? 1.f / softcap_ : 0.f};
+  }
+
+  // Sweep B.
+  template <int kDiv, bool kSoftcap>
   void exponentiate(RowStats& st) {
-    const Vec ms(st.max_s), mt(st.max_t), ratio(ce_ratio_), zero(0.f);
-    const bool ce_same = ce_ratio_ == 1.f, ce_square = ce_ratio_ == 2.f;
-    const bool smoothing = has_ce_ && p_.label_smoothing != 0.f;
-    const int code = p_.divergence;
-    Vec sum_s(0.f), sum_t(0.f), sum_q(0.f), cross(0.f), shifted(0.f);
-    for (int64_t j = 0; j < padded_; j += kLanes) {
-      const Vec xs = Vec::loadu(xs_ + j) - ms;
-      xs.store(xs_ + j);
+    const auto xs_at = shifted_view<kSoftcap>(s_), xt_at = shifted_view<kSoftcap>(t_);
+    const int64_t full = full_, rest = rest_;
+    const bool div = has_div_, ce = has_ce_;
+    const bool ce_square = ce && ce_ratio_ == 2.f;
+    const bool ce_other = ce && ce_ratio_ != 1.f && !ce_square;
+    const bool smoothing = ce && p_.label_smoothing != 0.f;
+    const Vec ratio(ce_ratio_);
+    float* const es_buf = s_.exp;
+    float* const et_buf = t_.exp;
+    float* const eq_buf = eq_;
+    Vec sum_s(0.f), sum_t(0.f), sum_q(0.f), cross(0.f), shifted_sum(0.f);
+    auto step = [&](int64_t j, int64_t n) {
+      const Vec xs = xs_at.template at<true>(j, n);
       const Vec es = fast_exp(xs);
-      es.store(es_ + j);
+      es.store(es_buf + j);
       sum_s = sum_s + es;
-      if (has_div_) {
-        const Vec xt = Vec::loadu(xt_ + j) - mt;
-        xt.store(xt_ + j);
+      if (div) {
+        const Vec xt = xt_at.template at<true>(j, n);
         const Vec et = fast_exp(xt);
-        et.store(et_ + j);
+        et.store(et_buf + j);
         sum_t = sum_t + et;
-        if (code == static_cast<int>(Divergence::kKL)) {
-          cross = cross + where_positive(et, et * (xt - xs));
-        } else if (code == static_cast<int>(Divergence::kReverseKL)) {
-          cross = cross + where_positive(es, es * (xs - xt));
-        }
+        if constexpr (kDiv == kKL) cross = cross + where_positive(et, et * (xt - xs));
+        if constexpr (kDiv == kReverseKL) cross = cross + where_positive(es, es * (xs - xt));
       }
-      if (has_ce_ && !ce_same) {
-        Vec eq;
-        if (ce_square) {
-          eq = es * es;  // exp(2x) = exp(x)^2: saves one exponential per element
-        } else {
-          eq = fast_exp(xs * ratio);
-          eq.store(eq_ + j);
-        }
+      if (ce_square) {
+        sum_q = at::vec::fmadd(es, es, sum_q);  // exp(2x) = exp(x)^2: no third exponential
+      } else if (ce_other) {
+        const Vec eq = fast_exp(xs * ratio);
+        eq.store(eq_buf + j);
         sum_q = sum_q + eq;
       }
-      if (smoothing) {
-        const int64_t n = std::min<int64_t>(kLanes, vocab_ - j);
-        shifted = shifted + (n == kLanes ? xs : Vec::set(zero, xs, n));
-      }
-    }
-    st.sum_s = lane_sum(sum_s);
-    st.log_sum_s = std::log(st.sum_s);
-    if (has_div_) {
-      st.sum_t = lane_sum(sum_t);
-      st.log_sum_t = std::log(st.sum_t);
+      if (smoothing) shifted_sum = shifted_sum + keep_lanes(xs, n, 0.f);
+    };
+    for (int64_t j = 0; j < full; j += kLanes) step(j, kLanes);
+    if (rest > 0) step(full, rest);
+    s_.sum = lane_sum(sum_s);
+    s_.log_sum = std::log(s_.sum);
+    if (div) {
+      t_.sum = lane_sum(sum_t);
+      t_.log_sum = std::log(t_.sum);
       st.cross = lane_sum(cross);
     }
-    if (has_ce_) {
-      st.sum_q = ce_same ? st.sum_s : lane_sum(sum_q);
+    if (ce) {
+      st.sum_q = ce_square || ce_other ? lane_sum(sum_q) : s_.sum;
       st.log_sum_q = std::log(st.sum_q);
-      if (smoothing) st.sum_shifted_s = lane_sum(shifted);
+      if (smoothing) st.sum_shifted_s = lane_sum(shifted_sum);
     }
   }
 
+  template <int kDiv, bool kSoftcap>
   float divergence(RowStats& st) {
-    switch (static_cast<Divergence>(p_.divergence)) {
-      case Divergence::kKL:
-        st.divergence = st.cross / st.sum_t + (st.log_sum_s - st.log_sum_t);
-        break;
-      case Divergence::kReverseKL:
-        st.divergence = st.cross / st.sum_s + (st.log_sum_t - st.log_sum_s);
-        break;
-      case Divergence::kJSD:
-        jsd_sums(st);
-        st.divergence = p_.beta * st.kl_t + (1.f - p_.beta) * st.kl_s;
-        break;
-      case Divergence::kTVD:
-        tvd_sums(st);
-        break;
+    if constexpr (kDiv == kKL) {
+      st.divergence = st.cross / t_.sum + (s_.log_sum - t_.log_sum);
+    } else if constexpr (kDiv == kReverseKL) {
+      st.divergence = st.cross / s_.sum + (t_.log_sum - s_.log_sum);
+    } else if constexpr (kDiv == kJSD) {
+      jsd_sums<kSoftcap>(st);
+      st.divergence = p_.beta * st.kl_t + (1.f - p_.beta) * st.kl_s;
+    } else {
+      tvd_sums(st);
     }
     return st.divergence;
   }
 
-  // log m with m = beta p_t + (1 - beta) p_s; finite wherever p_t or p_s is positive.
-  Vec log_mixture(const Vec& ps, const Vec& pt) const {
-    return (Vec(p_.beta) * pt + Vec(1.f - p_.beta) * ps).log();
-  }
-
-  // p * (log p - log m), 0 where p == 0 or m underflowed to 0.
-  static Vec xlog_ratio(const Vec& p, const Vec& log_p, const Vec& lm) {
-    const Vec live = (p > Vec(0.f)) & (lm > Vec(kNegInf));
-    return Vec::blendv(Vec(0.f), p * (log_p - lm), live);
-  }
-
-  // Extra sweep for JSD: KL(p_t||m) and KL(p_s||m); caches log m for the gradient.
+  // Extra sweep for JSD: KL(p_t||m), KL(p_s||m), m = beta p_t + (1 - beta) p_s; log m is
+  // cached for the gradient.
+  template <bool kSoftcap>
   void jsd_sums(RowStats& st) {
-    const Vec inv_s(1.f / st.sum_s), inv_t(1.f / st.sum_t);
-    const Vec lzs(st.log_sum_s), lzt(st.log_sum_t);
-    const bool keep = p_.grad_student != nullptr || p_.grad_teacher != nullptr;
+    const auto xs_at = shifted_view<kSoftcap>(s_), xt_at = shifted_view<kSoftcap>(t_);
+    const float* const es_buf = s_.exp;
+    const float* const et_buf = t_.exp;
+    const int64_t full = full_, rest = rest_;
+    const Vec inv_s(1.f / s_.sum), inv_t(1.f / t_.sum), lzs(s_.log_sum), lzt(t_.log_sum);
+    const Vec beta(p_.beta), one_minus_beta(1.f - p_.beta);
+    float* const lm_buf = lm_;
     Vec kl_t(0.f), kl_s(0.f);
-    for (int64_t j = 0; j < padded_; j += kLanes) {
-      const Vec ps = Vec::loadu(es_ + j) * inv_s, pt = Vec::loadu(et_ + j) * inv_t;
-      const Vec lm = log_mixture(ps, pt);
-      if (keep) lm.store(lm_ + j);
-      kl_t = kl_t + xlog_ratio(pt, Vec::loadu(xt_ + j) - lzt, lm);
-      kl_s = kl_s + xlog_ratio(ps, Vec::loadu(xs_ + j) - lzs, lm);
-    }
+    auto step = [&](int64_t j, int64_t n) {
+      const Vec ps = Vec::loadu(es_buf + j) * inv_s, pt = Vec::loadu(et_buf + j) * inv_t;
+      const Vec lm = (beta * pt + one_minus_beta * ps).log();
+      lm.store(lm_buf + j);
+      kl_t = kl_t + xlog_ratio(pt, xt_at.template at<false>(j, n) - lzt, lm);
+      kl_s = kl_s + xlog_ratio(ps, xs_at.template at<false>(j, n) - lzs, lm);
+    };
+    for (int64_t j = 0; j < full; j += kLanes) step(j, kLanes);
+    if (rest > 0) step(full, rest);
     st.kl_t = lane_sum(kl_t);
     st.kl_s = lane_sum(kl_s);
   }
 
-  // g = sign(p_s - p_t) / 2, the TVD subgradient.
-  static Vec half_sign(const Vec& d) {
-    const Vec half(0.5f), zero(0.f);
-    return (Vec::blendv(zero, half, d > zero)) - (Vec::blendv(zero, half, d < zero));
-  }
-
-  // Extra sweep for TVD: D, <p_s, g>, <p_t, g>.
+  // Extra sweep for TVD: D = sum |p_s - p_t| / 2, <p_s, g>, <p_t, g>, g = sign(p_s - p_t) / 2.
   void tvd_sums(RowStats& st) {
-    const Vec inv_s(1.f / st.sum_s), inv_t(1.f / st.sum_t);
+    const Vec inv_s(1.f / s_.sum), inv_t(1.f / t_.sum);
+    const float* const es_buf = s_.exp;
+    const float* const et_buf = t_.exp;
+    const int64_t padded = full_ + (rest_ > 0 ? kLanes : 0);
     Vec abs_sum(0.f), dot_s(0.f), dot_t(0.f);
-    for (int64_t j = 0; j < padded_; j += kLanes) {
-      const Vec ps = Vec::loadu(es_ + j) * inv_s, pt = Vec::loadu(et_ + j) * inv_t;
+    for (int64_t j = 0; j < padded; j += kLanes) {
+      // Padded columns have e = 0 in both rows: they add nothing.
+      const Vec ps = Vec::loadu(es_buf + j) * inv_s, pt = Vec::loadu(et_buf + j) * inv_t;
       const Vec d = ps - pt, g = half_sign(d);
       abs_sum = abs_sum + d.abs();
       dot_s = at::vec::fmadd(ps, g, dot_s);
@@ -338,138 +324,175 @@ class RowKernel {
     st.dot_t = lane_sum(dot_t);
   }
 
-  // CE at temperature 1 (PyTorch's label smoothing): with x_q = cap(z) - max cap(z) = r x_s,
-  // CE = log sum exp(x_q) - (1 - eps) x_q[y] - eps * mean(x_q).
+  // CE at temperature 1 with PyTorch's label smoothing; with x_q = cap(z) - max cap(z) = r x_s,
+  // CE = log sum exp(x_q) - (1 - eps) x_q[y] - eps mean(x_q). Zero-weight parts not evaluated.
   float cross_entropy(const RowStats& st) const {
     const float eps = p_.label_smoothing;
     float ce = st.log_sum_q;
-    if (eps != 1.f) ce -= (1.f - eps) * ce_ratio_ * (st.label_scaled - st.max_s);
+    if (eps != 1.f) ce -= (1.f - eps) * ce_ratio_ * st.label_shifted;
     if (eps != 0.f) ce -= eps * ce_ratio_ * st.sum_shifted_s / static_cast<float>(vocab_);
     return ce;
   }
 
-  // d D / d a_s for the vector at column j.
-  Vec student_div_grad(int64_t j, const RowStats& st, const Vec& ps, const Vec& pt) const {
-    switch (static_cast<Divergence>(p_.divergence)) {
-      case Divergence::kKL:
-        return ps - pt;
-      case Divergence::kReverseKL: {
-        const Vec c(st.log_sum_s - st.log_sum_t + st.divergence);
-        return where_positive(ps, ps * (Vec::loadu(xs_ + j) - Vec::loadu(xt_ + j) - c));
-      }
-      case Divergence::kJSD: {
-        const Vec lps = Vec::loadu(xs_ + j) - Vec(st.log_sum_s + st.kl_s);
-        return Vec(1.f - p_.beta) * xlog_ratio(ps, lps, Vec::loadu(lm_ + j));
-      }
-      case Divergence::kTVD:
-        return ps * (half_sign(ps - pt) - Vec(st.dot_s));
-    }
-    return Vec(0.f);
+  // Row constants of the divergence gradients (locals of sweep C).
+  struct DivGradConstants {
+    Vec kl_shift_t;   // kl teacher: log Z_t - log Z_s + D
+    Vec rkl_shift_s;  // reverse_kl student: log Z_s - log Z_t + D
+    Vec jsd_shift_s, jsd_shift_t;  // jsd: log Z + KL(p||m) per side
+    Vec beta, one_minus_beta;
+    Vec dot_s, dot_t;  // tvd
+    const float* log_mixture;
+  };
+
+  DivGradConstants div_grad_constants(const RowStats& st) const {
+    return {Vec(t_.log_sum - s_.log_sum + st.divergence),
+            Vec(s_.log_sum - t_.log_sum + st.divergence),
+            Vec(s_.log_sum + st.kl_s), Vec(t_.log_sum + st.kl_t),
+            Vec(p_.beta), Vec(1.f - p_.beta), Vec(st.dot_s), Vec(st.dot_t), lm_};
   }
 
-  // d D / d a_t for the vector at column j.
-  Vec teacher_div_grad(int64_t j, const RowStats& st, const Vec& ps, const Vec& pt) const {
-    switch (static_cast<Divergence>(p_.divergence)) {
-      case Divergence::kKL: {
-        const Vec c(st.log_sum_t - st.log_sum_s + st.divergence);
-        return where_positive(pt, pt * (Vec::loadu(xt_ + j) - Vec::loadu(xs_ + j) - c));
-      }
-      case Divergence::kReverseKL:
-        return pt - ps;
-      case Divergence::kJSD: {
-        const Vec lpt = Vec::loadu(xt_ + j) - Vec(st.log_sum_t + st.kl_t);
-        return Vec(p_.beta) * xlog_ratio(pt, lpt, Vec::loadu(lm_ + j));
-      }
-      case Divergence::kTVD:
-        return pt * (Vec(st.dot_t) - half_sign(ps - pt));
-    }
-    return Vec(0.f);
-  }
-
-  // Writes the float32 gradient vector of column j: straight into a float32 output, or into
-  // the staging row that is narrowed once the row is complete.
-  void store_grad(const Vec& g, scalar_t* out, int64_t j) const {
-    if constexpr (kIsFloat) {
-      const int64_t n = std::min<int64_t>(kLanes, vocab_ - j);
-      if (n == kLanes) {
-        g.store(out + j);
-      } else {
-        g.store(out + j, n);
-      }
+  // d D / d a_s at column j.
+  template <int kDiv>
+  static Vec student_div_grad(const DivGradConstants& k, int64_t j, const Vec& ps,
+                              const Vec& pt, const Vec& xs, const Vec& xt) {
+    if constexpr (kDiv == kKL) {
+      return ps - pt;
+    } else if constexpr (kDiv == kReverseKL) {
+      return where_positive(ps, ps * (xs - xt - k.rkl_shift_s));
+    } else if constexpr (kDiv == kJSD) {
+      return k.one_minus_beta *
+             xlog_ratio(ps, xs - k.jsd_shift_s, Vec::loadu(k.log_mixture + j));
     } else {
-      g.store(staging_ + j);
+      return ps * (half_sign(ps - pt) - k.dot_s);
     }
   }
 
-  void finish_grad_row(scalar_t* out) const {
-    if constexpr (!kIsFloat) at::vec::convert(staging_, out, vocab_);
+  // d D / d a_t at column j.
+  template <int kDiv>
+  static Vec teacher_div_grad(const DivGradConstants& k, int64_t j, const Vec& ps,
+                              const Vec& pt, const Vec& xs, const Vec& xt) {
+    if constexpr (kDiv == kKL) {
+      return where_positive(pt, pt * (xt - xs - k.kl_shift_t));
+    } else if constexpr (kDiv == kReverseKL) {
+      return pt - ps;
+    } else if constexpr (kDiv == kJSD) {
+      return k.beta * xlog_ratio(pt, xt - k.jsd_shift_t, Vec::loadu(k.log_mixture + j));
+    } else {
+      return pt * (k.dot_t - half_sign(ps - pt));
+    }
   }
 
-  // Sweep C, student: cap'(z) * (ce_w * (q - eps/V - (1-eps) onehot(y)) + div_w/T * dD/da_s).
-  void write_student_grad(int64_t row, const RowStats& st, int64_t label) {
-    scalar_t* out = grad_row(p_.grad_student, p_.grad_student_row_stride, row);
+  // cap'(z) = 1 - tanh(z / c)^2 from the cached tanh.
+  static Vec cap_grad(const float* tanh, int64_t j) {
+    const Vec th = Vec::loadu(tanh + j);
+    return Vec(1.f) - th * th;
+  }
+
+  // Float32 results go straight to a float32 output (n lanes; streamed past the caches when
+  // `stream`), else to the staging row.
+  static void store(const Vec& g, float* dst, int64_t j, int64_t n, bool stream) {
+    if (kIsFloat && stream && n == kLanes) {
+      stream_store(g, dst + j);
+    } else if (!kIsFloat || n == kLanes) {
+      g.store(dst + j);
+    } else {
+      g.store(dst + j, n);
+    }
+  }
+
+  bool streamable(const float* dst) const {
+    return kIsFloat && stream_outputs_ && reinterpret_cast<uintptr_t>(dst) % 32 == 0;
+  }
+
+  // Sweep C: d rows / d z for the student and / or the teacher:
+  //   student: cap'(z_s) (ce_w (q - eps/V - (1-eps) onehot(y)) + div_w/T dD/da_s)
+  //   teacher: cap'(z_t) div_w/T dD/da_t
+  // Every value the loop needs is a local, so it stays in a register.
+  template <int kDiv, bool kSoftcap>
+  void write_grads(int64_t row, const RowStats& st, int64_t label) {
+    scalar_t* const out_s = out_row<scalar_t>(p_.grad_student, p_.grad_student_row_stride, row);
+    scalar_t* const out_t = has_div_
+        ? out_row<scalar_t>(p_.grad_teacher, p_.grad_teacher_row_stride, row) : nullptr;
+    float* const dst_s = kIsFloat ? reinterpret_cast<float*>(out_s) : staging_s_;
+    float* const dst_t = kIsFloat ? reinterpret_cast<float*>(out_t) : staging_t_;
+    const bool ce = has_ce_, div = has_div_;
     const bool ce_same = ce_ratio_ == 1.f, ce_square = ce_ratio_ == 2.f;
+    const bool need_xs = div && (kDiv == kReverseKL || kDiv == kJSD ||
+                                 (kDiv == kKL && out_t != nullptr));
+    const bool need_xt = need_xs && (kDiv != kJSD || out_t != nullptr);
+    const auto xs_at = shifted_view<kSoftcap>(s_), xt_at = shifted_view<kSoftcap>(t_);
+    const float* const es_buf = s_.exp;
+    const float* const et_buf = t_.exp;
+    const float* const eq_buf = eq_;
+    const float* const tanh_s = s_.tanh;
+    const float* const tanh_t = t_.tanh;
+    const DivGradConstants k = div_grad_constants(st);
     const float eps = p_.label_smoothing;
-    const Vec inv_s(1.f / st.sum_s), inv_t(has_div_ ? 1.f / st.sum_t : 0.f);
-    const Vec ce_scale(has_ce_ ? p_.ce_weight / st.sum_q : 0.f);
-    const Vec ce_shift(has_ce_ ? -p_.ce_weight * eps / static_cast<float>(vocab_) : 0.f);
+    const Vec inv_s(1.f / s_.sum), inv_t(div ? 1.f / t_.sum : 0.f);
+    const Vec ce_scale(ce ? p_.ce_weight / st.sum_q : 0.f);
+    const Vec ce_shift(ce ? -p_.ce_weight * eps / static_cast<float>(vocab_) : 0.f);
     const Vec div_scale(p_.div_weight / p_.temperature);
+    const float label_weight = p_.ce_weight * (1.f - eps);
     const int64_t label_block = label >= 0 ? label - label % kLanes : -1;
-    for (int64_t j = 0; j < padded_; j += kLanes) {
-      const Vec es = Vec::loadu(es_ + j);
-      Vec g(0.f);
-      if (has_ce_) {
-        const Vec eq = ce_same ? es : (ce_square ? es * es : Vec::loadu(eq_ + j));
-        g = at::vec::fmadd(eq, ce_scale, ce_shift);
+    const int64_t full = full_, rest = rest_;
+    const bool stream_s = streamable(dst_s), stream_t = streamable(dst_t);
+    auto step = [&](int64_t j, int64_t n) {
+      const Vec es = Vec::loadu(es_buf + j);
+      const Vec ps = es * inv_s;
+      const Vec pt = div ? Vec::loadu(et_buf + j) * inv_t : Vec(0.f);
+      // Read before this column's gradient is written (it may overwrite the student).
+      const Vec xs = need_xs ? xs_at.template at<false>(j, n) : Vec(0.f);
+      const Vec xt = need_xt ? xt_at.template at<false>(j, n) : Vec(0.f);
+      if (out_t != nullptr) {
+        Vec g = div_scale * teacher_div_grad<kDiv>(k, j, ps, pt, xs, xt);
+        if constexpr (kSoftcap) g = g * cap_grad(tanh_t, j);
+        store(g, dst_t, j, n, stream_t);
       }
-      if (has_div_) {
-        const Vec ps = es * inv_s, pt = Vec::loadu(et_ + j) * inv_t;
-        g = at::vec::fmadd(div_scale, student_div_grad(j, st, ps, pt), g);
+      if (out_s != nullptr) {
+        Vec g(0.f);
+        if (ce) {
+          const Vec eq = ce_same ? es : (ce_square ? es * es : Vec::loadu(eq_buf + j));
+          g = at::vec::fmadd(eq, ce_scale, ce_shift);
+        }
+        if (div) g = at::vec::fmadd(div_scale, student_div_grad<kDiv>(k, j, ps, pt, xs, xt), g);
+        if (j == label_block) {
+          alignas(64) float lanes[kLanes];
+          g.store(lanes);
+          lanes[label - j] -= label_weight;
+          g = Vec::loadu(lanes);
+        }
+        if constexpr (kSoftcap) g = g * cap_grad(tanh_s, j);
+        store(g, dst_s, j, n, stream_s);
       }
-      if (j == label_block) {
-        alignas(64) float lanes[kLanes];
-        g.store(lanes);
-        lanes[label - j] -= p_.ce_weight * (1.f - eps);
-        g = Vec::loadu(lanes);
-      }
-      if (softcap_) g = g * Vec::loadu(dcs_ + j);
-      store_grad(g, out, j);
+    };
+    for (int64_t j = 0; j < full; j += kLanes) step(j, kLanes);
+    if (rest > 0) step(full, rest);
+    if constexpr (!kIsFloat) {
+      if (out_s != nullptr) at::vec::convert(staging_s_, out_s, vocab_);
+      if (out_t != nullptr) at::vec::convert(staging_t_, out_t, vocab_);
     }
-    finish_grad_row(out);
-  }
-
-  // Sweep C, teacher: cap'(t) * div_w/T * dD/da_t (zero when there is no divergence term).
-  void write_teacher_grad(int64_t row, const RowStats& st) {
-    scalar_t* out = grad_row(p_.grad_teacher, p_.grad_teacher_row_stride, row);
-    if (!has_div_) {
-      std::memset(out, 0, sizeof(scalar_t) * vocab_);
-      return;
+    if (out_t == nullptr && p_.grad_teacher != nullptr) {  // no divergence: zero gradient
+      std::memset(out_row<scalar_t>(p_.grad_teacher, p_.grad_teacher_row_stride, row), 0,
+                  sizeof(scalar_t) * vocab_);
     }
-    const Vec inv_s(1.f / st.sum_s), inv_t(1.f / st.sum_t);
-    const Vec div_scale(p_.div_weight / p_.temperature);
-    for (int64_t j = 0; j < padded_; j += kLanes) {
-      const Vec ps = Vec::loadu(es_ + j) * inv_s, pt = Vec::loadu(et_ + j) * inv_t;
-      Vec g = div_scale * teacher_div_grad(j, st, ps, pt);
-      if (softcap_) g = g * Vec::loadu(dct_ + j);
-      store_grad(g, out, j);
-    }
-    finish_grad_row(out);
   }
 
   const DenseKDParams& p_;
-  RowScratch& scratch_;
-  const int64_t vocab_, padded_;
-  const bool has_div_, has_ce_, softcap_;
-  const float student_scale_;  // 1/T when the divergence needs p_s, else 1 (CE only)
-  const float ce_ratio_;       // r with cap(z) - max = r * x_s
-  float *xs_, *xt_, *es_, *et_, *eq_, *lm_, *dcs_, *dct_, *staging_;
+  const int64_t vocab_, full_, rest_;  // V, whole-vector columns, columns in the last vector
+  const bool has_div_, has_ce_;
+  const float softcap_;   // 0: off
+  const float ce_ratio_;  // r with cap(z) - max cap(z) = r x_s
+  const bool stream_outputs_;  // gradients much larger than the caches: stream them
+  Side<scalar_t> s_, t_;
+  float *eq_, *lm_, *staging_s_, *staging_t_;
 };
 
 template <typename scalar_t>
 void rows_of_type(const DenseKDParams& params, int64_t begin, int64_t end) {
-  RowScratch scratch(params.vocab);
+  const RowScratch scratch(params.vocab);
   RowKernel<scalar_t> kernel(params, scratch);
   for (int64_t row = begin; row < end; ++row) kernel.run(row);
+  store_fence();
 }
 
 // The capability-specific entry point; the including .cpp gives it its exported name.
