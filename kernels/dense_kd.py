@@ -9,11 +9,14 @@ Maths (one row; s, t: student / teacher logits of length V; y: label; T: tempera
     Differences are formed before scaling (z - m, z_s - z_t), so a log-probability ratio keeps
     float32 precision relative to itself rather than to |z|/T (this matters for |z| ~ 1e4):
       r_j = log2(p_s,j / p_t,j) = (z_s,j - z_t,j) k - C,  C = (m_s - m_t) k + log2 S_s - log2 S_t.
-    D and its gradients (a = z/T; natural logs; W_t = sum_j 2^((z_t,j - m_t) k) (z_t,j - z_s,j)):
-      kl          D = sum p_t ln(p_t/p_s) = ln2 (k W_t / S_t + C)             (one pass, online)
-                  dD/da_s = p_s - p_t                dD/da_t = p_t (-ln2 r - D)
-      reverse_kl  D = sum p_s ln(p_s/p_t) = ln2 (k W_s / S_s - C)   (W_s: s and t swapped)
-                  dD/da_s = p_s (ln2 r - D)          dD/da_t = p_t - p_s
+    D and its gradients (a = z/T; natural logs):
+      kl          x = z_t - z_s, x0 = x at the teacher's max, W = sum 2^((z_t - m_t) k) (x - x0)
+                  D = sum p_t ln(p_t/p_s) = ln2 (k (W / S_t + x0) + C)       (one pass, online)
+                  dD/da_s = p_s - p_t,  dD/da_t = p_t (ln(p_t/p_s) - D) = p_t ln2 k (x-x0-W/S_t)
+                  (x0 zeroes W's dominant term and C cancels exactly: accurate when p_t is
+                  nearly one-hot, where ln(p_t/p_s) - D is a small difference)
+      reverse_kl  the same with s and t swapped (x = z_s - z_t, x0 at the student's max):
+                  dD/da_s = p_s (ln(p_s/p_t) - D)    dD/da_t = p_t - p_s
       jsd         m~ = b p_t + (1-b) p_s,  K_t = KL(p_t||m~),  K_s = KL(p_s||m~),
                   D = b K_t + (1-b) K_s; the m~ terms of the chain rule cancel (sum dm~ = 0):
                   dD/da_s = (1-b) p_s (ln(p_s/m~) - K_s)    dD/da_t = b p_t (ln(p_t/m~) - K_t)
@@ -28,26 +31,21 @@ Maths (one row; s, t: student / teacher logits of length V; y: label; T: tempera
     ds  = cap'(s) (ce_weight dCE/dz + div_weight/T dD/da_s),   dt = cap'(t) div_weight/T dD/da_t
     Ignored rows (y == ignore_index): row 0, gradient rows exactly 0, the logits are not read.
 
-Online statistics (multi-pass kernel): per chunk one block max of z, then
-S <- S 2^((m_old - m_new) k) + sum 2^((z - m_new) k) in per-lane accumulators reduced once at the
-end; W is rescaled with the factor of the softmax it weights. A max of -inf (a prefix of -inf
-columns) is replaced by 0 before subtracting, so -inf columns give exact zeros, never inf - inf.
-The CE softmax at T = 1 has the same max as the tempered one (max z does not depend on T) and
-shares its exponentials where it can: T = 1 reuses p_s; T = 2 uses 2^((z-m) log2 e) =
-(2^((z-m) k))^2; other T take a third exponential (CE_POW = 1, 2, 0).
+Online statistics (multi-pass): one block max of z per chunk, per-lane sums
+S <- S 2^((m_old - m_new) k) + 2^((z - m_new) k) reduced once at the end (W rescaled alike). A
+max of -inf is replaced by 0 before subtracting: -inf columns give exact zeros, never inf - inf.
+The T = 1 CE softmax has the same max (max z does not depend on T) and shares exponentials:
+T = 1 reuses p_s, T = 2 squares 2^((z-m) k), other T take one more exp2 (CE_POW = 1, 2, 0).
 
 Bytes moved (b = bytes per element; floor 3 N V b: read s and t once, write ds once)
-----------------------------------------------------------------------------------
-    single-load kernel (V <= the launcher's SINGLE_LOAD_MAX_V): the row pair lives in
-        registers: s, t read once, ds (and dt) written once: 3 N V b (4 N V b with dt).
-    multi-pass kernel (larger V, any size): pass 1 streams s, t for the statistics (2 N V b);
-        jsd / tvd need the normalised p's, hence one more reduction pass (2 N V b); the last
-        pass re-reads s, t and writes the gradients (3 N V b): kl / reverse_kl / CE 5 N V b
-        (5/3 of the floor), jsd / tvd 7 N V b, before L2 hits. Each pass walks the row in the
-        opposite direction to the previous one, so its first chunks are the ones just read
-        and likely still in L2.
-    Forward only (no gradient buffers): kl / CE 2 N V b, jsd / tvd 4 N V b (multi-pass).
-    CE only (div_weight == 0): the teacher is never read. Ignored rows: only the zero writes.
+    single-load kernel (V <= the launcher's SINGLE_LOAD_MAX_V): row pair in registers, the
+        floor: 3 N V b (4 N V b with dt).
+    multi-pass kernel (any V): pass 1 reads s, t for the statistics (2 N V b); jsd / tvd need
+        the normalised p's: one more reduction pass (2 N V b); the last pass re-reads s, t and
+        writes the gradients (3 N V b): kl / reverse_kl / CE 5 N V b, jsd / tvd 7 N V b, less
+        the L2 hits: each pass walks the row opposite to the previous one, so it starts on the
+        chunks just read.
+    Forward only: kl / CE 2 N V b, jsd / tvd 4 N V b. div_weight == 0: the teacher is not read.
 
 Precision: float32 arithmetic for fp32 / bf16 / fp16 inputs; gradients are stored in the
 buffers' dtype. Offsets are int64 (row * V formed in int64). In-place backward (grad_student
@@ -58,167 +56,24 @@ each chunk after that chunk was read.
 import triton
 import triton.language as tl
 
-LOG2E = tl.constexpr(1.4426950408889634)
-LN2 = tl.constexpr(0.6931471805599453)
-KL = tl.constexpr(0)
-REVERSE_KL = tl.constexpr(1)
-JSD = tl.constexpr(2)
-TVD = tl.constexpr(3)
-
-
-@triton.jit
-def _tanh_and_slope(y):
-    """tanh(y) and 1 - tanh(y)^2, accurate for every y; exp2 only (no libdevice, so the
-    interpreter runs it). The slope is 4e^{-2|y|}/(1+e^{-2|y|})^2: no 1 - th^2 cancellation."""
-    a = tl.abs(y)
-    t = tl.exp2(a * (-2.0 * LOG2E))
-    big = (1.0 - t) / (1.0 + t)
-    y2 = y * y
-    # Odd Taylor series where 1 - t would cancel; error < 2e-9 relative for |y| < 1/8.
-    small = a * (1.0 + y2 * (-0.3333333333333333 + y2 * (0.13333333333333333
-                                                          - y2 * 0.05396825396825397)))
-    th = tl.where(a < 0.125, small, big)
-    th = tl.where(y < 0, -th, th)
-    slope = 4.0 * t / ((1.0 + t) * (1.0 + t))
-    return th, slope
-
-
-@triton.jit
-def _logits(x, mask, softcap, HAS_SOFTCAP: tl.constexpr):
-    """Raw loaded values -> (z, slope): z = cap(x) in float32 (-inf in masked lanes)."""
-    x = x.to(tl.float32)
-    if HAS_SOFTCAP:
-        th, slope = _tanh_and_slope(x / softcap)
-        z = tl.where(mask, softcap * th, float("-inf"))
-    else:
-        z = x
-        slope = 1.0
-    return z, slope
-
-
-@triton.jit
-def _load_logits(ptr, offs, mask, softcap, HAS_SOFTCAP: tl.constexpr):
-    """(cap(x), cap'(x)) of the masked elements at ptr + offs; -inf elsewhere."""
-    return _logits(tl.load(ptr + offs, mask=mask, other=float("-inf")), mask, softcap,
-                   HAS_SOFTCAP)
-
-
-@triton.jit
-def _target_logit(s_ptr, offset, y, V, softcap, HAS_SOFTCAP: tl.constexpr):
-    """cap(s[y]); NaN for a label outside [0, V) (the API rejects those before the launch)."""
-    in_range = (y >= 0) & (y < V)
-    x = tl.load(s_ptr + offset, mask=in_range, other=0.0).to(tl.float32)
-    if HAS_SOFTCAP:
-        th, _ = _tanh_and_slope(x / softcap)
-        x = softcap * th
-    return tl.where(in_range, x, float("nan"))
-
-
-@triton.jit
-def _online_max(m_old, z):
-    """Running max over one more chunk, and the same with -inf replaced by 0 (to subtract)."""
-    m_new = tl.maximum(m_old, tl.max(z, axis=1, keep_dims=True))
-    return m_new, tl.where(m_new == float("-inf"), 0.0, m_new)
-
-
-@triton.jit
-def _rescaled(m_old, m_safe, z, scale):
-    """(2^((m_old - m_safe) k), 2^((z - m_safe) k)): old-sum rescale and this chunk's terms."""
-    return tl.exp2((m_old - m_safe) * scale), tl.exp2((z - m_safe) * scale)
-
-
-@triton.jit
-def _cross(e_ref, z_ref, z_other):
-    """e_ref (z_ref - z_other), 0 where e_ref == 0 (no 0 * inf)."""
-    return tl.where(e_ref > 0, e_ref * (z_ref - z_other), 0.0)
-
-
-@triton.jit
-def _jsd_log_ratios(r, beta):
-    """(log2(p_s/m~), log2(p_t/m~)) from r = log2(p_s/p_t), m~ = b p_t + (1-b) p_s."""
-    x = tl.exp2(-tl.abs(r))
-    positive = r >= 0
-    lg = -tl.log2(tl.where(positive, beta * x + (1.0 - beta), beta + (1.0 - beta) * x))
-    return tl.where(positive, lg, lg + r), tl.where(positive, lg - r, lg)
-
-
-@triton.jit
-def _pair_terms(p_s, p_t, r, beta, DIV: tl.constexpr):
-    """Per-element summands of the jsd / tvd row sums.
-    jsd: (p_t log2(p_t/m~), p_s log2(p_s/m~), 0);  tvd: (|p_s - p_t|, p_s g, p_t g)."""
-    if DIV == JSD:
-        ls, lt = _jsd_log_ratios(r, beta)
-        a = tl.where(p_t > 0, p_t * lt, 0.0)
-        b = tl.where(p_s > 0, p_s * ls, 0.0)
-        c = tl.zeros_like(a)
-    else:
-        g = tl.where(r > 0, 0.5, tl.where(r < 0, -0.5, 0.0))
-        a = tl.abs(p_s - p_t)
-        b = p_s * g
-        c = p_t * g
-    return a, b, c
-
-
-@triton.jit
-def _pair_finish(sum_a, sum_b, sum_c, beta, DIV: tl.constexpr):
-    """Row sums -> (D, r1, r2): jsd (D, K_t, K_s); tvd (D, G_s, G_t)."""
-    if DIV == JSD:
-        k_t = LN2 * sum_a
-        k_s = LN2 * sum_b
-        return beta * k_t + (1.0 - beta) * k_s, k_t, k_s
-    else:
-        return 0.5 * sum_a, sum_b, sum_c
-
-
-@triton.jit
-def _div_grads(p_s, p_t, dz, scale, c, r1, r2, beta, DIV: tl.constexpr):
-    """(dD/da_s, dD/da_t) per element from dz = z_s - z_t and the row terms r1, r2.
-
-    kl / reverse_kl: r1 = E[z_t - z_s] under p_t / E[z_s - z_t] under p_s, so that
-    ln(p_t/p_s) - D = ln2 k ((z_t - z_s) - r1): C cancels exactly instead of in rounding."""
-    if DIV == KL:
-        g_s = p_s - p_t
-        g_t = tl.where(p_t > 0, p_t * ((LN2 * scale) * (-dz - r1)), 0.0)
-    elif DIV == REVERSE_KL:
-        g_s = tl.where(p_s > 0, p_s * ((LN2 * scale) * (dz - r1)), 0.0)
-        g_t = p_t - p_s
-    else:
-        r = dz * scale - c
-        if DIV == JSD:
-            ls, lt = _jsd_log_ratios(r, beta)
-            g_s = (1.0 - beta) * tl.where(p_s > 0, p_s * (LN2 * ls - r2), 0.0)
-            g_t = beta * tl.where(p_t > 0, p_t * (LN2 * lt - r1), 0.0)
-        else:
-            g = tl.where(r > 0, 0.5, tl.where(r < 0, -0.5, 0.0))
-            g_s = p_s * (g - r1)
-            g_t = p_t * (r2 - g)
-    return g_s, g_t
-
-
-@triton.jit
-def _ce_row(m, z_y, z_sum, sum_1, smoothing, V, HAS_SMOOTH: tl.constexpr):
-    """CE = (1-e)(m - z_y) + e (m - mean z) + ln S_1 (lse = m + ln S_1)."""
-    ce = (1.0 - smoothing) * (m - z_y) + LN2 * tl.log2(sum_1)
-    if HAS_SMOOTH:
-        ce += smoothing * (m - z_sum / V)
-    return ce
-
-
-@triton.jit
-def _student_grad(q, is_y, g_s, slope_s, ce_weight, grad_div, smoothing, V,
-                  HAS_CE: tl.constexpr, HAS_SMOOTH: tl.constexpr, HAS_DIV: tl.constexpr,
-                  HAS_SOFTCAP: tl.constexpr):
-    """cap'(s) (ce_weight (q - (1-e) onehot - e/V) + div_weight/T dD/da_s)."""
-    ds = tl.zeros_like(g_s)
-    if HAS_CE:
-        ds = ce_weight * (q - tl.where(is_y, 1.0 - smoothing, 0.0))
-        if HAS_SMOOTH:
-            ds -= ce_weight * smoothing / V
-    if HAS_DIV:
-        ds += grad_div * g_s
-    if HAS_SOFTCAP:
-        ds *= slope_s
-    return ds
+from .dense_kd_math import (
+    KL,
+    LN2,
+    LOG2E,
+    REVERSE_KL,
+    ce_row,
+    cross,
+    div_grads,
+    load_logits,
+    logits,
+    online_max,
+    pair_finish,
+    pair_terms,
+    rescaled,
+    student_grad,
+    target_logit,
+    value_at_max,
+)
 
 
 @triton.jit
@@ -244,7 +99,7 @@ def dense_kd_single_kernel(
     offs = row * V + col
     mask = valid & col_ok
     # Ignored rows are not read; 0 keeps their (discarded) arithmetic finite.
-    z_s, slope_s = _load_logits(s_ptr, offs, mask, softcap, HAS_SOFTCAP)
+    z_s, slope_s = load_logits(s_ptr, offs, mask, softcap, HAS_SOFTCAP)
     z_s = tl.where(valid, z_s, 0.0)
     m_s = tl.max(z_s, axis=1, keep_dims=True)
     e_s = tl.exp2((z_s - m_s) * scale)
@@ -255,7 +110,7 @@ def dense_kd_single_kernel(
     g_s = tl.zeros_like(p_s)
     g_t = tl.zeros_like(p_s)
     if HAS_DIV:
-        z_t, slope_t = _load_logits(t_ptr, offs, mask, softcap, HAS_SOFTCAP)
+        z_t, slope_t = load_logits(t_ptr, offs, mask, softcap, HAS_SOFTCAP)
         z_t = tl.where(valid, z_t, 0.0)
         m_t = tl.max(z_t, axis=1, keep_dims=True)
         e_t = tl.exp2((z_t - m_t) * scale)
@@ -265,21 +120,21 @@ def dense_kd_single_kernel(
         c = (m_s - m_t) * scale + tl.log2(sum_s) - tl.log2(sum_t)
         dz = z_s - z_t
         if DIV == KL:
-            r1 = tl.sum(_cross(e_t, z_t, z_s), axis=1, keep_dims=True) * inv_t
-            r2 = r1
-            d = LN2 * (scale * r1 + c)
+            r2 = value_at_max(z_t, m_t, -dz)
+            r1 = tl.sum(cross(e_t, -dz, r2), axis=1, keep_dims=True) * inv_t
+            d = LN2 * (scale * (r1 + r2) + c)
         elif DIV == REVERSE_KL:
-            r1 = tl.sum(_cross(e_s, z_s, z_t), axis=1, keep_dims=True) * inv_s
-            r2 = r1
-            d = LN2 * (scale * r1 - c)
+            r2 = value_at_max(z_s, m_s, dz)
+            r1 = tl.sum(cross(e_s, dz, r2), axis=1, keep_dims=True) * inv_s
+            d = LN2 * (scale * (r1 + r2) - c)
         else:
-            a, b, cc = _pair_terms(p_s, p_t, dz * scale - c, beta, DIV)
-            d, r1, r2 = _pair_finish(tl.sum(a, axis=1, keep_dims=True),
+            a, b, cc = pair_terms(p_s, p_t, dz * scale - c, beta, DIV)
+            d, r1, r2 = pair_finish(tl.sum(a, axis=1, keep_dims=True),
                                      tl.sum(b, axis=1, keep_dims=True),
                                      tl.sum(cc, axis=1, keep_dims=True), beta, DIV)
         loss += div_weight * d
         if NEED_GS or NEED_GT:
-            g_s, g_t = _div_grads(p_s, p_t, dz, scale, c, r1, r2, beta, DIV)
+            g_s, g_t = div_grads(p_s, p_t, dz, scale, c, r1, r2, beta, DIV)
             if HAS_SOFTCAP:
                 g_t = g_t * slope_t
     q = p_s
@@ -298,11 +153,11 @@ def dense_kd_single_kernel(
         z_y = tl.sum(tl.where(is_y, z_s, 0.0), axis=1, keep_dims=True)
         z_y = tl.where((y >= 0) & (y < V), z_y, float("nan"))
         z_sum = tl.sum(tl.where(col_ok, z_s, 0.0), axis=1, keep_dims=True)
-        loss += ce_weight * _ce_row(m_s, z_y, z_sum, sum_1, smoothing, V, HAS_SMOOTH)
+        loss += ce_weight * ce_row(m_s, z_y, z_sum, sum_1, smoothing, V, HAS_SMOOTH)
     tl.store(rows_ptr + row, tl.where(valid, loss, 0.0), mask=in_rows)
     out_mask = in_rows & col_ok
     if NEED_GS:
-        ds = _student_grad(q, is_y, g_s, slope_s, ce_weight, grad_div, smoothing, V,
+        ds = student_grad(q, is_y, g_s, slope_s, ce_weight, grad_div, smoothing, V,
                            HAS_CE, HAS_SMOOTH, HAS_DIV, HAS_SOFTCAP)
         ds = tl.where(valid, ds, 0.0)
         tl.store(gs_ptr + offs, ds.to(gs_ptr.dtype.element_ty), mask=out_mask)
@@ -363,38 +218,47 @@ def _multipass_row(
     acc_1 = zero_v
     acc_w = zero_v
     acc_z = zero_v
+    ref = tl.zeros([1, 1], tl.float32)  # kl / reverse_kl: reference of the cross sum acc_w
     if HAS_CE:  # read before any gradient store: safe when grad_student aliases student
-        z_y = _target_logit(s_ptr, base + y, y, V, softcap, HAS_SOFTCAP)
+        z_y = target_logit(s_ptr, base + y, y, V, softcap, HAS_SOFTCAP)
     # Pass 1 (forward): online max / sum-exp of every softmax and the kl cross term.
     next_s = _prefetch(s_ptr, base, 0, n_chunks, col0, V, BLOCK_V, False)
     if HAS_DIV:
         next_t = _prefetch(t_ptr, base, 0, n_chunks, col0, V, BLOCK_V, False)
     for i in range(0, n_chunks):
         mask = i * BLOCK_V + col0 < V
-        z_s, _ = _logits(next_s, mask, softcap, HAS_SOFTCAP)
+        z_s, _ = logits(next_s, mask, softcap, HAS_SOFTCAP)
         next_s = _prefetch(s_ptr, base, i + 1, n_chunks, col0, V, BLOCK_V, False)
-        m_s_new, m_safe = _online_max(m_s, z_s)
-        alpha_s, e_s = _rescaled(m_s, m_safe, z_s, scale)
-        acc_s = acc_s * alpha_s + e_s
+        m_s_new, m_safe = online_max(m_s, z_s)
+        alpha_s, e_s = rescaled(m_s, m_safe, z_s, scale)
         if HAS_CE:
             if CE_POW == 2:
                 acc_1 = acc_1 * (alpha_s * alpha_s) + e_s * e_s
             if CE_POW == 0:
-                alpha_1, e_1 = _rescaled(m_s, m_safe, z_s, LOG2E)
+                alpha_1, e_1 = rescaled(m_s, m_safe, z_s, LOG2E)
                 acc_1 = acc_1 * alpha_1 + e_1
             if HAS_SMOOTH:
                 acc_z += tl.where(mask, z_s, 0.0)
         if HAS_DIV:
-            z_t, _ = _logits(next_t, mask, softcap, HAS_SOFTCAP)
+            z_t, _ = logits(next_t, mask, softcap, HAS_SOFTCAP)
             next_t = _prefetch(t_ptr, base, i + 1, n_chunks, col0, V, BLOCK_V, False)
-            m_t_new, m_safe_t = _online_max(m_t, z_t)
-            alpha_t, e_t = _rescaled(m_t, m_safe_t, z_t, scale)
-            acc_t = acc_t * alpha_t + e_t
+            m_t_new, m_safe_t = online_max(m_t, z_t)
+            alpha_t, e_t = rescaled(m_t, m_safe_t, z_t, scale)
+            # Cross sum relative to the value at the running max; when the max moves, the old
+            # sum is re-referenced: sum e (x - new) = sum e (x - old) + (old - new) sum e.
             if DIV == KL:
-                acc_w = acc_w * alpha_t + _cross(e_t, z_t, z_s)
+                x = z_t - z_s
+                ref_new = tl.where(m_t_new > m_t, value_at_max(z_t, m_t_new, x), ref)
+                acc_w = alpha_t * (acc_w + acc_t * (ref - ref_new)) + cross(e_t, x, ref_new)
+                ref = ref_new
             if DIV == REVERSE_KL:
-                acc_w = acc_w * alpha_s + _cross(e_s, z_s, z_t)
+                x = z_s - z_t
+                ref_new = tl.where(m_s_new > m_s, value_at_max(z_s, m_s_new, x), ref)
+                acc_w = alpha_s * (acc_w + acc_s * (ref - ref_new)) + cross(e_s, x, ref_new)
+                ref = ref_new
+            acc_t = acc_t * alpha_t + e_t
             m_t = m_t_new
+        acc_s = acc_s * alpha_s + e_s
         m_s = m_s_new
     sum_s = tl.sum(acc_s, axis=1, keep_dims=True)
     inv_s = 1.0 / sum_s
@@ -407,10 +271,12 @@ def _multipass_row(
         c = (m_s - m_t) * scale + tl.log2(sum_s) - tl.log2(sum_t)
         if DIV == KL:
             r1 = tl.sum(acc_w, axis=1, keep_dims=True) * inv_t
-            d = LN2 * (scale * r1 + c)
+            r2 = ref
+            d = LN2 * (scale * (r1 + r2) + c)
         elif DIV == REVERSE_KL:
             r1 = tl.sum(acc_w, axis=1, keep_dims=True) * inv_s
-            d = LN2 * (scale * r1 - c)
+            r2 = ref
+            d = LN2 * (scale * (r1 + r2) - c)
         else:
             # Pass 2 (backward): jsd / tvd sums need the normalised probabilities.
             acc_a = zero_v
@@ -420,17 +286,17 @@ def _multipass_row(
             next_t = _prefetch(t_ptr, base, 0, n_chunks, col0, V, BLOCK_V, True)
             for i in range(0, n_chunks):
                 mask = _chunk_cols(i, n_chunks, col0, BLOCK_V, True) < V
-                z_s, _ = _logits(next_s, mask, softcap, HAS_SOFTCAP)
-                z_t, _ = _logits(next_t, mask, softcap, HAS_SOFTCAP)
+                z_s, _ = logits(next_s, mask, softcap, HAS_SOFTCAP)
+                z_t, _ = logits(next_t, mask, softcap, HAS_SOFTCAP)
                 next_s = _prefetch(s_ptr, base, i + 1, n_chunks, col0, V, BLOCK_V, True)
                 next_t = _prefetch(t_ptr, base, i + 1, n_chunks, col0, V, BLOCK_V, True)
                 p_s = tl.exp2((z_s - m_s) * scale) * inv_s
                 p_t = tl.exp2((z_t - m_t) * scale) * inv_t
-                a, b, cc = _pair_terms(p_s, p_t, (z_s - z_t) * scale - c, beta, DIV)
+                a, b, cc = pair_terms(p_s, p_t, (z_s - z_t) * scale - c, beta, DIV)
                 acc_a += a
                 acc_b += b
                 acc_c += cc
-            d, r1, r2 = _pair_finish(tl.sum(acc_a, axis=1, keep_dims=True),
+            d, r1, r2 = pair_finish(tl.sum(acc_a, axis=1, keep_dims=True),
                                      tl.sum(acc_b, axis=1, keep_dims=True),
                                      tl.sum(acc_c, axis=1, keep_dims=True), beta, DIV)
         loss += div_weight * d
@@ -441,7 +307,7 @@ def _multipass_row(
             sum_1 = tl.sum(acc_1, axis=1, keep_dims=True)
         inv_1 = 1.0 / sum_1
         z_sum = tl.sum(acc_z, axis=1, keep_dims=True)
-        loss += ce_weight * _ce_row(m_s, z_y, z_sum, sum_1, smoothing, V, HAS_SMOOTH)
+        loss += ce_weight * ce_row(m_s, z_y, z_sum, sum_1, smoothing, V, HAS_SMOOTH)
     tl.store(rows_ptr + row + tl.zeros([1, 1], tl.int64), loss)
     if NEED_GS or NEED_GT:
         # Last pass, opposite direction to the previous one (its last chunks are in L2).
@@ -453,18 +319,18 @@ def _multipass_row(
             mask = cols < V
             # The prefetch reads chunk i+1 before chunk i is stored: in place is still safe,
             # since each chunk is stored only after its own load.
-            z_s, slope_s = _logits(next_s, mask, softcap, HAS_SOFTCAP)
+            z_s, slope_s = logits(next_s, mask, softcap, HAS_SOFTCAP)
             next_s = _prefetch(s_ptr, base, i + 1, n_chunks, col0, V, BLOCK_V, not PAIR_PASS)
             e_s = tl.exp2((z_s - m_s) * scale)
             p_s = e_s * inv_s
             g_s = zero_v
             g_t = zero_v
             if HAS_DIV:
-                z_t, slope_t = _logits(next_t, mask, softcap, HAS_SOFTCAP)
+                z_t, slope_t = logits(next_t, mask, softcap, HAS_SOFTCAP)
                 next_t = _prefetch(t_ptr, base, i + 1, n_chunks, col0, V, BLOCK_V,
                                    not PAIR_PASS)
                 p_t = tl.exp2((z_t - m_t) * scale) * inv_t
-                g_s, g_t = _div_grads(p_s, p_t, z_s - z_t, scale, c, r1, r2, beta, DIV)
+                g_s, g_t = div_grads(p_s, p_t, z_s - z_t, scale, c, r1, r2, beta, DIV)
                 if HAS_SOFTCAP:
                     g_t = g_t * slope_t
             if NEED_GS:
@@ -474,7 +340,7 @@ def _multipass_row(
                         q = tl.exp2((z_s - m_s) * LOG2E) * inv_1
                     elif CE_POW == 2:
                         q = e_s * e_s * inv_1
-                ds = _student_grad(q, cols == y, g_s, slope_s, ce_weight, grad_div, smoothing,
+                ds = student_grad(q, cols == y, g_s, slope_s, ce_weight, grad_div, smoothing,
                                    V, HAS_CE, HAS_SMOOTH, HAS_DIV, HAS_SOFTCAP)
                 tl.store(gs_ptr + base + cols, ds.to(gs_ptr.dtype.element_ty), mask=mask)
             if NEED_GT:
