@@ -73,7 +73,7 @@ struct ShiftedLogits {
   // Columns [j, j + n), -inf past n. kCacheTanh: compute tanh(z / c) from the logits and
   // cache it (sweep B); otherwise reuse the cached value.
   template <bool kCacheTanh>
-  Vec at(int64_t j, int64_t n) const {
+  FASTKD_INLINE Vec at(int64_t j, int64_t n) const {
     Vec x;
     if constexpr (kSoftcap) {
       Vec th;
@@ -226,7 +226,7 @@ class RowKernel {
     float* const et_buf = t_.exp;
     float* const eq_buf = eq_;
     Vec sum_s(0.f), sum_t(0.f), sum_q(0.f), cross(0.f), shifted_sum(0.f);
-    auto step = [&](int64_t j, int64_t n) {
+    auto step = [&](int64_t j, int64_t n) FASTKD_INLINE {
       const Vec xs = xs_at.template at<true>(j, n);
       const Vec es = fast_exp(xs);
       es.store(es_buf + j);
@@ -291,9 +291,9 @@ class RowKernel {
     const Vec beta(p_.beta), one_minus_beta(1.f - p_.beta);
     float* const lm_buf = lm_;
     Vec kl_t(0.f), kl_s(0.f);
-    auto step = [&](int64_t j, int64_t n) {
+    auto step = [&](int64_t j, int64_t n) FASTKD_INLINE {
       const Vec ps = Vec::loadu(es_buf + j) * inv_s, pt = Vec::loadu(et_buf + j) * inv_t;
-      const Vec lm = (beta * pt + one_minus_beta * ps).log();
+      const Vec lm = fast_log(beta * pt + one_minus_beta * ps);
       lm.store(lm_buf + j);
       kl_t = kl_t + xlog_ratio(pt, xt_at.template at<false>(j, n) - lzt, lm);
       kl_s = kl_s + xlog_ratio(ps, xs_at.template at<false>(j, n) - lzs, lm);
@@ -436,7 +436,7 @@ class RowKernel {
     const int64_t label_block = label >= 0 ? label - label % kLanes : -1;
     const int64_t full = full_, rest = rest_;
     const bool stream_s = streamable(dst_s), stream_t = streamable(dst_t);
-    auto step = [&](int64_t j, int64_t n) {
+    auto step = [&](int64_t j, int64_t n) FASTKD_INLINE {
       const Vec es = Vec::loadu(es_buf + j);
       const Vec ps = es * inv_s;
       const Vec pt = div ? Vec::loadu(et_buf + j) * inv_t : Vec(0.f);
