@@ -364,6 +364,8 @@ def test_custom_op_opcheck():
     torch.library.opcheck(torch.ops.fastkd.dense_kd_triton.default, args)
     no_grads = (student, teacher, None, None, None, 1.0, 0.0, 1.0, 2, 0.5, -100, 0.0, 3.0)
     torch.library.opcheck(torch.ops.fastkd.dense_kd_triton.default, no_grads)
+    torch.library.opcheck(torch.ops.fastkd.dense_kd_triton_loss.default,
+                          (student, teacher, target, 2.0, 0.3, 2.8, 3, 0.5, -100, 0.1, 0.0))
 
 
 def test_raw_entry_point_matches_launcher():
@@ -398,6 +400,18 @@ def compiled_matches_eager():
 
 def test_torch_compile_fullgraph():
     compiled_matches_eager()
+
+
+def test_torch_compile_fullgraph_forward_only():
+    """No gradient buffers: the functional loss op, which inductor can compile."""
+    student, teacher, target = inputs(4, 64, seed=43)
+
+    def loss(s, t, y):
+        return fastkd.distillation_loss(s, t, y, temperature=2.0, backend="triton")
+
+    with torch.no_grad():
+        assert_close(torch.compile(loss, fullgraph=True)(student, teacher, target),
+                     loss(student, teacher, target), rtol=1e-6, what="loss")
 
 
 SM90_COMPILE = r"""

@@ -157,6 +157,23 @@ def _dense_kd_triton_fake(student, teacher, target, grad_student, grad_teacher, 
     return student.new_empty((student.shape[0],), dtype=torch.float32)
 
 
+@torch.library.custom_op("fastkd::dense_kd_triton_loss", mutates_args=())
+def _dense_kd_triton_loss_op(student: torch.Tensor, teacher: torch.Tensor,
+                             target: Optional[torch.Tensor], temperature: float,
+                             ce_weight: float, div_weight: float, divergence: int, beta: float,
+                             ignore_index: int, label_smoothing: float,
+                             softcap: float) -> torch.Tensor:
+    # Forward only (no gradient buffers): a functional op, because inductor cannot
+    # functionalise the mutating op when every mutable argument is None.
+    return launch_dense_kd(student, teacher, target, None, None, temperature, ce_weight,
+                           div_weight, divergence, beta, ignore_index, label_smoothing, softcap)
+
+
+@_dense_kd_triton_loss_op.register_fake
+def _dense_kd_triton_loss_fake(student, teacher, target, *options):
+    return student.new_empty((student.shape[0],), dtype=torch.float32)
+
+
 def dense_kd_triton(student: torch.Tensor, teacher: torch.Tensor, target: Optional[torch.Tensor],
                     grad_student: Optional[torch.Tensor], grad_teacher: Optional[torch.Tensor],
                     temperature: float, ce_weight: float, div_weight: float, divergence: int,
@@ -167,7 +184,9 @@ def dense_kd_triton(student: torch.Tensor, teacher: torch.Tensor, target: Option
     student, teacher: (N, V) contiguous fp32/bf16/fp16; target: (N,) int64 or None;
     grad_student / grad_teacher: (N, V) buffers or None. Returns rows: (N,) float32.
     """
-    return torch.ops.fastkd.dense_kd_triton(
-        student, teacher, target, grad_student, grad_teacher, float(temperature),
-        float(ce_weight), float(div_weight), int(divergence), float(beta), int(ignore_index),
-        float(label_smoothing), float(softcap))
+    options = (float(temperature), float(ce_weight), float(div_weight), int(divergence),
+               float(beta), int(ignore_index), float(label_smoothing), float(softcap))
+    if grad_student is None and grad_teacher is None:
+        return torch.ops.fastkd.dense_kd_triton_loss(student, teacher, target, *options)
+    return torch.ops.fastkd.dense_kd_triton(student, teacher, target, grad_student,
+                                            grad_teacher, *options)
