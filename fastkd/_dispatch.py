@@ -9,7 +9,6 @@ nothing falls back silently.
 
 from __future__ import annotations
 
-import functools
 import os
 from typing import Callable, Optional
 
@@ -23,7 +22,21 @@ class BackendUnavailableError(RuntimeError):
     """An explicitly requested backend cannot run on this machine or these tensors."""
 
 
-@functools.cache
+# Import probes, memoised in a plain dict rather than functools.cache: torch.compile traces
+# resolve_backend, and Dynamo warns about (and ignores) cache wrappers.
+_PROBES: dict = {}
+
+
+def _memoised(probe):
+    def cached():
+        if probe.__name__ not in _PROBES:
+            _PROBES[probe.__name__] = probe()
+        return _PROBES[probe.__name__]
+
+    return cached
+
+
+@_memoised
 def _triton_import_error() -> Optional[str]:
     try:
         import triton  # noqa: F401
@@ -38,7 +51,7 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-@functools.cache
+@_memoised
 def _native_status() -> tuple:
     """(has_cpu_kernels, has_cuda_kernels, reason_if_missing)."""
     try:
