@@ -22,8 +22,10 @@
 namespace fastkd::cpu {
 namespace {
 
-// Rows per parallel task: at least ~32k elements so small inputs stay on one thread.
-constexpr int64_t kMinElementsPerTask = 1 << 15;
+// Rows per block of the row queue: ~64k elements (a few hundred KiB of logits).
+constexpr int64_t kElementsPerBlock = 1 << 16;
+// Inputs below this many elements stay on the calling thread.
+constexpr int64_t kMinElementsToSplit = 1 << 16;
 
 bool cpu_has_avx2_fma() {
 #if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
@@ -117,9 +119,8 @@ void check_options(double temperature, double ce_weight, double div_weight, int6
 }
 
 // Labels must be in [0, V) or ignore_index: a bad one would index outside the row.
-void check_labels(const int64_t* target, int64_t begin, int64_t end, int64_t vocab,
-                  int64_t ignore_index) {
-  for (int64_t r = begin; r < end; ++r) {
+void check_labels(const int64_t* target, int64_t n, int64_t vocab, int64_t ignore_index) {
+  for (int64_t r = 0; r < n; ++r) {
     const int64_t y = target[r];
     TORCH_CHECK_VALUE(y == ignore_index || (y >= 0 && y < vocab), "fastkd::dense_kd: target[",
                       r, "] = ", y, " is outside [0, ", vocab, ") and is not ignore_index=",
@@ -191,11 +192,12 @@ at::Tensor dense_kd_cpu(const at::Tensor& student, const at::Tensor& teacher,
   advise_huge_pages(grad_teacher);
   const ElementType type = element_type(student);
   const DenseRowsFn rows_fn = select_rows_fn();
-  const int64_t grain = std::max<int64_t>(1, kMinElementsPerTask / vocab);
-  at::parallel_for(0, n, grain, [&](int64_t begin, int64_t end) {
-    if (params.target != nullptr) check_labels(params.target, begin, end, vocab, ignore_index);
-    rows_fn(params, type, begin, end);
-  });
+  if (params.target != nullptr) check_labels(params.target, n, vocab, ignore_index);
+  // One parallel region; its tasks ignore their static ranges and drain the shared queue.
+  const int64_t block = std::max<int64_t>(1, kElementsPerBlock / vocab);
+  RowQueue queue(n, block);
+  const int64_t tasks = n * vocab >= kMinElementsToSplit ? at::get_num_threads() : 1;
+  at::parallel_for(0, tasks, 1, [&](int64_t, int64_t) { rows_fn(params, type, queue); });
   return rows;
 }
 

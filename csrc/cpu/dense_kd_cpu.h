@@ -6,6 +6,8 @@
 // No torch types here, only the plain parameter block.
 #pragma once
 
+#include <algorithm>
+#include <atomic>
 #include <cstdint>
 
 #include "dense_kd_params.h"
@@ -15,17 +17,32 @@ namespace fastkd::cpu {
 // Element type of student / teacher / gradients (accumulation is always float32).
 enum class ElementType : int { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2 };
 
-// Computes rows [begin, end) of params: params.rows[r] and, when the pointers are set, the
-// gradient rows. Labels must already be validated (in [0, V) or ignore_index).
-using DenseRowsFn = void (*)(const DenseKDParams& params, ElementType type, int64_t begin,
-                             int64_t end);
+// Blocks of rows handed to whichever thread asks next: on a busy machine a thread that gets
+// less CPU time simply takes fewer blocks (a static split would wait for the slowest).
+class RowQueue {
+ public:
+  RowQueue(int64_t n_rows, int64_t block) : n_rows_(n_rows), block_(block) {}
 
-void dense_kd_rows_default(const DenseKDParams& params, ElementType type, int64_t begin,
-                           int64_t end);
+  // The next [begin, end); false when every row has been handed out.
+  bool next(int64_t& begin, int64_t& end) {
+    begin = next_.fetch_add(block_, std::memory_order_relaxed);
+    end = std::min(begin + block_, n_rows_);
+    return begin < n_rows_;
+  }
 
-// nullptr-equivalent behaviour: false when the compiler could not build the AVX2 variant.
+ private:
+  std::atomic<int64_t> next_{0};
+  const int64_t n_rows_, block_;
+};
+
+// Computes rows taken from `queue` until it is empty: params.rows[r] and, when the pointers
+// are set, the gradient rows. Labels must already be validated (in [0, V) or ignore_index).
+using DenseRowsFn = void (*)(const DenseKDParams& params, ElementType type, RowQueue& queue);
+
+void dense_kd_rows_default(const DenseKDParams& params, ElementType type, RowQueue& queue);
+
+// false when the compiler could not build the AVX2 variant (then it must not be called).
 bool avx2_variant_compiled();
-void dense_kd_rows_avx2(const DenseKDParams& params, ElementType type, int64_t begin,
-                        int64_t end);
+void dense_kd_rows_avx2(const DenseKDParams& params, ElementType type, RowQueue& queue);
 
 }  // namespace fastkd::cpu

@@ -25,10 +25,9 @@ bool avx2_variant_compiled() {
 #endif
 }
 
-void dense_kd_rows_avx2(const DenseKDParams& params, ElementType type, int64_t begin,
-                        int64_t end) {
+void dense_kd_rows_avx2(const DenseKDParams& params, ElementType type, RowQueue& queue) {
 #ifdef FASTKD_BUILD_AVX2
-  AVX2::dense_kd_rows_impl(params, type, begin, end);
+  AVX2::dense_kd_rows_impl(params, type, queue);
 #else
   throw std::logic_error("fastkd: the AVX2 kernel was not compiled");
 #endif

@@ -4,9 +4,8 @@
 
 namespace fastkd::cpu {
 
-void dense_kd_rows_default(const DenseKDParams& params, ElementType type, int64_t begin,
-                           int64_t end) {
-  DEFAULT::dense_kd_rows_impl(params, type, begin, end);
+void dense_kd_rows_default(const DenseKDParams& params, ElementType type, RowQueue& queue) {
+  DEFAULT::dense_kd_rows_impl(params, type, queue);
 }
 
 }  // namespace fastkd::cpu

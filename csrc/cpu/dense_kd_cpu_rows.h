@@ -488,25 +488,27 @@ class RowKernel {
 };
 
 template <typename scalar_t>
-void rows_of_type(const DenseKDParams& params, int64_t begin, int64_t end) {
+void rows_of_type(const DenseKDParams& params, RowQueue& queue) {
   const RowScratch scratch(params.vocab);
   RowKernel<scalar_t> kernel(params, scratch);
-  for (int64_t row = begin; row < end; ++row) kernel.run(row);
+  int64_t begin = 0, end = 0;
+  while (queue.next(begin, end)) {
+    for (int64_t row = begin; row < end; ++row) kernel.run(row);
+  }
   store_fence();
 }
 
 // The capability-specific entry point; the including .cpp gives it its exported name.
-inline void dense_kd_rows_impl(const DenseKDParams& params, ElementType type, int64_t begin,
-                               int64_t end) {
+inline void dense_kd_rows_impl(const DenseKDParams& params, ElementType type, RowQueue& queue) {
   switch (type) {
     case ElementType::kFloat32:
-      rows_of_type<float>(params, begin, end);
+      rows_of_type<float>(params, queue);
       break;
     case ElementType::kBFloat16:
-      rows_of_type<c10::BFloat16>(params, begin, end);
+      rows_of_type<c10::BFloat16>(params, queue);
       break;
     case ElementType::kFloat16:
-      rows_of_type<c10::Half>(params, begin, end);
+      rows_of_type<c10::Half>(params, queue);
       break;
   }
 }
