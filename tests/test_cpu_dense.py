@@ -391,6 +391,9 @@ def test_opcheck():
     torch.library.opcheck(op, op_args(student, teacher, None, None, None))
     torch.library.opcheck(op, op_args(student.half(), teacher.half(), target,
                                       torch.empty_like(student.half()), None))
+    forward_only = op_args(student, teacher, target, None, None, divergence="tvd")
+    torch.library.opcheck(torch.ops.fastkd.dense_kd_loss.default,
+                          forward_only[:3] + forward_only[5:])
 
 
 @pytest.mark.parametrize("divergence", ["kl", "jsd"])
@@ -416,6 +419,25 @@ def test_torch_compile_fullgraph(divergence):
                                                  alpha=0.4, divergence=divergence)
     assert_close(comp_loss, ref_loss, what="loss")
     assert_close(comp_gs, ref_gs, what="student grad")
+
+
+def test_torch_compile_forward_only_and_teacher_only():
+    """No gradient buffer (eval under no_grad) and a teacher-only gradient also compile."""
+    student, teacher, target = inputs(6, 300, seed=24)
+
+    def loss(s, t, y):
+        return fastkd.distillation_loss(s, t, y, temperature=3.0, divergence="reverse_kl",
+                                        backend="cpu")
+
+    compiled = torch.compile(loss, fullgraph=True)
+    with torch.no_grad():
+        assert_close(compiled(student, teacher, target), loss(student, teacher, target),
+                     rtol=1e-6, what="no-grad loss")
+    t = teacher.clone().requires_grad_(True)
+    compiled(student, t, target).backward()
+    _, _, ref_gt = oracle_with_grads(student, teacher, target, temperature=3.0,
+                                     divergence="reverse_kl")
+    assert_close(t.grad, ref_gt, what="teacher grad")
 
 
 PORTABLE_CHECK = """

@@ -2,8 +2,10 @@
 
 Importing this module loads fastkd._C (which registers the op schema and its CPU / CUDA
 kernels with the dispatcher) and registers the op's fake implementation, so torch.compile and
-torch.library.opcheck can trace it. If fastkd._C cannot be loaded the import raises;
-fastkd._dispatch reports that as the reason the `cpu` / `cuda` backends are unavailable.
+torch.library.opcheck can trace it. Forward-only calls go through `fastkd::dense_kd_loss`, a
+functional wrapper op (inductor cannot compile the mutating op with no buffer to mutate).
+If fastkd._C cannot be loaded the import raises; fastkd._dispatch reports that as the reason
+the `cpu` / `cuda` backends are unavailable.
 """
 
 from __future__ import annotations
@@ -39,6 +41,23 @@ def _dense_kd_fake(student, teacher, target, grad_student, grad_teacher, tempera
     return student.new_empty((student.shape[0],), dtype=torch.float32)
 
 
+@torch.library.custom_op("fastkd::dense_kd_loss", mutates_args=())
+def _dense_kd_loss_op(student: torch.Tensor, teacher: torch.Tensor,
+                      target: Optional[torch.Tensor], temperature: float, ce_weight: float,
+                      div_weight: float, divergence: int, beta: float, ignore_index: int,
+                      label_smoothing: float, softcap: float) -> torch.Tensor:
+    # Forward only (no gradient buffers) as a functional op: inductor cannot functionalise
+    # the mutating fastkd::dense_kd when every mutable argument is None.
+    return torch.ops.fastkd.dense_kd(student, teacher, target, None, None, temperature,
+                                     ce_weight, div_weight, divergence, beta, ignore_index,
+                                     label_smoothing, softcap)
+
+
+@_dense_kd_loss_op.register_fake
+def _dense_kd_loss_fake(student, teacher, target, *options):
+    return student.new_empty((student.shape[0],), dtype=torch.float32)
+
+
 def dense_kd_native(
     student: torch.Tensor,
     teacher: torch.Tensor,
@@ -60,7 +79,9 @@ def dense_kd_native(
     grad_student / grad_teacher: (N, V) buffers or None (grad_student may alias student).
     Returns rows: (N,) float32.
     """
+    options = (float(temperature), float(ce_weight), float(div_weight), int(divergence),
+               float(beta), int(ignore_index), float(label_smoothing), float(softcap))
+    if grad_student is None and grad_teacher is None:
+        return torch.ops.fastkd.dense_kd_loss(student, teacher, target, *options)
     return torch.ops.fastkd.dense_kd(student, teacher, target, grad_student, grad_teacher,
-                                     float(temperature), float(ce_weight), float(div_weight),
-                                     int(divergence), float(beta), int(ignore_index),
-                                     float(label_smoothing), float(softcap))
+                                     *options)
