@@ -17,10 +17,9 @@ import torch
 import torch.distributed as dist
 
 from ._validation import check_options, check_target, reduce_rows
-from .functional import check_logits_pair, loss_weights
+from .functional import check_logits_pair, kernel_options
 from .ops import dense_distillation_rows
 from .ops.vocab_parallel import vocab_parallel_kd_rows
-from .reference import DIVERGENCES
 
 __all__ = ["vocab_parallel_distillation_loss"]
 
@@ -81,10 +80,10 @@ def vocab_parallel_distillation_loss(
     student = student_logits_shard.reshape(-1, local_vocab).contiguous()
     teacher = teacher_logits_shard.reshape(-1, local_vocab).contiguous()
     flat_target = None if target is None else target.reshape(-1).to(torch.int64)
-    ce_weight, div_weight = loss_weights(target is not None, alpha, temperature, scale_by_t2)
-    options = (float(temperature), ce_weight, div_weight, DIVERGENCES.index(divergence),
-               float(beta), int(ignore_index), float(label_smoothing),
-               float(softcap) if softcap is not None else 0.0)
+    options = kernel_options(target is not None, temperature=temperature, alpha=alpha,
+                             divergence=divergence, beta=beta, scale_by_t2=scale_by_t2,
+                             ignore_index=ignore_index, label_smoothing=label_smoothing,
+                             softcap=softcap)
     kernel = functools.partial(vocab_parallel_kd_rows, vocab_start_index=vocab_start_index,
                                group=group, check=not torch.compiler.is_compiling())
     rows = dense_distillation_rows(student, teacher, flat_target, kernel, options)

@@ -33,6 +33,16 @@ def loss_weights(target_given: bool, alpha: float, temperature: float,
     return float(alpha), (1.0 - float(alpha)) * k
 
 
+def kernel_options(target_given: bool, *, temperature, alpha, divergence, beta, scale_by_t2,
+                   ignore_index, label_smoothing, softcap) -> tuple:
+    """The kernel's scalar arguments (temperature, ce_weight, div_weight, divergence code,
+    beta, ignore_index, label_smoothing, softcap with 0 = off)."""
+    ce_weight, div_weight = loss_weights(target_given, alpha, temperature, scale_by_t2)
+    return (float(temperature), ce_weight, div_weight, DIVERGENCES.index(divergence),
+            float(beta), int(ignore_index), float(label_smoothing),
+            float(softcap) if softcap is not None else 0.0)
+
+
 def check_logits_pair(student_logits, teacher_logits, target) -> None:
     check_floating("student_logits", student_logits)
     check_floating("teacher_logits", teacher_logits)
@@ -89,10 +99,10 @@ def distillation_loss(
     student = student_logits.reshape(-1, vocab).contiguous()
     teacher = teacher_logits.reshape(-1, vocab).contiguous()
     flat_target = None if target is None else target.reshape(-1).to(torch.int64)
-    ce_weight, div_weight = loss_weights(target is not None, alpha, temperature, scale_by_t2)
-    options = (float(temperature), ce_weight, div_weight, DIVERGENCES.index(divergence),
-               float(beta), int(ignore_index), float(label_smoothing),
-               float(softcap) if softcap is not None else 0.0)
+    options = kernel_options(target is not None, temperature=temperature, alpha=alpha,
+                             divergence=divergence, beta=beta, scale_by_t2=scale_by_t2,
+                             ignore_index=ignore_index, label_smoothing=label_smoothing,
+                             softcap=softcap)
     rows = dense_distillation_rows(student, teacher, flat_target, dense_kernel(name), options,
                                    inplace_backward=inplace_backward)
     valid = None if flat_target is None else (flat_target != ignore_index).sum()
@@ -103,16 +113,6 @@ def distillation_loss(
 
 #: A top-k teacher row's probabilities may sum to at most exp(this) (rounding of stored values).
 TOPK_MASS_TOLERANCE = 1e-2
-
-
-def kernel_options(target_given: bool, *, temperature, alpha, divergence, beta, scale_by_t2,
-                   ignore_index, label_smoothing, softcap) -> tuple:
-    """The kernel's scalar arguments (temperature, ce_weight, div_weight, divergence code,
-    beta, ignore_index, label_smoothing, softcap with 0 = off)."""
-    ce_weight, div_weight = loss_weights(target_given, alpha, temperature, scale_by_t2)
-    return (float(temperature), ce_weight, div_weight, DIVERGENCES.index(divergence),
-            float(beta), int(ignore_index), float(label_smoothing),
-            float(softcap) if softcap is not None else 0.0)
 
 
 def _check_linear_head(prefix: str, hidden, weight, bias) -> None:

@@ -13,9 +13,8 @@ from torch import nn
 
 from ._dispatch import dense_kernel, resolve_backend
 from ._validation import check_floating, check_options, check_target, reduce_rows
-from .functional import check_logits_pair, loss_weights
+from .functional import check_logits_pair, distillation_loss, kernel_options
 from .ops.multi_teacher import multi_teacher_rows
-from .reference import DIVERGENCES
 from .reference import representation as rep
 from .reference.decoupled import decoupled_kd_rows
 
@@ -58,16 +57,14 @@ def multi_teacher_distillation_loss(
             raise ValueError(f"teacher_logits[{i}] requires grad; multi-teacher losses treat "
                              "teachers as constants (detach them)")
     weights = _check_weights(weights, len(teacher_logits))
-    options = dict(temperature=temperature, alpha=alpha, divergence=divergence, beta=beta,
-                   ignore_index=ignore_index, label_smoothing=label_smoothing,
-                   reduction=reduction, num_items_in_batch=num_items_in_batch)
-    check_options(softcap=None, **options)
+    keywords = dict(temperature=temperature, alpha=alpha, divergence=divergence, beta=beta,
+                    ignore_index=ignore_index, label_smoothing=label_smoothing,
+                    reduction=reduction, num_items_in_batch=num_items_in_batch)
+    check_options(softcap=None, **keywords)
     if mode == "mixture":
         mixture = mixture_teacher_logits(teacher_logits, weights, temperature)
-        from .functional import distillation_loss
-
         return distillation_loss(student_logits, mixture.to(student_logits.dtype), target,
-                                 scale_by_t2=scale_by_t2, backend=backend, **options)
+                                 scale_by_t2=scale_by_t2, backend=backend, **keywords)
     lead_shape, vocab = student_logits.shape[:-1], student_logits.shape[-1]
     if target is not None:
         check_target(target, lead_shape, vocab, ignore_index)
@@ -75,11 +72,12 @@ def multi_teacher_distillation_loss(
     student = student_logits.reshape(-1, vocab).contiguous()
     teachers = [t.reshape(-1, vocab).contiguous() for t in teacher_logits]
     flat_target = None if target is None else target.reshape(-1).to(torch.int64)
-    ce_weight, div_weight = loss_weights(target is not None, alpha, temperature, scale_by_t2)
-    kernel_options = (float(temperature), ce_weight, div_weight, DIVERGENCES.index(divergence),
-                      float(beta), int(ignore_index), float(label_smoothing), 0.0)
-    rows = multi_teacher_rows(student, teachers, flat_target, dense_kernel(name),
-                              kernel_options, weights)
+    options = kernel_options(target is not None, temperature=temperature, alpha=alpha,
+                             divergence=divergence, beta=beta, scale_by_t2=scale_by_t2,
+                             ignore_index=ignore_index, label_smoothing=label_smoothing,
+                             softcap=None)
+    rows = multi_teacher_rows(student, teachers, flat_target, dense_kernel(name), options,
+                              weights)
     valid = None if flat_target is None else (flat_target != ignore_index).sum()
     return reduce_rows(rows, valid, reduction, num_items_in_batch, lead_shape)
 
