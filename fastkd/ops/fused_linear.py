@@ -25,6 +25,8 @@ from typing import Callable, Optional
 
 import torch
 
+from .dense import consume_once
+
 #: Bytes of chunk logits (student, which doubles as its gradient, plus teacher) per sweep step.
 CHUNK_BUDGET_BYTES = {"cuda": 512 << 20}
 DEFAULT_CHUNK_BUDGET_BYTES = 64 << 20
@@ -149,11 +151,7 @@ class FusedLinearDistillationFunction(torch.autograd.Function):
                                                     (t_a, t_b, t_c), kernel, options, sparse,
                                                     chunk, needs, row_scale=grad_out)
         else:
-            # The stored gradients are scaled in place: a second backward is refused.
-            if getattr(ctx, "consumed", False):
-                raise RuntimeError("fastkd: the fused-linear loss's backward can run only once "
-                                   "per forward (its gradients are scaled in place)")
-            ctx.consumed = True
+            consume_once(ctx)  # the stored gradients are scaled in place
             grad_h, grad_w, grad_b = ctx.saved_tensors
             grad_h, grad_w, grad_b = (None if g is None else g.mul_(grad_out.to(g.dtype))
                                       for g in (grad_h, grad_w, grad_b))
