@@ -15,93 +15,32 @@ import os
 import subprocess
 import sys
 
+import kernel_checks
 import pytest
 import torch
-from oracle import oracle_loss, oracle_with_grads, random_logits, random_target, row_weights
+from kernel_checks import DIVERGENCE_CASES, DIVERGENCE_IDS, assert_close, inputs, oracle_rows
+from kernel_checks import kernel_args as op_args
+from oracle import oracle_with_grads, row_weights
 
 import fastkd
 from fastkd._dispatch import resolve_backend
-from fastkd.functional import loss_weights
 from fastkd.reference import DIVERGENCES
 
 native = pytest.importorskip("fastkd.ops.native", reason="the extension fastkd._C is not built")
 pytestmark = pytest.mark.skipif(not native.HAS_CPU,
                                 reason=f"no CPU kernel: {native.MISSING_REASON}")
 
-DIVERGENCE_CASES = [("kl", 0.5), ("reverse_kl", 0.5), ("jsd", 0.5), ("jsd", 0.1), ("tvd", 0.5)]
-DIVERGENCE_IDS = ["kl", "reverse_kl", "jsd-0.5", "jsd-0.1", "tvd"]
 LOW_PRECISION = [torch.bfloat16, torch.float16]
-#: Loss options of the raw-op tests unless a test overrides them.
-DEFAULTS = dict(temperature=2.0, alpha=0.3, divergence="kl", beta=0.5, scale_by_t2=True,
-                ignore_index=-100, label_smoothing=0.0, softcap=None)
 
 
-def inputs(n, vocab, dtype=torch.float32, ignore_fraction=0.3, scale=3.0, seed=0):
-    student = random_logits(n, vocab, scale=scale, dtype=dtype, seed=seed)
-    teacher = random_logits(n, vocab, scale=scale, dtype=dtype, seed=seed + 1)
-    target = random_target(n, vocab=vocab, ignore_fraction=ignore_fraction, seed=seed)
-    return student, teacher, target
-
-
-def op_args(student, teacher, target, gs, gt, **options):
-    o = dict(DEFAULTS, **options)
-    ce_weight, div_weight = loss_weights(target is not None, o["alpha"], o["temperature"],
-                                         o["scale_by_t2"])
-    return (student, teacher, target, gs, gt, o["temperature"], ce_weight, div_weight,
-            DIVERGENCES.index(o["divergence"]), o["beta"], o["ignore_index"],
-            o["label_smoothing"], o["softcap"] or 0.0)
-
-
-def run_op(student, teacher, target, *, grad_student=True, grad_teacher=True, inplace=False,
-           **options):
+def run_op(student, teacher, target, **kw):
     """Raw op: (rows, grad_student or None, grad_teacher or None), grads poisoned first."""
-    student = student.clone()
-    if inplace:
-        gs = student
-    else:
-        gs = torch.full_like(student, float("nan")) if grad_student else None
-    gt = torch.full_like(teacher, float("nan")) if grad_teacher else None
-    rows = native.dense_kd_native(*op_args(student, teacher, target, gs, gt, **options))
-    return rows, gs, gt
-
-
-def oracle_rows(student, teacher, target, dtype=torch.float64, **options):
-    """The oracle's per-row losses and d sum(rows) / d (student, teacher), in `dtype`."""
-    s = student.detach().to(dtype).requires_grad_(True)
-    t = teacher.detach().to(dtype).requires_grad_(True)
-    rows = oracle_loss(s, t, target, reduction="none", dtype=dtype, **dict(DEFAULTS, **options))
-    gs, gt = torch.autograd.grad(rows.sum(), (s, t))
-    return rows.detach(), gs, gt
-
-
-def max_error(actual, expected):
-    a, e = actual.detach().double(), expected.detach().double()
-    assert a.shape == e.shape
-    assert bool(torch.isfinite(a).all()), "non-finite values"
-    return (a - e).abs().max().item(), e.abs().max().item()
-
-
-def assert_close(actual, expected, rtol=1e-5, atol=None, what="value"):
-    """max |actual - expected| <= rtol * max |expected| + atol (max-norm relative error)."""
-    atol = torch.finfo(torch.float32).tiny if atol is None else atol
-    err, scale = max_error(actual, expected)
-    assert err <= rtol * scale + atol, f"{what}: error {err:.3e} > {rtol:g} * {scale:.3e} + {atol}"
+    return kernel_checks.run_raw(native.dense_kd_native, student, teacher, target, **kw)
 
 
 def check_op(student, teacher, target, rtol=1e-5, atol=None, **kw):
     """Raw op vs oracle on rows and both gradients; returns the op outputs."""
-    rows, gs, gt = run_op(student, teacher, target, **kw)
-    kw = {k: v for k, v in kw.items() if k not in ("grad_student", "grad_teacher", "inplace")}
-    ref_rows, ref_gs, ref_gt = oracle_rows(student, teacher, target, **kw)
-    assert rows.dtype == torch.float32 and rows.shape == (student.shape[0],)
-    assert_close(rows, ref_rows, rtol, atol, "rows")
-    if gs is not None:
-        assert gs.dtype == student.dtype
-        assert_close(gs, ref_gs, rtol, atol, "student grad")
-    if gt is not None:
-        assert gt.dtype == teacher.dtype
-        assert_close(gt, ref_gt, rtol, atol, "teacher grad")
-    return rows, gs, gt
+    return kernel_checks.check_raw_kernel(run_op, student, teacher, target, rtol, atol, **kw)
 
 
 @pytest.mark.parametrize("vocab", [1, 7, 1000, 4097])
@@ -151,15 +90,8 @@ def test_low_temperature_float32(divergence, beta):
     """T = 0.5: jsd / tvd gradients are differences of O(1) sums that cancel, so float32
     itself cannot always reach 1e-5: held to 1e-5 or twice the eager float32 error."""
     student, teacher, target = inputs(4, 600, seed=3)
-    kw = dict(divergence=divergence, beta=beta, temperature=0.5, label_smoothing=0.1)
-    kernel = run_op(student, teacher, target, **kw)
-    exact = oracle_rows(student, teacher, target, **kw)
-    eager = oracle_rows(student, teacher, target, torch.float32, **kw)
-    for what, k, x, e in zip(("rows", "student grad", "teacher grad"), kernel, exact, eager):
-        err, scale = max_error(k, x)
-        eager_err, _ = max_error(e, x)
-        bound = max(1e-5 * scale, 2 * eager_err)
-        assert err <= bound, f"{what}: error {err:.3e} > {bound:.3e} (eager {eager_err:.3e})"
+    kernel_checks.check_low_temperature(run_op, student, teacher, target,
+                                        divergence=divergence, beta=beta, label_smoothing=0.1)
 
 
 @pytest.mark.parametrize("divergence,beta", DIVERGENCE_CASES, ids=DIVERGENCE_IDS)
@@ -176,30 +108,17 @@ def test_label_smoothing(label_smoothing):
         check_op(student, teacher, target, alpha=alpha, label_smoothing=label_smoothing)
 
 
-def masked_columns(n, vocab, fraction=0.3, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    mask = torch.rand(n, vocab, generator=g) < fraction
-    mask[:, 0] = False
-    mask[1, 300:] = True  # a long run of -inf, and a padded tail vector
-    return mask
-
-
 @pytest.mark.parametrize("student_padded", [False, True], ids=["student-finite", "padded"])
 @pytest.mark.parametrize("divergence,beta", DIVERGENCE_CASES, ids=DIVERGENCE_IDS)
 def test_neg_inf_columns(divergence, beta, student_padded):
-    if divergence == "reverse_kl" and not student_padded:
-        pytest.skip("KL(p_s || p_t) is +inf when the student puts mass where p_t = 0")
+    kernel_checks.skip_infinite_reverse_kl(divergence, student_padded)
     student, teacher, _ = inputs(4, 1001, seed=5)
-    mask = masked_columns(4, 1001, seed=5)
-    teacher = teacher.masked_fill(mask, float("-inf"))
-    if student_padded:
-        student = student.masked_fill(mask, float("-inf"))
+    mask = kernel_checks.masked_columns(4, 1001, seed=5)
+    student, teacher = kernel_checks.mask_logits(student, teacher, mask, student_padded)
     target = torch.zeros(4, dtype=torch.int64)  # column 0 is never masked
     target[2] = -100
     _, gs, gt = check_op(student, teacher, target, divergence=divergence, beta=beta)
-    assert bool((gt[mask] == 0).all()), "a -inf teacher column has zero probability"
-    if student_padded:
-        assert bool((gs[mask] == 0).all()), "a -inf student column has zero probability"
+    kernel_checks.assert_masked_gradients_zero(gs, gt, mask, student_padded)
 
 
 @pytest.mark.parametrize("temperature", [1.0, 2.0])
@@ -216,9 +135,7 @@ def test_ignored_rows(ignore_fraction):
     student, teacher, target = inputs(16, 300, ignore_fraction=ignore_fraction, seed=8)
     target = torch.where(target == -100, torch.full_like(target, -7), target)
     rows, gs, gt = check_op(student, teacher, target, ignore_index=-7)
-    ignored = target == -7
-    assert bool((rows[ignored] == 0).all())
-    assert bool((gs[ignored] == 0).all()) and bool((gt[ignored] == 0).all())
+    kernel_checks.assert_ignored_rows_zero(rows, gs, gt, target == -7)
 
 
 @pytest.mark.parametrize("divergence,beta", DIVERGENCE_CASES, ids=DIVERGENCE_IDS)
@@ -282,8 +199,8 @@ def test_low_precision(dtype, divergence, beta, vocab):
     eager = oracle_rows(student, teacher, target, dtype, **kw)
     half_ulp = torch.finfo(dtype).eps / 2
     for what, k, x, e in zip(("rows", "student grad", "teacher grad"), kernel, exact, eager):
-        err, scale = max_error(k, x)
-        eager_err, _ = max_error(e, x)
+        err, scale = kernel_checks.max_error(k, x)
+        eager_err, _ = kernel_checks.max_error(e, x)
         assert err <= 2 * eager_err + 1e-6 * scale, f"{what}: {err:.3e} vs eager {eager_err:.3e}"
         # Stricter: the only error beyond float32's is the final rounding of each gradient.
         rounding = half_ulp * x.abs() if what != "rows" else 0.0

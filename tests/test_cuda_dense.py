@@ -14,9 +14,11 @@ most twice the error of the same-dtype eager formula plus one rounding).
 
 from __future__ import annotations
 
+import kernel_checks
 import pytest
 import torch
-from oracle import oracle_loss, oracle_with_grads, random_logits, random_target, row_weights
+from kernel_checks import DIVERGENCE_CASES, DIVERGENCE_IDS, HALF_ULP, assert_close
+from oracle import oracle_with_grads, row_weights
 
 import fastkd
 
@@ -37,18 +39,13 @@ pytestmark = [
                        reason="needs a CUDA device and fastkd._C built with CUDA"),
 ]
 
-DIVERGENCES = ("kl", "reverse_kl", "jsd", "tvd")
-DIVERGENCE_CASES = [("kl", 0.5), ("reverse_kl", 0.5), ("jsd", 0.5), ("jsd", 0.1), ("tvd", 0.5)]
-DIVERGENCE_IDS = ["kl", "reverse_kl", "jsd-0.5", "jsd-0.1", "tvd"]
+DIVERGENCES = kernel_checks.DIVERGENCE_CODES
 PATHS = {
     "auto": {},
     "generic": {"FASTKD_CUDA_DENSE_PATH": "generic"},
     "cluster": {"FASTKD_CUDA_DENSE_PATH": "cluster"},
     "cluster16": {"FASTKD_CUDA_DENSE_PATH": "cluster", "FASTKD_CUDA_CLUSTER_SIZE": "16"},
 }
-HALF_ULP = {torch.bfloat16: 2.0**-9, torch.float16: 2.0**-12, torch.float32: 2.0**-24}
-DEFAULTS = dict(temperature=2.0, alpha=0.3, divergence="kl", beta=0.5, scale_by_t2=True,
-                ignore_index=-100, label_smoothing=0.0, softcap=None)
 
 
 def hopper() -> bool:
@@ -65,89 +62,25 @@ def path(request, monkeypatch):
     return request.param
 
 
-def weights(target_given, alpha, temperature, scale_by_t2):
-    """(ce_weight, div_weight) of DESIGN.md §1, written out independently of fastkd."""
-    k = temperature**2 if scale_by_t2 else 1.0
-    return (0.0, k) if not target_given else (alpha, (1.0 - alpha) * k)
-
-
 def inputs(n, vocab, dtype=torch.float32, ignore_fraction=0.3, scale=3.0, seed=0):
-    student = random_logits(n, vocab, scale=scale, dtype=dtype, seed=seed).cuda()
-    teacher = random_logits(n, vocab, scale=scale, dtype=dtype, seed=seed + 1).cuda()
-    target = random_target(n, vocab=vocab, ignore_fraction=ignore_fraction, seed=seed)
-    return student, teacher, target.cuda()
+    return kernel_checks.inputs(n, vocab, dtype, ignore_fraction, scale, seed, device="cuda")
 
 
-def run_op(student, teacher, target, *, grad_student=True, grad_teacher=True, inplace=False,
-           **options):
-    """Raw op call: (rows, grad_student or None, grad_teacher or None)."""
-    o = dict(DEFAULTS, **options)
-    ce_w, div_w = weights(target is not None, o["alpha"], o["temperature"], o["scale_by_t2"])
-    if inplace:
-        student = gs = student.clone()
-    else:
-        gs = torch.full_like(student, float("nan")) if grad_student else None
-    gt = torch.full_like(teacher, float("nan")) if grad_teacher else None
-    rows = torch.ops.fastkd.dense_kd(student, teacher, target, gs, gt, o["temperature"], ce_w,
-                                     div_w, DIVERGENCES.index(o["divergence"]), o["beta"],
-                                     o["ignore_index"], o["label_smoothing"], o["softcap"] or 0.0)
+def dense_kd_synchronized(*args):
+    rows = torch.ops.fastkd.dense_kd(*args)
     torch.cuda.synchronize()
-    return rows, gs, gt
+    return rows
 
 
-def oracle_rows(student, teacher, target, dtype=torch.float64, **options):
-    """The oracle's rows and d sum(rows) / d (student, teacher) on CPU, in `dtype`."""
-    s = student.detach().cpu().to(dtype).requires_grad_(True)
-    t = teacher.detach().cpu().to(dtype).requires_grad_(True)
-    target = None if target is None else target.cpu()
-    rows = oracle_loss(s, t, target, reduction="none", dtype=dtype,
-                       **dict(DEFAULTS, **options))
-    gs, gt = torch.autograd.grad(rows.sum(), (s, t))
-    return rows.detach(), gs, gt
-
-
-def max_error(actual, expected):
-    a, e = actual.detach().cpu().double(), expected.detach().cpu().double()
-    assert a.shape == e.shape
-    assert bool(torch.isfinite(a).all()), "non-finite values (unwritten output or NaN)"
-    return (a - e).abs().max().item(), e.abs().max().item()
-
-
-def assert_close(actual, expected, rtol=1e-5, atol=None, what="value"):
-    """max |actual - expected| <= rtol * max |expected| + atol."""
-    atol = torch.finfo(torch.float32).tiny if atol is None else atol
-    err, scale = max_error(actual, expected)
-    assert err <= rtol * scale + atol, f"{what}: error {err:.3e} > {rtol:g} * {scale:.3e} + {atol}"
-
-
-def low_precision_check(actual, exact, eager, half_ulp, what):
-    """DESIGN.md §4: kernel error <= 2 * same-dtype eager error + one rounding of the max."""
-    err, scale = max_error(actual, exact)
-    eager_err, _ = max_error(eager, exact)
-    bound = 2 * eager_err + half_ulp * scale
-    assert err <= bound, f"{what}: error {err:.3e} > bound {bound:.3e} (eager {eager_err:.3e})"
+def run_op(student, teacher, target, **kw):
+    """Raw op call: (rows, grad_student or None, grad_teacher or None)."""
+    return kernel_checks.run_raw(dense_kd_synchronized, student, teacher, target, **kw)
 
 
 def check_op(student, teacher, target, rtol=1e-5, atol=None, **kw):
     """Raw op vs oracle; float32 to rtol, bf16 / fp16 against the same-dtype eager formula."""
-    rows, gs, gt = run_op(student, teacher, target, **kw)
-    opts = {k: v for k, v in kw.items() if k not in ("grad_student", "grad_teacher", "inplace")}
-    exact = oracle_rows(student, teacher, target, **opts)
-    assert rows.dtype == torch.float32 and rows.shape == (student.shape[0],)
-    got = (rows, gs, gt)
-    if student.dtype != torch.float32:
-        eager = oracle_rows(student, teacher, target, student.dtype, **opts)
-    for i, what in enumerate(("rows", "student grad", "teacher grad")):
-        if got[i] is None:
-            continue
-        if i > 0:
-            assert got[i].dtype == student.dtype
-        if student.dtype == torch.float32:
-            assert_close(got[i], exact[i], rtol, atol, what)
-        else:
-            half_ulp = HALF_ULP[torch.float32] if i == 0 else HALF_ULP[student.dtype]
-            low_precision_check(got[i], exact[i], eager[i], half_ulp, what)
-    return got
+    return kernel_checks.check_raw_kernel(run_op, student, teacher, target, rtol, atol,
+                                          half_ulps=HALF_ULP, **kw)
 
 
 # ------------------------------------------------------------------ small shapes, every path
@@ -172,15 +105,8 @@ def test_temperatures(path, divergence, temperature):
 def test_low_temperature(path, divergence, beta):
     """T = 0.5: jsd / tvd gradients cancel in float32; bound by twice the eager float32 error."""
     student, teacher, target = inputs(4, 600, seed=3)
-    kw = dict(divergence=divergence, beta=beta, temperature=0.5, label_smoothing=0.1)
-    got = run_op(student, teacher, target, **kw)
-    exact = oracle_rows(student, teacher, target, **kw)
-    eager = oracle_rows(student, teacher, target, torch.float32, **kw)
-    for what, k, x, e in zip(("rows", "student grad", "teacher grad"), got, exact, eager):
-        err, scale = max_error(k, x)
-        eager_err, _ = max_error(e, x)
-        bound = max(1e-5 * scale, 2 * eager_err)
-        assert err <= bound, f"{what}: error {err:.3e} > {bound:.3e} (eager {eager_err:.3e})"
+    kernel_checks.check_low_temperature(run_op, student, teacher, target,
+                                        divergence=divergence, beta=beta, label_smoothing=0.1)
 
 
 @pytest.mark.parametrize("divergence,beta", DIVERGENCE_CASES, ids=DIVERGENCE_IDS)
@@ -193,23 +119,14 @@ def test_softcap(path, divergence, beta):
 @pytest.mark.parametrize("student_padded", [False, True], ids=["student-finite", "padded"])
 @pytest.mark.parametrize("divergence,beta", DIVERGENCE_CASES, ids=DIVERGENCE_IDS)
 def test_neg_inf_columns(path, divergence, beta, student_padded):
-    if divergence == "reverse_kl" and not student_padded:
-        pytest.skip("KL(p_s || p_t) is +inf when the student puts mass where p_t = 0")
+    kernel_checks.skip_infinite_reverse_kl(divergence, student_padded)
     student, teacher, _ = inputs(4, 1000, seed=5)
-    g = torch.Generator().manual_seed(5)
-    mask = torch.rand(4, 1000, generator=g) < 0.3
-    mask[:, 0] = False
-    mask[1, 300:] = True  # whole CTA slices of -inf
-    mask = mask.cuda()
-    teacher = teacher.masked_fill(mask, float("-inf"))
-    if student_padded:
-        student = student.masked_fill(mask, float("-inf"))
+    mask = kernel_checks.masked_columns(4, 1000, seed=5).cuda()  # row 1: whole CTA slices of -inf
+    student, teacher = kernel_checks.mask_logits(student, teacher, mask, student_padded)
     target = torch.zeros(4, dtype=torch.int64, device="cuda")
     target[2] = -100
     _, gs, gt = check_op(student, teacher, target, divergence=divergence, beta=beta)
-    assert bool((gt[mask] == 0).all()), "a -inf teacher column has zero probability"
-    if student_padded:
-        assert bool((gs[mask] == 0).all()), "a -inf student column has zero probability"
+    kernel_checks.assert_masked_gradients_zero(gs, gt, mask, student_padded)
 
 
 @pytest.mark.parametrize("divergence,beta", DIVERGENCE_CASES, ids=DIVERGENCE_IDS)
@@ -223,9 +140,7 @@ def test_ignored_rows_and_all_ignored(path):
     student, teacher, target = inputs(6, 1000, ignore_fraction=0.5, seed=6)
     target[0], target[1] = -100, 3
     rows, gs, gt = check_op(student, teacher, target, divergence="jsd")
-    ignored = target == -100
-    assert bool((rows[ignored] == 0).all())
-    assert bool((gs[ignored] == 0).all()) and bool((gt[ignored] == 0).all())
+    kernel_checks.assert_ignored_rows_zero(rows, gs, gt, target == -100)
     rows, gs, gt = run_op(student, teacher, torch.full_like(target, -100))
     assert bool((rows == 0).all()) and bool((gs == 0).all()) and bool((gt == 0).all())
 
@@ -240,15 +155,7 @@ def test_zero_weight_term_is_not_evaluated(path):
     """alpha=1: the (infinite) divergence has weight 0, its teacher gradient is 0; alpha=0:
     CE has weight 0 and the target only masks rows."""
     student, teacher, target = inputs(4, 1000, seed=9)
-    teacher[:, 5] = float("-inf")
-    rows, gs, gt = run_op(student, teacher, target, alpha=1.0, divergence="reverse_kl")
-    ref_rows, ref_gs, _ = oracle_rows(student, teacher.nan_to_num(neginf=0.0), target,
-                                      alpha=1.0, divergence="reverse_kl")
-    assert_close(rows, ref_rows, what="rows")
-    assert_close(gs, ref_gs, what="student grad")
-    assert bool((gt == 0).all())
-    teacher[:, 5] = 1.0
-    check_op(student, teacher, target, alpha=0.0)
+    kernel_checks.check_zero_weight_terms(run_op, check_op, student, teacher, target)
 
 
 @pytest.mark.parametrize("divergence", DIVERGENCES)
@@ -373,8 +280,10 @@ def test_public_api_inplace_backward_bf16():
     exact = oracle_with_grads(student.cpu(), teacher.cpu(), target.cpu(), False, **kw)
     eager = oracle_with_grads(student.cpu(), teacher.cpu(), target.cpu(), False,
                               dtype=torch.bfloat16, **kw)
-    low_precision_check(loss.detach(), exact[0], eager[0], HALF_ULP[torch.float32], "loss")
-    low_precision_check(s.grad, exact[1], eager[1], HALF_ULP[torch.bfloat16], "student grad")
+    kernel_checks.low_precision_check(loss.detach(), exact[0], eager[0],
+                                      HALF_ULP[torch.float32], "loss")
+    kernel_checks.low_precision_check(s.grad, exact[1], eager[1], HALF_ULP[torch.bfloat16],
+                                      "student grad")
 
 
 def test_opcheck():
@@ -389,33 +298,14 @@ def test_opcheck():
 
 def test_torch_compile_fullgraph():
     student, teacher, target = inputs(4, 4096, seed=42)
-    kw = dict(temperature=2.0, alpha=0.3, divergence="jsd", label_smoothing=0.1)
-
-    def step(s, t, y):
-        return fastkd.distillation_loss(s, t, y, backend="cuda", **kw)
-
-    results = []
-    for fn in (step, torch.compile(step, fullgraph=True)):
-        s = student.clone().requires_grad_(True)
-        t = teacher.clone().requires_grad_(True)
-        loss = fn(s, t, target)
-        loss.backward()
-        results.append((loss.detach(), s.grad, t.grad))
-    for what, a, b in zip(("loss", "student grad", "teacher grad"), *results):
-        assert_close(a, b, rtol=1e-6, what=what)
+    kernel_checks.assert_compiled_matches_eager(fastkd.distillation_loss, student, teacher,
+                                                target, backend="cuda",
+                                                **kernel_checks.COMPILE_OPTIONS)
 
 
 def test_bad_inputs_name_the_argument():
     student, teacher, target = inputs(3, 10)
-    opts = (2.0, 0.5, 2.0, 0, 0.5, -100, 0.0, 0.0)
     op = torch.ops.fastkd.dense_kd
+    kernel_checks.assert_bad_inputs_name_the_argument(op, student, teacher, target)
     with pytest.raises(ValueError, match="teacher"):
-        op(student, teacher[:, :9].contiguous(), target, None, None, *opts)
-    with pytest.raises(TypeError, match="target"):
-        op(student, teacher, target.int(), None, None, *opts)
-    with pytest.raises(ValueError, match="grad_student"):
-        op(student, teacher, target, student.t(), None, *opts)
-    with pytest.raises(ValueError, match="divergence"):
-        op(student, teacher, target, None, None, *opts[:3], 7, *opts[4:])
-    with pytest.raises(ValueError, match="teacher"):
-        op(student, teacher.cpu(), target, None, None, *opts)
+        op(student, teacher.cpu(), target, None, None, *kernel_checks.VALID_SCALARS)

@@ -11,17 +11,18 @@ poisoned with NaN before the kernel writes them. Tolerances follow DESIGN.md §4
 
 from __future__ import annotations
 
+import functools
 import os
 import subprocess
 import sys
 
+import kernel_checks
 import pytest
 import torch
-from oracle import oracle_loss, oracle_with_grads, random_logits, random_target
+from kernel_checks import DIVERGENCE_CASES, DIVERGENCE_IDS, HALF_ULP, assert_close, oracle_rows
+from oracle import oracle_with_grads, random_target
 
 import fastkd
-from fastkd.functional import loss_weights
-from fastkd.reference import DIVERGENCES
 
 triton = pytest.importorskip("triton")
 triton_dense = pytest.importorskip("fastkd.ops.triton_dense")
@@ -39,92 +40,27 @@ compiled_kernels = pytest.mark.skipif(ON_CPU, reason="real sizes need compiled k
 pytestmark = [needs_device,
               pytest.mark.filterwarnings("ignore::RuntimeWarning:triton.runtime.interpreter")]
 
-DIVERGENCE_CASES = [("kl", 0.5), ("reverse_kl", 0.5), ("jsd", 0.5), ("jsd", 0.1), ("tvd", 0.5)]
-DIVERGENCE_IDS = ["kl", "reverse_kl", "jsd-0.5", "jsd-0.1", "tvd"]
 #: One case per divergence, for the tests that multiply parameters.
 DIVERGENCE_FOUR = DIVERGENCE_CASES[:3] + DIVERGENCE_CASES[4:]
 FOUR_IDS = ["kl", "reverse_kl", "jsd", "tvd"]
 #: Kernel paths: the default launch (single-load for these V), and the multi-pass kernel
 #: forced with 512-element chunks so rows span several chunks and end in a partial one.
 PATHS = {"single": {}, "multi": dict(max_single_v=0, block_v=512)}
-HALF_ULP = {torch.bfloat16: 2.0**-9, torch.float16: 2.0**-12}
 
 
 def inputs(n, vocab, dtype=torch.float32, ignore_fraction=0.3, scale=3.0, seed=0):
-    student = random_logits(n, vocab, scale=scale, dtype=dtype, seed=seed).to(DEVICE)
-    teacher = random_logits(n, vocab, scale=scale, dtype=dtype, seed=seed + 1).to(DEVICE)
-    target = random_target(n, vocab=vocab, ignore_fraction=ignore_fraction, seed=seed)
-    return student, teacher, target.to(DEVICE)
+    return kernel_checks.inputs(n, vocab, dtype, ignore_fraction, scale, seed, device=DEVICE)
 
 
-def poisoned(like):
-    return torch.full_like(like, float("nan"))
-
-
-#: Loss options of the raw-kernel tests unless a test overrides them.
-DEFAULTS = dict(temperature=2.0, alpha=0.3, divergence="kl", beta=0.5, scale_by_t2=True,
-                ignore_index=-100, label_smoothing=0.0, softcap=None)
-
-
-def run_kernel(student, teacher, target, *, path="single", grad_student=True, grad_teacher=True,
-               inplace=False, **options):
+def run_kernel(student, teacher, target, *, path="single", **kw):
     """Raw launch: (rows, grad_student or None, grad_teacher or None)."""
-    o = dict(DEFAULTS, **options)
-    ce_weight, div_weight = loss_weights(target is not None, o["alpha"], o["temperature"],
-                                         o["scale_by_t2"])
-    student = student.clone()
-    if inplace:
-        gs = student
-    else:
-        gs = poisoned(student) if grad_student else None
-    gt = poisoned(teacher) if grad_teacher else None
-    rows = triton_dense.launch_dense_kd(
-        student, teacher, target, gs, gt, o["temperature"], ce_weight, div_weight,
-        DIVERGENCES.index(o["divergence"]), o["beta"], o["ignore_index"],
-        o["label_smoothing"], o["softcap"] or 0.0, **PATHS[path])
-    return rows, gs, gt
-
-
-def oracle_rows(student, teacher, target, dtype=torch.float64, *, path=None,
-                grad_student=True, grad_teacher=True, inplace=False, **options):
-    """The oracle's per-row losses and d sum(rows) / d (student, teacher), in `dtype`."""
-    s = student.detach().cpu().to(dtype).requires_grad_(True)
-    t = teacher.detach().cpu().to(dtype).requires_grad_(True)
-    target = None if target is None else target.cpu()
-    rows = oracle_loss(s, t, target, reduction="none", dtype=dtype,
-                       **dict(DEFAULTS, **options))
-    gs, gt = torch.autograd.grad(rows.sum(), (s, t))
-    return rows.detach(), gs, gt
-
-
-def max_error(actual, expected):
-    a, e = actual.detach().cpu().double(), expected.detach().cpu().double()
-    assert a.shape == e.shape
-    assert bool(torch.isfinite(a).all()), "non-finite values"
-    return (a - e).abs().max().item(), e.abs().max().item()
-
-
-def assert_close(actual, expected, rtol=1e-5, atol=None, what="value"):
-    """max |actual - expected| <= rtol * max |expected| + atol (max-norm relative error; the
-    default floor is float32's smallest normal number)."""
-    atol = torch.finfo(torch.float32).tiny if atol is None else atol
-    err, scale = max_error(actual, expected)
-    assert err <= rtol * scale + atol, f"{what}: error {err:.3e} > {rtol:g} * {scale:.3e} + {atol}"
+    launch = functools.partial(triton_dense.launch_dense_kd, **PATHS[path])
+    return kernel_checks.run_raw(launch, student, teacher, target, **kw)
 
 
 def check_kernel(student, teacher, target, rtol=1e-5, atol=None, **kw):
     """Raw kernel vs oracle on rows and both gradients; returns the kernel outputs."""
-    rows, gs, gt = run_kernel(student, teacher, target, **kw)
-    ref_rows, ref_gs, ref_gt = oracle_rows(student, teacher, target, **kw)
-    assert rows.dtype == torch.float32 and rows.shape == (student.shape[0],)
-    assert_close(rows, ref_rows, rtol, atol, "rows")
-    if gs is not None:
-        assert gs.dtype == student.dtype
-        assert_close(gs, ref_gs, rtol, atol, "student grad")
-    if gt is not None:
-        assert gt.dtype == teacher.dtype
-        assert_close(gt, ref_gt, rtol, atol, "teacher grad")
-    return rows, gs, gt
+    return kernel_checks.check_raw_kernel(run_kernel, student, teacher, target, rtol, atol, **kw)
 
 
 @pytest.mark.parametrize("path", PATHS)
@@ -157,15 +93,9 @@ def test_low_temperature_float32(divergence, beta, path):
     1e-5 in the max norm: the eager float32 formula errs by ~2e-5. Here the kernel is held to
     1e-5 or, where float32 cannot get there, to twice the eager float32 error."""
     student, teacher, target = inputs(4, 600, seed=3)
-    kw = dict(divergence=divergence, beta=beta, temperature=0.5, label_smoothing=0.1)
-    kernel = run_kernel(student, teacher, target, path=path, **kw)
-    exact = oracle_rows(student, teacher, target, **kw)
-    eager = oracle_rows(student, teacher, target, torch.float32, **kw)
-    for what, k, x, e in zip(("rows", "student grad", "teacher grad"), kernel, exact, eager):
-        err, scale = max_error(k, x)
-        eager_err, _ = max_error(e, x)
-        bound = max(1e-5 * scale, 2 * eager_err)
-        assert err <= bound, f"{what}: error {err:.3e} > {bound:.3e} (eager {eager_err:.3e})"
+    kernel_checks.check_low_temperature(run_kernel, student, teacher, target,
+                                        divergence=divergence, beta=beta, label_smoothing=0.1,
+                                        path=path)
 
 
 @pytest.mark.parametrize("path", PATHS)
@@ -191,20 +121,15 @@ def masked_columns(n, vocab, fraction=0.3, seed=0):
 @pytest.mark.parametrize("student_padded", [False, True], ids=["student-finite", "padded"])
 @pytest.mark.parametrize("divergence,beta", DIVERGENCE_FOUR, ids=FOUR_IDS)
 def test_neg_inf_columns(divergence, beta, student_padded, path):
-    if divergence == "reverse_kl" and not student_padded:
-        pytest.skip("KL(p_s || p_t) is +inf when the student puts mass where p_t = 0")
+    kernel_checks.skip_infinite_reverse_kl(divergence, student_padded)
     student, teacher, _ = inputs(4, 1000, seed=5)
     mask = masked_columns(4, 1000, seed=5)
-    teacher = teacher.masked_fill(mask, float("-inf"))
-    if student_padded:
-        student = student.masked_fill(mask, float("-inf"))
+    student, teacher = kernel_checks.mask_logits(student, teacher, mask, student_padded)
     target = torch.full((4,), 999, dtype=torch.int64, device=DEVICE)
     target[2] = -100
     _, gs, gt = check_kernel(student, teacher, target, path=path, divergence=divergence,
                              beta=beta)
-    assert bool((gt[mask] == 0).all()), "a -inf teacher column has zero probability"
-    if student_padded:
-        assert bool((gs[mask] == 0).all()), "a -inf student column has zero probability"
+    kernel_checks.assert_masked_gradients_zero(gs, gt, mask, student_padded)
 
 
 @pytest.mark.parametrize("path", PATHS)
@@ -223,9 +148,7 @@ def test_ignored_rows_and_all_ignored(path):
     student, teacher, target = inputs(6, 1000, ignore_fraction=0.5, seed=6)
     target[0], target[1] = -100, 3
     rows, gs, gt = check_kernel(student, teacher, target, path=path, divergence="jsd")
-    ignored = target == -100
-    assert bool((rows[ignored] == 0).all())
-    assert bool((gs[ignored] == 0).all()) and bool((gt[ignored] == 0).all())
+    kernel_checks.assert_ignored_rows_zero(rows, gs, gt, target == -100)
     target.fill_(-100)
     rows, gs, gt = run_kernel(student, teacher, target, path=path)
     assert bool((rows == 0).all()) and bool((gs == 0).all()) and bool((gt == 0).all())
@@ -244,16 +167,8 @@ def test_zero_weight_term_is_not_evaluated(path):
     """alpha=1: the divergence (infinite here) has weight 0, the teacher is never read and its
     gradient is 0; alpha=0: CE has weight 0 and the target only masks rows."""
     student, teacher, target = inputs(4, 1000, seed=9)
-    teacher[:, 5] = float("-inf")
-    rows, gs, gt = run_kernel(student, teacher, target, path=path, alpha=1.0,
-                              divergence="reverse_kl")
-    ref_rows, ref_gs, _ = oracle_rows(student, teacher.nan_to_num(neginf=0.0), target,
-                                      alpha=1.0, divergence="reverse_kl", temperature=2.0)
-    assert_close(rows, ref_rows, what="rows")
-    assert_close(gs, ref_gs, what="student grad")
-    assert bool((gt == 0).all())
-    teacher[:, 5] = 1.0
-    check_kernel(student, teacher, target, path=path, alpha=0.0)
+    kernel_checks.check_zero_weight_terms(run_kernel, check_kernel, student, teacher, target,
+                                          path=path)
 
 
 @pytest.mark.parametrize("path", PATHS)
@@ -279,14 +194,6 @@ def test_inplace_student_gradient(divergence, path):
     assert_close(gs, ref_gs, what="student grad (in place)")
 
 
-def low_precision_check(actual, exact, eager, half_ulp, what):
-    """DESIGN.md §4: kernel error <= 2 * same-dtype eager error + one rounding of the max."""
-    err, scale = max_error(actual, exact)
-    eager_err, _ = max_error(eager, exact)
-    bound = 2 * eager_err + half_ulp * scale
-    assert err <= bound, f"{what}: error {err:.3e} > bound {bound:.3e} (eager {eager_err:.3e})"
-
-
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("divergence,beta", DIVERGENCE_FOUR, ids=FOUR_IDS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
@@ -299,7 +206,7 @@ def test_low_precision(dtype, divergence, beta, path):
     assert kernel[1].dtype == dtype and kernel[2].dtype == dtype
     for what, k, x, e in zip(("rows", "student grad", "teacher grad"), kernel, exact, eager):
         half_ulp = 2.0**-24 if what == "rows" else HALF_ULP[dtype]
-        low_precision_check(k, x, e, half_ulp, what)
+        kernel_checks.low_precision_check(k, x, e, half_ulp, what)
 
 
 def run_api(student, teacher, target, *, inplace_backward=False, teacher_grad=True, **kw):
@@ -338,29 +245,21 @@ def test_public_api_inplace_backward(dtype):
     else:
         eager = oracle_with_grads(student3.cpu(), teacher3.cpu(), target3.cpu(), False,
                                   dtype=dtype, **kw)
-        low_precision_check(loss, exact[0], eager[0], 2.0**-24, "loss")
-        low_precision_check(gs, exact[1], eager[1], HALF_ULP[dtype], "student grad")
+        kernel_checks.low_precision_check(loss, exact[0], eager[0], 2.0**-24, "loss")
+        kernel_checks.low_precision_check(gs, exact[1], eager[1], HALF_ULP[dtype], "student grad")
     assert gt is None
 
 
 def test_bad_inputs_name_the_argument():
     student, teacher, target = inputs(3, 10)
-    call = triton_dense.launch_dense_kd
-    opts = (2.0, 0.5, 2.0, 0, 0.5, -100, 0.0, 0.0)
-    with pytest.raises(ValueError, match="teacher"):
-        call(student, teacher[:, :9].contiguous(), target, None, None, *opts)
-    with pytest.raises(TypeError, match="target"):
-        call(student, teacher, target.int(), None, None, *opts)
-    with pytest.raises(ValueError, match="grad_student"):
-        call(student, teacher, target, student.t(), None, *opts)
-    with pytest.raises(ValueError, match="divergence"):
-        call(student, teacher, target, None, None, *opts[:3], 7, *opts[4:])
+    kernel_checks.assert_bad_inputs_name_the_argument(triton_dense.launch_dense_kd, student,
+                                                      teacher, target)
 
 
 def test_custom_op_opcheck():
     student, teacher, target = inputs(3, 37, seed=40)
-    args = (student, teacher, target, poisoned(student), poisoned(teacher), 2.0, 0.3, 2.8, 0,
-            0.5, -100, 0.1, 0.0)
+    gs, gt = kernel_checks.poisoned(student), kernel_checks.poisoned(teacher)
+    args = (student, teacher, target, gs, gt, 2.0, 0.3, 2.8, 0, 0.5, -100, 0.1, 0.0)
     torch.library.opcheck(torch.ops.fastkd.dense_kd_triton.default, args)
     no_grads = (student, teacher, None, None, None, 1.0, 0.0, 1.0, 2, 0.5, -100, 0.0, 3.0)
     torch.library.opcheck(torch.ops.fastkd.dense_kd_triton.default, no_grads)
@@ -371,7 +270,7 @@ def test_custom_op_opcheck():
 def test_raw_entry_point_matches_launcher():
     """`dense_kd_triton` (through the custom op) == the launcher, bit for bit."""
     student, teacher, target = inputs(4, 100, seed=41)
-    gs, gt = poisoned(student), poisoned(teacher)
+    gs, gt = kernel_checks.poisoned(student), kernel_checks.poisoned(teacher)
     rows = triton_dense.dense_kd_triton(student, teacher, target, gs, gt, 2.0, 0.3, 2.8, 1, 0.5,
                                         -100, 0.1, 0.0)
     ref = run_kernel(student, teacher, target, divergence="reverse_kl", label_smoothing=0.1)
@@ -381,21 +280,9 @@ def test_raw_entry_point_matches_launcher():
 
 def compiled_matches_eager():
     student, teacher, target = inputs(4, 64, seed=42)
-    kw = dict(temperature=2.0, alpha=0.3, divergence="jsd", label_smoothing=0.1)
-
-    def step(s, t, y):
-        return fastkd.distillation_loss(s, t, y, backend="triton", **kw)
-
-    compiled = torch.compile(step, fullgraph=True)
-    results = []
-    for fn in (step, compiled):
-        s = student.clone().requires_grad_(True)
-        t = teacher.clone().requires_grad_(True)
-        loss = fn(s, t, target)
-        loss.backward()
-        results.append((loss.detach(), s.grad, t.grad))
-    for what, a, b in zip(("loss", "student grad", "teacher grad"), *results):
-        assert_close(a, b, rtol=1e-6, what=what)
+    kernel_checks.assert_compiled_matches_eager(fastkd.distillation_loss, student, teacher,
+                                                target, backend="triton",
+                                                **kernel_checks.COMPILE_OPTIONS)
 
 
 def test_torch_compile_fullgraph():
@@ -477,7 +364,7 @@ def test_gpu_real_vocab_bf16(divergence, beta, vocab):
     for what, k, x, e in zip(("rows", "student grad", "teacher grad"), (rows, gs, gt), exact,
                              eager):
         half_ulp = 2.0**-24 if what == "rows" else HALF_ULP[torch.bfloat16]
-        low_precision_check(k, x, e, half_ulp, what)
+        kernel_checks.low_precision_check(k, x, e, half_ulp, what)
 
 
 @gpu
@@ -506,7 +393,7 @@ def test_gpu_int64_offsets():
     tail = slice(n - 3, n)
     ref_rows, ref_gs, _ = oracle_rows(student[tail], teacher[tail], target[tail])
     assert_close(rows[tail], ref_rows, what="rows past 2**31")
-    err, scale = max_error(gs[tail], ref_gs)
+    err, scale = kernel_checks.max_error(gs[tail], ref_gs)
     assert err <= HALF_ULP[torch.bfloat16] * scale * 4, f"student grad past 2**31: {err:.3e}"
 
 

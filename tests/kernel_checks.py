@@ -1,0 +1,246 @@
+"""Shared helpers of the raw-kernel tests (Triton, C++ CPU, CUDA, CUDA maths emulation).
+
+Every backend implements the kernel contract of fastkd/reference/dense.py:
+kernel(student, teacher, target, grad_student, grad_teacher, temperature, ce_weight,
+div_weight, divergence, beta, ignore_index, label_smoothing, softcap) -> rows. The helpers
+here build those arguments from loss options, run a kernel with NaN-poisoned gradient
+buffers and compare its rows and gradients with the float64 oracle of tests/oracle.py. Like
+the oracle, nothing here imports fastkd, so a bug in the library cannot hide in its tests.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from oracle import oracle_loss, random_logits, random_target
+
+DIVERGENCE_CASES = [("kl", 0.5), ("reverse_kl", 0.5), ("jsd", 0.5), ("jsd", 0.1), ("tvd", 0.5)]
+DIVERGENCE_IDS = ["kl", "reverse_kl", "jsd-0.5", "jsd-0.1", "tvd"]
+#: The kernel contract's divergence codes, by position.
+DIVERGENCE_CODES = ("kl", "reverse_kl", "jsd", "tvd")
+#: Per-element rounding of one value to the dtype (half an ulp at 1.0).
+HALF_ULP = {torch.bfloat16: 2.0**-9, torch.float16: 2.0**-12, torch.float32: 2.0**-24}
+#: Loss options of the raw-kernel tests unless a test overrides them.
+#: The contract's scalar arguments (temperature .. softcap) of a valid call.
+VALID_SCALARS = (2.0, 0.5, 2.0, 0, 0.5, -100, 0.0, 0.0)
+#: Loss options of the torch.compile checks.
+COMPILE_OPTIONS = dict(temperature=2.0, alpha=0.3, divergence="jsd", label_smoothing=0.1)
+DEFAULTS = dict(temperature=2.0, alpha=0.3, divergence="kl", beta=0.5, scale_by_t2=True,
+                ignore_index=-100, label_smoothing=0.0, softcap=None)
+#: Keyword arguments that steer how a kernel is run, not the loss: the oracle ignores them.
+RUN_ONLY = ("path", "shape", "grad_student", "grad_teacher", "inplace")
+OUTPUTS = ("rows", "student grad", "teacher grad")
+
+
+def weights(target_given, alpha, temperature, scale_by_t2):
+    """(ce_weight, div_weight) of DESIGN.md §1, written out independently of fastkd."""
+    k = temperature**2 if scale_by_t2 else 1.0
+    return (0.0, k) if not target_given else (alpha, (1.0 - alpha) * k)
+
+
+def kernel_args(student, teacher, target, gs, gt, **options):
+    """The contract's 13 positional arguments for loss `options` (DEFAULTS otherwise)."""
+    o = dict(DEFAULTS, **options)
+    ce_weight, div_weight = weights(target is not None, o["alpha"], o["temperature"],
+                                    o["scale_by_t2"])
+    return (student, teacher, target, gs, gt, o["temperature"], ce_weight, div_weight,
+            DIVERGENCE_CODES.index(o["divergence"]), o["beta"], o["ignore_index"],
+            o["label_smoothing"], o["softcap"] or 0.0)
+
+
+def poisoned(like):
+    """A NaN-filled buffer like `like`: an element the kernel forgets to write stays NaN."""
+    return torch.full_like(like, float("nan"))
+
+
+def inputs(n, vocab, dtype=torch.float32, ignore_fraction=0.3, scale=3.0, seed=0, device="cpu"):
+    """(student (n, vocab), teacher (n, vocab), target (n,)) on `device`: normal logits."""
+    student = random_logits(n, vocab, scale=scale, dtype=dtype, seed=seed).to(device)
+    teacher = random_logits(n, vocab, scale=scale, dtype=dtype, seed=seed + 1).to(device)
+    target = random_target(n, vocab=vocab, ignore_fraction=ignore_fraction, seed=seed)
+    return student, teacher, target.to(device)
+
+
+def run_raw(kernel, student, teacher, target, *, grad_student=True, grad_teacher=True,
+            inplace=False, **options):
+    """(rows, grad_student or None, grad_teacher or None) of `kernel(*kernel_args(...))`.
+
+    Gradient buffers are poisoned first; `inplace` lets grad_student alias a copy of the
+    student, as the in-place backward does (otherwise the student is passed as given, so a
+    strided view stays strided)."""
+    if inplace:
+        student = gs = student.clone()
+    else:
+        gs = poisoned(student) if grad_student else None
+    gt = poisoned(teacher) if grad_teacher else None
+    rows = kernel(*kernel_args(student, teacher, target, gs, gt, **options))
+    return rows, gs, gt
+
+
+def oracle_rows(student, teacher, target, dtype=torch.float64, **options):
+    """The oracle's rows and d sum(rows) / d (student, teacher) on CPU, in `dtype` (float64:
+    exact; lower: the eager formula whose error bounds a kernel in that dtype)."""
+    options = {k: v for k, v in options.items() if k not in RUN_ONLY}
+    s = student.detach().cpu().to(dtype).requires_grad_(True)
+    t = teacher.detach().cpu().to(dtype).requires_grad_(True)
+    target = None if target is None else target.cpu()
+    rows = oracle_loss(s, t, target, reduction="none", dtype=dtype,
+                       **dict(DEFAULTS, **options))
+    gs, gt = torch.autograd.grad(rows.sum(), (s, t))
+    return rows.detach(), gs, gt
+
+
+def max_error(actual, expected, what="value"):
+    """(max |actual - expected|, max |expected|) in float64; `actual` must be finite."""
+    a, e = actual.detach().cpu().double(), expected.detach().cpu().double()
+    assert a.shape == e.shape, f"{what}: shape {tuple(a.shape)} != {tuple(e.shape)}"
+    assert bool(torch.isfinite(a).all()), f"{what}: non-finite values (unwritten output or NaN)"
+    return (a - e).abs().max().item(), e.abs().max().item()
+
+
+def assert_close(actual, expected, rtol=1e-5, atol=None, what="value"):
+    """max |actual - expected| <= rtol * max |expected| + atol (max-norm relative error; the
+    default floor is float32's smallest normal number)."""
+    atol = torch.finfo(torch.float32).tiny if atol is None else atol
+    err, scale = max_error(actual, expected, what)
+    assert err <= rtol * scale + atol, f"{what}: error {err:.3e} > {rtol:g} * {scale:.3e} + {atol}"
+
+
+def low_precision_check(actual, exact, eager, half_ulp, what):
+    """DESIGN.md §4: kernel error <= 2 * same-dtype eager error + one rounding of the max."""
+    err, scale = max_error(actual, exact, what)
+    eager_err, _ = max_error(eager, exact, f"{what} (eager)")
+    bound = 2 * eager_err + half_ulp * scale
+    assert err <= bound, f"{what}: error {err:.3e} > bound {bound:.3e} (eager {eager_err:.3e})"
+
+
+def assert_within_float32(got, exact, eager):
+    """Each of (rows, grads) within 1e-5 of the exact value or, where float32 arithmetic
+    itself cannot get there (cancelling sums), within twice the eager float32 error."""
+    for what, k, x, e in zip(OUTPUTS, got, exact, eager):
+        err, scale = max_error(k, x, what)
+        eager_err, _ = max_error(e, x, f"{what} (eager)")
+        bound = max(1e-5 * scale, 2 * eager_err)
+        assert err <= bound, f"{what}: error {err:.3e} > {bound:.3e} (eager {eager_err:.3e})"
+
+
+def check_raw_kernel(run, student, teacher, target, rtol=1e-5, atol=None, half_ulps=None,
+                     **kw):
+    """Raw kernel vs oracle on rows and both gradients; returns the kernel outputs.
+
+    `run(student, teacher, target, **kw)` gives (rows, grad_student, grad_teacher). Float32
+    (and, without `half_ulps`, every dtype) is held to `rtol`; with `half_ulps` (dtype ->
+    rounding) bf16 / fp16 are held to low_precision_check against the same-dtype formula."""
+    got = run(student, teacher, target, **kw)
+    exact = oracle_rows(student, teacher, target, **kw)
+    rows = got[0]
+    assert rows.dtype == torch.float32 and rows.shape == (student.shape[0],)
+    by_eager = half_ulps is not None and student.dtype != torch.float32
+    if by_eager:
+        eager = oracle_rows(student, teacher, target, student.dtype, **kw)
+    for i, what in enumerate(OUTPUTS):
+        if got[i] is None:
+            continue
+        if i > 0:
+            assert got[i].dtype == student.dtype, f"{what}: dtype {got[i].dtype}"
+        if by_eager:
+            half_ulp = half_ulps[torch.float32] if i == 0 else half_ulps[student.dtype]
+            low_precision_check(got[i], exact[i], eager[i], half_ulp, what)
+        else:
+            assert_close(got[i], exact[i], rtol, atol, what)
+    return got
+
+
+def masked_columns(n, vocab, fraction=0.3, seed=0):
+    """(n, vocab) bool mask of -inf columns, different per row; column 0 (the label of the
+    tests) stays free and row 1 ends in a long run of -inf (whole slices / tail vectors)."""
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.rand(n, vocab, generator=g) < fraction
+    mask[:, 0] = False
+    mask[1, 300:] = True
+    return mask
+
+
+def mask_logits(student, teacher, mask, student_padded):
+    """(student, teacher) with the `mask` columns set to -inf (the student's only if padded)."""
+    teacher = teacher.masked_fill(mask, float("-inf"))
+    if student_padded:
+        student = student.masked_fill(mask, float("-inf"))
+    return student, teacher
+
+
+def assert_masked_gradients_zero(gs, gt, mask, student_padded):
+    """A -inf column has zero probability, so its gradient is exactly 0."""
+    assert bool((gt[mask] == 0).all()), "a -inf teacher column has zero probability"
+    if student_padded:
+        assert bool((gs[mask] == 0).all()), "a -inf student column has zero probability"
+
+
+def assert_ignored_rows_zero(rows, gs, gt, ignored):
+    """Ignored rows: loss and both gradient rows exactly 0."""
+    assert bool((rows[ignored] == 0).all())
+    assert bool((gs[ignored] == 0).all()) and bool((gt[ignored] == 0).all())
+
+
+def check_low_temperature(run, student, teacher, target, **kw):
+    """T = 0.5 run through `run` and held by assert_within_float32 (jsd / tvd gradients are
+    differences of O(1) row sums that cancel in float32)."""
+    kw = dict(kw, temperature=0.5)
+    got = run(student, teacher, target, **kw)
+    exact = oracle_rows(student, teacher, target, **kw)
+    eager = oracle_rows(student, teacher, target, torch.float32, **kw)
+    assert_within_float32(got, exact, eager)
+
+
+def check_zero_weight_terms(run, check, student, teacher, target, **kw):
+    """alpha=1: the divergence (infinite: reverse KL against a -inf teacher column) has
+    weight 0, so it is not evaluated and the teacher gradient is 0; alpha=0: CE has weight 0
+    and the target only masks rows. `check` is the backend's check_raw_kernel wrapper."""
+    teacher = teacher.clone()
+    teacher[:, 5] = float("-inf")
+    rows, gs, gt = run(student, teacher, target, alpha=1.0, divergence="reverse_kl", **kw)
+    ref_rows, ref_gs, _ = oracle_rows(student, teacher.nan_to_num(neginf=0.0), target,
+                                      alpha=1.0, divergence="reverse_kl")
+    assert_close(rows, ref_rows, what="rows")
+    assert_close(gs, ref_gs, what="student grad")
+    assert bool((gt == 0).all())
+    teacher[:, 5] = 1.0
+    check(student, teacher, target, alpha=0.0, **kw)
+
+
+def assert_compiled_matches_eager(loss_fn, student, teacher, target, rtol=1e-6, **kw):
+    """`loss_fn(s, t, y, **kw)` eager and under torch.compile(fullgraph=True): loss and both
+    gradients agree to `rtol` (the kernel is the same; only the compiled glue may round)."""
+
+    def step(s, t, y):
+        return loss_fn(s, t, y, **kw)
+
+    results = []
+    for fn in (step, torch.compile(step, fullgraph=True)):
+        s = student.clone().requires_grad_(True)
+        t = teacher.clone().requires_grad_(True)
+        loss = fn(s, t, target)
+        loss.backward()
+        results.append((loss.detach(), s.grad, t.grad))
+    for what, a, b in zip(("loss", "student grad", "teacher grad"), *results):
+        assert_close(a, b, rtol=rtol, what=what)
+
+
+def assert_bad_inputs_name_the_argument(kernel, student, teacher, target):
+    """`kernel` (on the contract's arguments) raises a ValueError / TypeError naming the bad
+    argument: mismatched shapes, int32 target, a non-contiguous gradient, a bad code."""
+    opts = VALID_SCALARS
+    with pytest.raises(ValueError, match="teacher"):
+        kernel(student, teacher[:, :9].contiguous(), target, None, None, *opts)
+    with pytest.raises(TypeError, match="target"):
+        kernel(student, teacher, target.int(), None, None, *opts)
+    with pytest.raises(ValueError, match="grad_student"):
+        kernel(student, teacher, target, student.t(), None, *opts)
+    with pytest.raises(ValueError, match="divergence"):
+        kernel(student, teacher, target, None, None, *opts[:3], 7, *opts[4:])
+
+
+def skip_infinite_reverse_kl(divergence, student_padded):
+    """Skips reverse KL against -inf teacher columns the student still puts mass on."""
+    if divergence == "reverse_kl" and not student_padded:
+        pytest.skip("KL(p_s || p_t) is +inf when the student puts mass where p_t = 0")
