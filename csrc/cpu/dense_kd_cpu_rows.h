@@ -35,7 +35,8 @@ constexpr int kTVD = static_cast<int>(Divergence::kTVD);
 // Per-thread float32 row buffers, each padded to a whole number of vectors (uninitialised).
 class RowScratch {
  public:
-  enum Slot { kStudentExp, kTeacherExp, kCeExp, kLogMixture, kStudentTanh, kTeacherTanh,
+  enum Slot { kStudentExp, kTeacherExp, kCeExp, kJsdStudent, kJsdTeacher, kStudentTanh,
+              kTeacherTanh,
               kStudentStaging, kTeacherStaging, kNumSlots };
 
   explicit RowScratch(int64_t vocab)
@@ -98,7 +99,9 @@ struct RowStats {
   float sum_shifted_s = 0.f; // sum over the vocabulary of x_s (label smoothing)
   float label_shifted = 0.f; // x_s[y]
   float divergence = 0.f;    // D(p_t, p_s)
-  float kl_t = 0.f, kl_s = 0.f;  // jsd: KL(p_t||m), KL(p_s||m)
+  // jsd: rho = log(p/m) at the side's argmax, kl = KL(p||m) - rho (see jsd_sums)
+  float rho_t = 0.f, rho_s = 0.f, kl_t = 0.f, kl_s = 0.f;
+  int64_t argmax_s = 0, argmax_t = 0;  // jsd: columns of the largest probabilities
   float dot_s = 0.f, dot_t = 0.f;  // tvd: <p_s, g>, <p_t, g>
 };
 
@@ -122,7 +125,8 @@ class RowKernel {
     s_.scale = has_div_ ? 1.f / p.temperature : 1.f;
     t_.scale = 1.f / p.temperature;
     eq_ = scratch.slot(RowScratch::kCeExp);
-    lm_ = scratch.slot(RowScratch::kLogMixture);
+    jsd_s_ = scratch.slot(RowScratch::kJsdStudent);
+    jsd_t_ = scratch.slot(RowScratch::kJsdTeacher);
     staging_s_ = scratch.slot(RowScratch::kStudentStaging);
     staging_t_ = scratch.slot(RowScratch::kTeacherStaging);
   }
@@ -226,6 +230,7 @@ class RowKernel {
     float* const et_buf = t_.exp;
     float* const eq_buf = eq_;
     Vec sum_s(0.f), sum_t(0.f), sum_q(0.f), cross(0.f), shifted_sum(0.f);
+    LaneArgmax arg_s, arg_t;  // jsd only
     auto step = [&](int64_t j, int64_t n) FASTKD_INLINE {
       const Vec xs = xs_at.template at<true>(j, n);
       const Vec es = fast_exp(xs);
@@ -238,6 +243,10 @@ class RowKernel {
         sum_t = sum_t + et;
         if constexpr (kDiv == kKL) cross = cross + where_positive(et, et * (xt - xs));
         if constexpr (kDiv == kReverseKL) cross = cross + where_positive(es, es * (xs - xt));
+        if constexpr (kDiv == kJSD) {
+          arg_s.update(es, j);
+          arg_t.update(et, j);
+        }
       }
       if (ce_square) {
         sum_q = at::vec::fmadd(es, es, sum_q);  // exp(2x) = exp(x)^2: no third exponential
@@ -256,6 +265,10 @@ class RowKernel {
       t_.sum = lane_sum(sum_t);
       t_.log_sum = std::log(t_.sum);
       st.cross = lane_sum(cross);
+      if constexpr (kDiv == kJSD) {
+        st.argmax_s = arg_s.argmax(vocab_);
+        st.argmax_t = arg_t.argmax(vocab_);
+      }
     }
     if (ce) {
       st.sum_q = ce_square || ce_other ? lane_sum(sum_q) : s_.sum;
@@ -272,31 +285,51 @@ class RowKernel {
       st.divergence = st.cross / s_.sum + (t_.log_sum - s_.log_sum);
     } else if constexpr (kDiv == kJSD) {
       jsd_sums<kSoftcap>(st);
-      st.divergence = p_.beta * st.kl_t + (1.f - p_.beta) * st.kl_s;
+      st.divergence = p_.beta * (st.rho_t + st.kl_t) + (1.f - p_.beta) * (st.rho_s + st.kl_s);
     } else {
       tvd_sums(st);
     }
     return st.divergence;
   }
 
-  // Extra sweep for JSD: KL(p_t||m), KL(p_s||m), m = beta p_t + (1 - beta) p_s; log m is
-  // cached for the gradient.
+  // Extra sweep for JSD. With r = log(p/m) per side (jsd_log_ratios) and rho = r at that
+  // side's argmax, KL(p||m) = rho + sum p (r - rho) and its gradient is p ((r - rho) - that
+  // sum): near a one-hot distribution the dominant r - rho is exactly 0, where subtracting
+  // a float32 KL from r would cancel to a few ulps of r. r - rho is cached for sweep C.
   template <bool kSoftcap>
   void jsd_sums(RowStats& st) {
     const auto xs_at = shifted_view<kSoftcap>(s_), xt_at = shifted_view<kSoftcap>(t_);
     const float* const es_buf = s_.exp;
     const float* const et_buf = t_.exp;
+    float* const qs_buf = jsd_s_;
+    float* const qt_buf = jsd_t_;
     const int64_t full = full_, rest = rest_;
-    const Vec inv_s(1.f / s_.sum), inv_t(1.f / t_.sum), lzs(s_.log_sum), lzt(t_.log_sum);
+    const Vec inv_s(1.f / s_.sum), inv_t(1.f / t_.sum), c(s_.log_sum - t_.log_sum);
     const Vec beta(p_.beta), one_minus_beta(1.f - p_.beta);
-    float* const lm_buf = lm_;
+    // log(p_s/m) and log(p_t/m) of n columns at j (d = log(p_s/p_t) from the logits).
+    auto ratios = [&](int64_t j, int64_t n, Vec& ps, Vec& pt, Vec& ls, Vec& lt) FASTKD_INLINE {
+      ps = Vec::loadu(es_buf + j) * inv_s;
+      pt = Vec::loadu(et_buf + j) * inv_t;
+      const Vec d = (xs_at.template at<false>(j, n) - xt_at.template at<false>(j, n)) - c;
+      jsd_log_ratios(ps, pt, d, beta, one_minus_beta, ls, lt);
+    };
+    {  // rho from lane 0 of the sweep's own arithmetic, so the argmax's r - rho is exactly 0
+      Vec ps, pt, ls, lt;
+      ratios(st.argmax_s, 1, ps, pt, ls, lt);
+      st.rho_s = first_lane(ls);
+      ratios(st.argmax_t, 1, ps, pt, ls, lt);
+      st.rho_t = first_lane(lt);
+    }
+    const Vec rho_s(st.rho_s), rho_t(st.rho_t);
     Vec kl_t(0.f), kl_s(0.f);
     auto step = [&](int64_t j, int64_t n) FASTKD_INLINE {
-      const Vec ps = Vec::loadu(es_buf + j) * inv_s, pt = Vec::loadu(et_buf + j) * inv_t;
-      const Vec lm = fast_log(beta * pt + one_minus_beta * ps);
-      lm.store(lm_buf + j);
-      kl_t = kl_t + xlog_ratio(pt, xt_at.template at<false>(j, n) - lzt, lm);
-      kl_s = kl_s + xlog_ratio(ps, xs_at.template at<false>(j, n) - lzs, lm);
+      Vec ps, pt, ls, lt;
+      ratios(j, n, ps, pt, ls, lt);
+      const Vec qs = ls - rho_s, qt = lt - rho_t;
+      qs.store(qs_buf + j);
+      qt.store(qt_buf + j);
+      kl_s = kl_s + where_positive(ps, ps * qs);
+      kl_t = kl_t + where_positive(pt, pt * qt);
     };
     for (int64_t j = 0; j < full; j += kLanes) step(j, kLanes);
     if (rest > 0) step(full, rest);
@@ -338,17 +371,18 @@ class RowKernel {
   struct DivGradConstants {
     Vec kl_shift_t;   // kl teacher: log Z_t - log Z_s + D
     Vec rkl_shift_s;  // reverse_kl student: log Z_s - log Z_t + D
-    Vec jsd_shift_s, jsd_shift_t;  // jsd: log Z + KL(p||m) per side
+    Vec jsd_kl_s, jsd_kl_t;  // jsd: KL(p||m) - rho per side
     Vec beta, one_minus_beta;
     Vec dot_s, dot_t;  // tvd
-    const float* log_mixture;
+    const float* jsd_ratio_s;  // jsd: log(p/m) - rho per column
+    const float* jsd_ratio_t;
   };
 
   DivGradConstants div_grad_constants(const RowStats& st) const {
     return {Vec(t_.log_sum - s_.log_sum + st.divergence),
             Vec(s_.log_sum - t_.log_sum + st.divergence),
-            Vec(s_.log_sum + st.kl_s), Vec(t_.log_sum + st.kl_t),
-            Vec(p_.beta), Vec(1.f - p_.beta), Vec(st.dot_s), Vec(st.dot_t), lm_};
+            Vec(st.kl_s), Vec(st.kl_t), Vec(p_.beta), Vec(1.f - p_.beta), Vec(st.dot_s),
+            Vec(st.dot_t), jsd_s_, jsd_t_};
   }
 
   // d D / d a_s at column j.
@@ -361,7 +395,7 @@ class RowKernel {
       return where_positive(ps, ps * (xs - xt - k.rkl_shift_s));
     } else if constexpr (kDiv == kJSD) {
       return k.one_minus_beta *
-             xlog_ratio(ps, xs - k.jsd_shift_s, Vec::loadu(k.log_mixture + j));
+             where_positive(ps, ps * (Vec::loadu(k.jsd_ratio_s + j) - k.jsd_kl_s));
     } else {
       return ps * (half_sign(ps - pt) - k.dot_s);
     }
@@ -376,7 +410,7 @@ class RowKernel {
     } else if constexpr (kDiv == kReverseKL) {
       return pt - ps;
     } else if constexpr (kDiv == kJSD) {
-      return k.beta * xlog_ratio(pt, xt - k.jsd_shift_t, Vec::loadu(k.log_mixture + j));
+      return k.beta * where_positive(pt, pt * (Vec::loadu(k.jsd_ratio_t + j) - k.jsd_kl_t));
     } else {
       return pt * (k.dot_t - half_sign(ps - pt));
     }
@@ -417,9 +451,8 @@ class RowKernel {
     float* const dst_t = kIsFloat ? reinterpret_cast<float*>(out_t) : staging_t_;
     const bool ce = has_ce_, div = has_div_;
     const bool ce_same = ce_ratio_ == 1.f, ce_square = ce_ratio_ == 2.f;
-    const bool need_xs = div && (kDiv == kReverseKL || kDiv == kJSD ||
-                                 (kDiv == kKL && out_t != nullptr));
-    const bool need_xt = need_xs && (kDiv != kJSD || out_t != nullptr);
+    const bool need_xs = div && (kDiv == kReverseKL || (kDiv == kKL && out_t != nullptr));
+    const bool need_xt = need_xs;
     const auto xs_at = shifted_view<kSoftcap>(s_), xt_at = shifted_view<kSoftcap>(t_);
     const float* const es_buf = s_.exp;
     const float* const et_buf = t_.exp;
@@ -484,7 +517,7 @@ class RowKernel {
   const float ce_ratio_;  // r with cap(z) - max cap(z) = r x_s
   const bool stream_outputs_;  // gradients much larger than the caches: stream them
   Side<scalar_t> s_, t_;
-  float *eq_, *lm_, *staging_s_, *staging_t_;
+  float *eq_, *jsd_s_, *jsd_t_, *staging_s_, *staging_t_;
 };
 
 template <typename scalar_t>

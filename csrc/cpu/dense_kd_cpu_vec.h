@@ -38,6 +38,12 @@ inline float lane_sum(const Vec& v) {
   return total;
 }
 
+inline float first_lane(const Vec& v) {
+  alignas(64) float lanes[kLanes];
+  v.store(lanes);
+  return lanes[0];
+}
+
 inline float lane_max(const Vec& v) {
   alignas(64) float lanes[kLanes];
   v.store(lanes);
@@ -144,11 +150,51 @@ inline Vec where_positive(const Vec& p, const Vec& v) {
   return Vec::blendv(Vec(0.f), v, p > Vec(0.f));
 }
 
-// p * (log p - log m), 0 where p == 0 or m underflowed to 0 (log m == -inf).
-inline Vec xlog_ratio(const Vec& p, const Vec& log_p, const Vec& log_m) {
-  const Vec live = (p > Vec(0.f)) & (log_m > Vec(kNegInf));
-  return Vec::blendv(Vec(0.f), p * (log_p - log_m), live);
+// JSD log-ratios (log(p_s / m), log(p_t / m)), m = beta p_t + (1 - beta) p_s, from the
+// probabilities and d = log(p_s / p_t), without forming m: with u = min / max of the two
+// probabilities, the larger side's ratio is lg = -log(beta u + 1 - beta) (student larger) or
+// -log(beta + (1 - beta) u) (teacher larger), a log of a value in [min(beta, 1 - beta), 1];
+// the other side's is lg -+ |d|. So near a one-hot teacher with a small student probability
+// every dominant column rounds to the same -log(beta), which the reference shift of the
+// JSD sums then cancels exactly. Columns where both probabilities are 0 give NaN and where
+// one is 0 that side's ratio is -inf: callers mask both with where_positive.
+inline void jsd_log_ratios(const Vec& ps, const Vec& pt, const Vec& d, const Vec& beta,
+                           const Vec& one_minus_beta, Vec& log_ratio_s, Vec& log_ratio_t) {
+  const Vec u = at::vec::minimum(ps, pt) / at::vec::maximum(ps, pt);
+  const Vec student_larger = ps >= pt;
+  const Vec lg = Vec(0.f) - fast_log(Vec::blendv(at::vec::fmadd(one_minus_beta, u, beta),
+                                                 at::vec::fmadd(beta, u, one_minus_beta),
+                                                 student_larger));
+  log_ratio_s = Vec::blendv(lg + d, lg, student_larger);
+  log_ratio_t = Vec::blendv(lg, lg - d, student_larger);
 }
+
+// Running argmax of a row's non-negative values, one candidate per lane. Column indices are
+// held as floats (exact below 2^24 columns; beyond that the column found may be a neighbour
+// of the maximum, which only its users' accuracy, never their result, depends on).
+struct LaneArgmax {
+  Vec best = Vec(-1.f);
+  Vec column = Vec(0.f);
+  const Vec iota = Vec::arange(0.f, 1.f);
+
+  FASTKD_INLINE void update(const Vec& v, int64_t j) {
+    const Vec better = v > best;
+    best = Vec::blendv(best, v, better);
+    column = Vec::blendv(column, iota + Vec(static_cast<float>(j)), better);
+  }
+
+  // The column of the largest value, clamped into [0, vocab).
+  int64_t argmax(int64_t vocab) const {
+    alignas(64) float values[kLanes], columns[kLanes];
+    best.store(values);
+    column.store(columns);
+    int64_t lane = 0;
+    for (int64_t i = 1; i < kLanes; ++i) {
+      if (values[i] > values[lane]) lane = i;
+    }
+    return std::clamp<int64_t>(static_cast<int64_t>(columns[lane]), 0, vocab - 1);
+  }
+};
 
 // g = sign(d) / 2, the TVD subgradient (0 where d == 0).
 inline Vec half_sign(const Vec& d) {
