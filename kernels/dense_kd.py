@@ -22,6 +22,10 @@ Maths (one row; s, t: student / teacher logits of length V; y: label; T: tempera
                   dD/da_s = (1-b) p_s (ln(p_s/m~) - K_s)    dD/da_t = b p_t (ln(p_t/m~) - K_t)
                   log2(p_s/m~) = -log2(b 2^-r + 1 - b) (r >= 0; the mirrored form for r < 0,
                   so 2^|r| never overflows).
+                  With l_t = ln(p_t/m~) and rho_t = l_t at the teacher's max (rho_s, l_s alike),
+                  K_t = rho_t + sum p_t (l_t - rho_t) and dD/da_t = b p_t ((l_t - rho_t) -
+                  (K_t - rho_t)): near a one-hot teacher the dominant l_t - rho_t is exactly 0
+                  where l_t - K_t would cancel to a few ulps of l_t.
       tvd         g = sign(r)/2,  D = sum |p_s - p_t| / 2,  G_s = sum p_s g,  G_t = sum p_t g,
                   dD/da_s = p_s (g - G_s)            dD/da_t = p_t (G_t - g)
                   (softmax Jacobian: d/da_i sum_j f(p_j) = p_i (f'_i - sum_j p_j f'_j))
@@ -57,6 +61,7 @@ import triton
 import triton.language as tl
 
 from .dense_kd_math import (
+    JSD,
     KL,
     LN2,
     LOG2E,
@@ -64,6 +69,7 @@ from .dense_kd_math import (
     ce_row,
     cross,
     div_grads,
+    jsd_references,
     load_logits,
     logits,
     online_max,
@@ -119,6 +125,8 @@ def dense_kd_single_kernel(
         p_t = e_t * inv_t
         c = (m_s - m_t) * scale + tl.log2(sum_s) - tl.log2(sum_t)
         dz = z_s - z_t
+        rho_s = tl.zeros([BLOCK_N, 1], tl.float32)  # jsd only
+        rho_t = tl.zeros([BLOCK_N, 1], tl.float32)
         if DIV == KL:
             r2 = value_at_max(z_t, m_t, -dz)
             r1 = tl.sum(cross(e_t, -dz, r2), axis=1, keep_dims=True) * inv_t
@@ -128,13 +136,16 @@ def dense_kd_single_kernel(
             r1 = tl.sum(cross(e_s, dz, r2), axis=1, keep_dims=True) * inv_s
             d = LN2 * (scale * (r1 + r2) - c)
         else:
-            a, b, cc = pair_terms(p_s, p_t, dz * scale - c, beta, DIV)
+            rho_s, rho_t = jsd_references(value_at_max(z_s, m_s, dz) * scale - c,
+                                          value_at_max(z_t, m_t, dz) * scale - c, beta)
+            a, b, cc = pair_terms(p_s, p_t, dz * scale - c, beta, rho_s, rho_t, DIV)
             d, r1, r2 = pair_finish(tl.sum(a, axis=1, keep_dims=True),
                                      tl.sum(b, axis=1, keep_dims=True),
-                                     tl.sum(cc, axis=1, keep_dims=True), beta, DIV)
+                                     tl.sum(cc, axis=1, keep_dims=True), beta, rho_s, rho_t,
+                                     DIV)
         loss += div_weight * d
         if NEED_GS or NEED_GT:
-            g_s, g_t = div_grads(p_s, p_t, dz, scale, c, r1, r2, beta, DIV)
+            g_s, g_t = div_grads(p_s, p_t, dz, scale, c, r1, r2, beta, rho_s, rho_t, DIV)
             if HAS_SOFTCAP:
                 g_t = g_t * slope_t
     q = p_s
@@ -219,6 +230,8 @@ def _multipass_row(
     acc_w = zero_v
     acc_z = zero_v
     ref = tl.zeros([1, 1], tl.float32)  # kl / reverse_kl: reference of the cross sum acc_w
+    dz_at_max_s = tl.zeros([1, 1], tl.float32)  # jsd: z_s - z_t at the student's / teacher's max
+    dz_at_max_t = tl.zeros([1, 1], tl.float32)
     if HAS_CE:  # read before any gradient store: safe when grad_student aliases student
         z_y = target_logit(s_ptr, base + y, y, V, softcap, HAS_SOFTCAP)
     # Pass 1 (forward): online max / sum-exp of every softmax and the kl cross term.
@@ -256,6 +269,12 @@ def _multipass_row(
                 ref_new = tl.where(m_s_new > m_s, value_at_max(z_s, m_s_new, x), ref)
                 acc_w = alpha_s * (acc_w + acc_s * (ref - ref_new)) + cross(e_s, x, ref_new)
                 ref = ref_new
+            if DIV == JSD:
+                dz = z_s - z_t
+                dz_at_max_s = tl.where(m_s_new > m_s, value_at_max(z_s, m_s_new, dz),
+                                       dz_at_max_s)
+                dz_at_max_t = tl.where(m_t_new > m_t, value_at_max(z_t, m_t_new, dz),
+                                       dz_at_max_t)
             acc_t = acc_t * alpha_t + e_t
             m_t = m_t_new
         acc_s = acc_s * alpha_s + e_s
@@ -265,6 +284,8 @@ def _multipass_row(
     loss = tl.zeros([1, 1], tl.float32)
     r1 = tl.zeros([1, 1], tl.float32)
     r2 = tl.zeros([1, 1], tl.float32)
+    rho_s = tl.zeros([1, 1], tl.float32)
+    rho_t = tl.zeros([1, 1], tl.float32)
     if HAS_DIV:
         sum_t = tl.sum(acc_t, axis=1, keep_dims=True)
         inv_t = 1.0 / sum_t
@@ -279,6 +300,9 @@ def _multipass_row(
             d = LN2 * (scale * (r1 + r2) - c)
         else:
             # Pass 2 (backward): jsd / tvd sums need the normalised probabilities.
+            if DIV == JSD:
+                rho_s, rho_t = jsd_references(dz_at_max_s * scale - c, dz_at_max_t * scale - c,
+                                              beta)
             acc_a = zero_v
             acc_b = zero_v
             acc_c = zero_v
@@ -292,13 +316,15 @@ def _multipass_row(
                 next_t = _prefetch(t_ptr, base, i + 1, n_chunks, col0, V, BLOCK_V, True)
                 p_s = tl.exp2((z_s - m_s) * scale) * inv_s
                 p_t = tl.exp2((z_t - m_t) * scale) * inv_t
-                a, b, cc = pair_terms(p_s, p_t, (z_s - z_t) * scale - c, beta, DIV)
+                a, b, cc = pair_terms(p_s, p_t, (z_s - z_t) * scale - c, beta, rho_s, rho_t,
+                                      DIV)
                 acc_a += a
                 acc_b += b
                 acc_c += cc
             d, r1, r2 = pair_finish(tl.sum(acc_a, axis=1, keep_dims=True),
                                      tl.sum(acc_b, axis=1, keep_dims=True),
-                                     tl.sum(acc_c, axis=1, keep_dims=True), beta, DIV)
+                                     tl.sum(acc_c, axis=1, keep_dims=True), beta, rho_s,
+                                     rho_t, DIV)
         loss += div_weight * d
     if HAS_CE:
         if CE_POW == 1:
@@ -330,7 +356,8 @@ def _multipass_row(
                 next_t = _prefetch(t_ptr, base, i + 1, n_chunks, col0, V, BLOCK_V,
                                    not PAIR_PASS)
                 p_t = tl.exp2((z_t - m_t) * scale) * inv_t
-                g_s, g_t = div_grads(p_s, p_t, z_s - z_t, scale, c, r1, r2, beta, DIV)
+                g_s, g_t = div_grads(p_s, p_t, z_s - z_t, scale, c, r1, r2, beta, rho_s,
+                                     rho_t, DIV)
                 if HAS_SOFTCAP:
                     g_t = g_t * slope_t
             if NEED_GS:

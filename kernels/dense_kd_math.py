@@ -101,13 +101,24 @@ def jsd_log_ratios(r, beta):
 
 
 @triton.jit
-def pair_terms(p_s, p_t, r, beta, DIV: tl.constexpr):
+def jsd_references(r_at_max_s, r_at_max_t, beta):
+    """(rho_s, rho_t): log2(p_s/m~) at the student's max and log2(p_t/m~) at the teacher's,
+    from r = log2(p_s/p_t) at those columns. The jsd sums and gradients use log-ratios minus
+    these, so the dominant term of a nearly one-hot side is exactly 0 (see dense_kd.py)."""
+    rho_s, _ = jsd_log_ratios(r_at_max_s, beta)
+    _, rho_t = jsd_log_ratios(r_at_max_t, beta)
+    return rho_s, rho_t
+
+
+@triton.jit
+def pair_terms(p_s, p_t, r, beta, rho_s, rho_t, DIV: tl.constexpr):
     """Per-element summands of the jsd / tvd row sums.
-    jsd: (p_t log2(p_t/m~), p_s log2(p_s/m~), 0);  tvd: (|p_s - p_t|, p_s g, p_t g)."""
+    jsd: (p_t (log2(p_t/m~) - rho_t), p_s (log2(p_s/m~) - rho_s), 0);
+    tvd: (|p_s - p_t|, p_s g, p_t g)."""
     if DIV == JSD:
         ls, lt = jsd_log_ratios(r, beta)
-        a = tl.where(p_t > 0, p_t * lt, 0.0)
-        b = tl.where(p_s > 0, p_s * ls, 0.0)
+        a = tl.where(p_t > 0, p_t * (lt - rho_t), 0.0)
+        b = tl.where(p_s > 0, p_s * (ls - rho_s), 0.0)
         c = tl.zeros_like(a)
     else:
         g = tl.where(r > 0, 0.5, tl.where(r < 0, -0.5, 0.0))
@@ -118,24 +129,26 @@ def pair_terms(p_s, p_t, r, beta, DIV: tl.constexpr):
 
 
 @triton.jit
-def pair_finish(sum_a, sum_b, sum_c, beta, DIV: tl.constexpr):
-    """Row sums -> (D, r1, r2): jsd (D, K_t, K_s); tvd (D, G_s, G_t)."""
+def pair_finish(sum_a, sum_b, sum_c, beta, rho_s, rho_t, DIV: tl.constexpr):
+    """Row sums -> (D, r1, r2): jsd (D, K_t - ln2 rho_t, K_s - ln2 rho_s); tvd (D, G_s, G_t)."""
     if DIV == JSD:
         k_t = LN2 * sum_a
         k_s = LN2 * sum_b
-        return beta * k_t + (1.0 - beta) * k_s, k_t, k_s
+        d = beta * (k_t + LN2 * rho_t) + (1.0 - beta) * (k_s + LN2 * rho_s)
+        return d, k_t, k_s
     else:
         return 0.5 * sum_a, sum_b, sum_c
 
 
 @triton.jit
-def div_grads(p_s, p_t, dz, scale, c, r1, r2, beta, DIV: tl.constexpr):
+def div_grads(p_s, p_t, dz, scale, c, r1, r2, beta, rho_s, rho_t, DIV: tl.constexpr):
     """(dD/da_s, dD/da_t) per element from dz = z_s - z_t and the row terms r1, r2.
 
     kl: x = z_t - z_s, r2 = x at the teacher's max, r1 = E_{p_t}[x - r2], so that
     ln(p_t/p_s) - D = ln2 k ((x - r2) - r1): C cancels exactly rather than in rounding, and
     the dominant term of r1 is exactly 0 (accuracy where p_t is nearly one-hot).
-    reverse_kl: the same with x = z_s - z_t under p_s."""
+    reverse_kl: the same with x = z_s - z_t under p_s.
+    jsd: r1, r2 and the log-ratios are all relative to rho_t, rho_s (jsd_references)."""
     if DIV == KL:
         g_s = p_s - p_t
         g_t = tl.where(p_t > 0, p_t * ((LN2 * scale) * ((-dz - r2) - r1)), 0.0)
@@ -146,8 +159,8 @@ def div_grads(p_s, p_t, dz, scale, c, r1, r2, beta, DIV: tl.constexpr):
         r = dz * scale - c
         if DIV == JSD:
             ls, lt = jsd_log_ratios(r, beta)
-            g_s = (1.0 - beta) * tl.where(p_s > 0, p_s * (LN2 * ls - r2), 0.0)
-            g_t = beta * tl.where(p_t > 0, p_t * (LN2 * lt - r1), 0.0)
+            g_s = (1.0 - beta) * tl.where(p_s > 0, p_s * (LN2 * (ls - rho_s) - r2), 0.0)
+            g_t = beta * tl.where(p_t > 0, p_t * (LN2 * (lt - rho_t) - r1), 0.0)
         else:
             g = tl.where(r > 0, 0.5, tl.where(r < 0, -0.5, 0.0))
             g_s = p_s * (g - r1)
