@@ -94,6 +94,10 @@ def test_low_temperature_float32(divergence, beta):
                                         divergence=divergence, beta=beta, label_smoothing=0.1)
 
 
+def test_jsd_near_one_hot():
+    kernel_checks.check_jsd_near_one_hot(run_op, inputs)
+
+
 @pytest.mark.parametrize("divergence,beta", DIVERGENCE_CASES, ids=DIVERGENCE_IDS)
 def test_softcap(divergence, beta):
     student, teacher, target = inputs(4, 700, scale=8.0, seed=4)

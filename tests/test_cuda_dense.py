@@ -101,6 +101,10 @@ def test_temperatures(path, divergence, temperature):
              alpha=0.4, label_smoothing=0.2)
 
 
+def test_jsd_near_one_hot(path):
+    kernel_checks.check_jsd_near_one_hot(run_op, inputs)
+
+
 @pytest.mark.parametrize("divergence,beta", DIVERGENCE_CASES, ids=DIVERGENCE_IDS)
 def test_low_temperature(path, divergence, beta):
     """T = 0.5: jsd / tvd gradients cancel in float32; bound by twice the eager float32 error."""

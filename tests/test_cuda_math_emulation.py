@@ -91,6 +91,10 @@ def test_temperatures(library, divergence, temperature):
           alpha=0.4, label_smoothing=0.2)
 
 
+def test_jsd_near_one_hot(library):
+    kernel_checks.check_jsd_near_one_hot(functools.partial(emulate, library), inputs)
+
+
 @pytest.mark.parametrize("divergence,beta", DIVERGENCE_CASES, ids=DIVERGENCE_IDS)
 def test_low_temperature(library, divergence, beta):
     """T = 0.5: jsd / tvd gradients are differences of O(1) row sums that cancel, so float32

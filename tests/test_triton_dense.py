@@ -86,6 +86,11 @@ def test_temperatures(temperature, path):
 
 
 @pytest.mark.parametrize("path", PATHS)
+def test_jsd_near_one_hot(path):
+    kernel_checks.check_jsd_near_one_hot(run_kernel, inputs, path=path)
+
+
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("divergence,beta", DIVERGENCE_FOUR, ids=FOUR_IDS)
 def test_low_temperature_float32(divergence, beta, path):
     """T = 0.5: the jsd / tvd gradients are differences of O(1) row sums that cancel

@@ -107,6 +107,8 @@ __device__ __forceinline__ void zero_fill(T* row, int64_t len) {
 }
 
 // ---- reductions ----
+// kArgmaxDiffs: also the JSD fields (z_s - z_t at the maxima), dead for other divergences.
+template <bool kArgmaxDiffs>
 __device__ __forceinline__ RowStats shfl_xor(const RowStats& v, int lane_mask) {
   RowStats o;
   o.ms = __shfl_xor_sync(0xffffffffu, v.ms, lane_mask);
@@ -117,6 +119,12 @@ __device__ __forceinline__ RowStats shfl_xor(const RowStats& v, int lane_mask) {
   o.x = __shfl_xor_sync(0xffffffffu, v.x, lane_mask);
   o.sum_z = __shfl_xor_sync(0xffffffffu, v.sum_z, lane_mask);
   o.zy = __shfl_xor_sync(0xffffffffu, v.zy, lane_mask);
+  if (kArgmaxDiffs) {
+    o.dzs = __shfl_xor_sync(0xffffffffu, v.dzs, lane_mask);
+    o.dzt = __shfl_xor_sync(0xffffffffu, v.dzt, lane_mask);
+  } else {
+    o.dzs = o.dzt = 0.0f;
+  }
   return o;
 }
 
@@ -131,16 +139,23 @@ __device__ __forceinline__ Sum3 shfl_xor(const Sum3& a, int lane_mask) {
   return o;
 }
 
-// Merge functors (symmetric, so butterfly lanes agree bit for bit).
+// Merge functors (symmetric, so butterfly lanes agree bit for bit), with the lane shuffle of
+// what they merge.
 template <int kDiv>
 struct StatsMerge {
   const RowOptions* o;
+  __device__ __forceinline__ RowStats shuffled(const RowStats& v, int lane_mask) const {
+    return shfl_xor<kDiv == kd_math::kJSD>(v, lane_mask);
+  }
   __device__ __forceinline__ void operator()(RowStats& a, const RowStats& b) const {
     kd_math::merge<kDiv>(a, b, *o);
   }
 };
 
 struct SumMerge {
+  __device__ __forceinline__ Sum3 shuffled(const Sum3& v, int lane_mask) const {
+    return shfl_xor(v, lane_mask);
+  }
   __device__ __forceinline__ void operator()(Sum3& a, const Sum3& b) const {
 #pragma unroll
     for (int i = 0; i < 3; ++i) a.v[i] += b.v[i];
@@ -151,7 +166,7 @@ struct SumMerge {
 // of its group.
 template <class V, class Merge>
 __device__ __forceinline__ V warp_reduce(V v, Merge merge, int width = kWarpSize) {
-  for (int mask = width / 2; mask > 0; mask /= 2) merge(v, shfl_xor(v, mask));
+  for (int mask = width / 2; mask > 0; mask /= 2) merge(v, merge.shuffled(v, mask));
   return v;
 }
 

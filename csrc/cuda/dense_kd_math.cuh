@@ -11,6 +11,9 @@
 //   reverse_kl: dD/da_s = p_s (r - D)                dD/da_t = p_t - p_s
 //   jsd:        dD/da_s = (1-b) p_s (log(p_s/m) - KL(p_s||m))   (m = b p_t + (1-b) p_s)
 //               dD/da_t = b p_t (log(p_t/m) - KL(p_t||m))
+//               both relative to rho = log(p/m) at that side's max, KL = rho + sum p (log(p/m)
+//               - rho): near a one-hot side the dominant log(p/m) - rho is exactly 0, where
+//               log(p/m) - KL would cancel to a few ulps of log(p/m)
 //   tvd:        dD/da_s = p_s (g - <p_s, g>)         dD/da_t = p_t (<p_t, g> - g), g = sign(r)/2
 //   CE:         dCE/dz_s = q - (1 - eps) onehot(y) - eps / V
 //   ds = cap'(s) (ce_w dCE/dz_s + div_w / T dD/da_s),   dt = cap'(t) div_w / T dD/da_t
@@ -121,6 +124,7 @@ struct alignas(16) RowStats {
   float x;        // KL: sum e_t (z_t - z_s); reverse KL: sum e_s (z_s - z_t); e = exp((z - m) / T)
   float sum_z;    // sum of z_s (label smoothing)
   float zy;       // z_s at the target (exactly one piece contributes)
+  float dzs, dzt; // JSD: z_s - z_t at a column of the student's / teacher's max
 };
 
 FASTKD_HD RowStats empty_stats() {
@@ -128,12 +132,31 @@ FASTKD_HD RowStats empty_stats() {
   s.ms = s.mt = kNegInf;
   s.ss = s.st = s.sq = 0.0f;
   s.x = s.sum_z = s.zy = 0.0f;
+  s.dzs = s.dzt = 0.0f;
   return s;
 }
 
 // The student max is needed by the divergence and by CE; the teacher's by the divergence.
 FASTKD_HD bool tracks_student(const RowOptions& o) { return o.has_div || o.has_ce; }
 FASTKD_HD bool tracks_ce_sum(const RowOptions& o) { return o.has_ce && !o.q_from_student; }
+
+// JSD: the value kept with the larger of two maxima (a tie keeps the smaller value, so the
+// choice is symmetric in the two pieces).
+FASTKD_HD float value_at_larger(float m_a, float m_b, float v_a, float v_b) {
+  return m_a > m_b ? v_a : (m_b > m_a ? v_b : fminf(v_a, v_b));
+}
+
+// JSD: z_s - z_t at a column where z attains m_new, or `kept` if the max did not grow.
+template <int E>
+FASTKD_HD float diff_at_max(const float (&z)[E], const float (&zs)[E], const float (&zt)[E],
+                            float m_old, float m_new, float kept) {
+  if (!(m_new > m_old)) return kept;
+  FASTKD_UNROLL
+  for (int k = 0; k < E; ++k) {
+    if (z[k] == m_new) kept = zs[k] - zt[k];
+  }
+  return kept;
+}
 
 // a <- a (+) b. Symmetric in a and b bit for bit, so every lane of a butterfly reduction and
 // every CTA of a cluster that merges the same pieces gets the same row statistics.
@@ -149,6 +172,7 @@ FASTKD_HD void merge(RowStats& a, const RowStats& b, const RowOptions& o) {
     if (tracks_ce_sum(o)) {
       a.sq = scaled(a.sq, rescale(a.ms, m, 1.0f)) + scaled(b.sq, rescale(b.ms, m, 1.0f));
     }
+    if (kDiv == kJSD) a.dzs = value_at_larger(a.ms, b.ms, a.dzs, b.dzs);
     a.ms = m;
   }
   if (o.has_div) {
@@ -156,6 +180,7 @@ FASTKD_HD void merge(RowStats& a, const RowStats& b, const RowOptions& o) {
     const float fa = rescale(a.mt, m, o.inv_t), fb = rescale(b.mt, m, o.inv_t);
     a.st = scaled(a.st, fa) + scaled(b.st, fb);
     if (kDiv == kKL) a.x = scaled(a.x, fa) + scaled(b.x, fb);
+    if (kDiv == kJSD) a.dzt = value_at_larger(a.mt, b.mt, a.dzt, b.dzt);
     a.mt = m;
   }
   a.sum_z += b.sum_z;
@@ -206,6 +231,7 @@ FASTKD_HD void accumulate(RowStats& st, const float (&s_raw)[E], const float (&t
         for (int k = 0; k < E; ++k) sq += expf(zs[k] - m);
         st.sq = sq;
       }
+      if (kDiv == kJSD) st.dzs = diff_at_max(zs, zs, zt, st.ms, m, st.dzs);
       st.ms = m;
     }
   }
@@ -226,6 +252,7 @@ FASTKD_HD void accumulate(RowStats& st, const float (&s_raw)[E], const float (&t
         for (int k = 0; k < E; ++k) x += et[k] > 0.0f ? et[k] * (zt[k] - zs[k]) : 0.0f;
         st.x = x;
       }
+      if (kDiv == kJSD) st.dzt = diff_at_max(zt, zs, zt, st.mt, m, st.dzt);
       st.mt = m;
     }
   }
@@ -243,10 +270,32 @@ struct RowScalars {
   float log_ss, log_st, log_sq;
   float c;
   float d;             // divergence value (JSD / TVD: after the second reduction)
-  float kl_t, kl_s;    // JSD: KL(p_t || m), KL(p_s || m), m = beta p_t + (1 - beta) p_s
+  float rho_t, rho_s;  // JSD: log(p_t / m) at the teacher's max, log(p_s / m) at the student's
+  float kl_t, kl_s;    // JSD: KL(p_t || m) - rho_t, KL(p_s || m) - rho_s, m = b p_t + (1-b) p_s
   float dot_s, dot_t;  // TVD: <p_s, g>, <p_t, g>, g = sign(p_s - p_t) / 2
   float sum_z, zy;
 };
+
+// (log(p_s / m), log(p_t / m)), m = beta p_t + (1 - beta) p_s, from r = log(p_s / p_t); the
+// exponential is of -|r|, so it never overflows. Meaningful where the matching p > 0.
+FASTKD_HD void jsd_log_ratios(float r, const RowOptions& o, float& ls, float& lt) {
+  const bool positive = r >= 0.0f;
+  const float x = expf(-fabsf(r));
+  const float lg = -logf(positive ? o.beta * x + (1.0f - o.beta) : o.beta + (1.0f - o.beta) * x);
+  ls = positive ? lg : lg + r;
+  lt = positive ? lg - r : lg;
+}
+
+// rho_s = log(p_s / m) at the student's max and rho_t = log(p_t / m) at the teacher's, from
+// z_s - z_t there, with the arithmetic of pair_of / jsd_log_ratios so that the dominant
+// column's log(p/m) - rho is exactly 0.
+FASTKD_HD void jsd_references(RowScalars& r, float dzs, float dzt, const RowOptions& o) {
+  float ls, lt;
+  jsd_log_ratios(dzs * o.inv_t - r.c, o, ls, lt);
+  r.rho_s = ls;
+  jsd_log_ratios(dzt * o.inv_t - r.c, o, ls, lt);
+  r.rho_t = lt;
+}
 
 template <int kDiv>
 FASTKD_HD RowScalars finish_stats(const RowStats& st, const RowOptions& o) {
@@ -261,7 +310,8 @@ FASTKD_HD RowScalars finish_stats(const RowStats& st, const RowOptions& o) {
   if (kDiv == kKL) r.d = o.inv_t * st.x / st.st + r.c;
   else if (kDiv == kReverseKL) r.d = o.inv_t * st.x / st.ss - r.c;
   else r.d = 0.0f;
-  r.kl_t = r.kl_s = r.dot_s = r.dot_t = 0.0f;
+  r.rho_t = r.rho_s = r.kl_t = r.kl_s = r.dot_s = r.dot_t = 0.0f;
+  if (kDiv == kJSD && o.has_div) jsd_references(r, st.dzs, st.dzt, o);
   r.sum_z = st.sum_z;
   r.zy = st.zy;
   return r;
@@ -280,20 +330,10 @@ FASTKD_HD Pair pair_of(float zs, float zt, const RowScalars& rs, const RowOption
   return q;
 }
 
-// (log(p_s / m), log(p_t / m)), m = beta p_t + (1 - beta) p_s, from r = log(p_s / p_t); the
-// exponential is of -|r|, so it never overflows. Meaningful where the matching p > 0.
-FASTKD_HD void jsd_log_ratios(float r, const RowOptions& o, float& ls, float& lt) {
-  const bool positive = r >= 0.0f;
-  const float x = expf(-fabsf(r));
-  const float lg = -logf(positive ? o.beta * x + (1.0f - o.beta) : o.beta + (1.0f - o.beta) * x);
-  ls = positive ? lg : lg + r;
-  lt = positive ? lg - r : lg;
-}
-
 FASTKD_HD float half_sign(float x) { return x > 0.0f ? 0.5f : (x < 0.0f ? -0.5f : 0.0f); }
 
 // Second reduction (JSD, TVD): adds one element's terms to acc[3].
-// JSD: acc = (KL(p_t||m), KL(p_s||m), -); TVD: acc = (sum |p_s - p_t|, <p_s, g>, <p_t, g>).
+// JSD: acc = (KL(p_t||m) - rho_t, KL(p_s||m) - rho_s, -); TVD: acc = (sum |p_s - p_t|, <p_s, g>, <p_t, g>).
 template <int kDiv>
 FASTKD_HD void accumulate_second(float (&acc)[3], float s_raw, float t_raw, bool valid,
                                  const RowScalars& rs, const RowOptions& o) {
@@ -302,8 +342,8 @@ FASTKD_HD void accumulate_second(float (&acc)[3], float s_raw, float t_raw, bool
   if (kDiv == kJSD) {
     float ls, lt;
     jsd_log_ratios(q.r, o, ls, lt);
-    acc[0] += q.p_t > 0.0f ? q.p_t * lt : 0.0f;
-    acc[1] += q.p_s > 0.0f ? q.p_s * ls : 0.0f;
+    acc[0] += q.p_t > 0.0f ? q.p_t * (lt - rs.rho_t) : 0.0f;
+    acc[1] += q.p_s > 0.0f ? q.p_s * (ls - rs.rho_s) : 0.0f;
   } else if (kDiv == kTVD) {
     const float g = half_sign(q.r);
     acc[0] += fabsf(q.p_s - q.p_t);
@@ -317,7 +357,7 @@ FASTKD_HD void finish_second(RowScalars& r, const float (&acc)[3], const RowOpti
   if (kDiv == kJSD) {
     r.kl_t = acc[0];
     r.kl_s = acc[1];
-    r.d = o.beta * r.kl_t + (1.0f - o.beta) * r.kl_s;
+    r.d = o.beta * (r.rho_t + r.kl_t) + (1.0f - o.beta) * (r.rho_s + r.kl_s);
   } else if (kDiv == kTVD) {
     r.d = 0.5f * acc[0];
     r.dot_s = acc[1];
@@ -359,8 +399,8 @@ FASTKD_HD void grad_element(float s_raw, float t_raw, bool is_target, const RowS
     } else if (kDiv == kJSD) {
       float ls, lt;
       jsd_log_ratios(q.r, o, ls, lt);
-      ds = (1.0f - o.beta) * (q.p_s > 0.0f ? q.p_s * (ls - r.kl_s) : 0.0f);
-      dt = o.beta * (q.p_t > 0.0f ? q.p_t * (lt - r.kl_t) : 0.0f);
+      ds = (1.0f - o.beta) * (q.p_s > 0.0f ? q.p_s * ((ls - r.rho_s) - r.kl_s) : 0.0f);
+      dt = o.beta * (q.p_t > 0.0f ? q.p_t * ((lt - r.rho_t) - r.kl_t) : 0.0f);
     } else {
       const float g = half_sign(q.r);
       ds = q.p_s * (g - r.dot_s);
