@@ -4,6 +4,7 @@ For each `<device-slug>.csv` (the last row per key, so re-runs supersede older r
 - time and % of roofline against V, one line per provider, where a group has several V;
 - peak memory against N where a group has several N;
 - otherwise a bar chart per shape: median time with its 20-80% range, and peak memory.
+A sweep's PNG is linked once, under the table of its largest shape.
 SUMMARY.md gets one table per (loss, mode, dtype, shape) with the device's measured ceilings,
 the peers' equivalents and links to the PNGs. matplotlib is needed only here.
 """
@@ -103,30 +104,34 @@ def render_plots(rows: List[dict], plot_dir: str) -> Dict[tuple, List[str]]:
     os.makedirs(plot_dir, exist_ok=True)
     images: Dict[tuple, List[str]] = {}
 
-    def attach(path, group_rows):
-        for r in group_rows:
-            key = (r["loss"], r["mode"], r["dtype"]) + tuple(r[c] for c in SHAPE_COLUMNS)
-            if path not in images.setdefault(key, []):
-                images[key].append(path)
+    swept = set()  # shapes shown by a sweep: no bar chart of their own
+
+    def key_of(row) -> tuple:
+        return (row["loss"], row["mode"], row["dtype"]) + tuple(row[c] for c in SHAPE_COLUMNS)
+
+    def attach_sweep(path, group_rows):
+        keys = {key_of(r) for r in group_rows}
+        swept.update(keys)
+        images.setdefault(max(keys, key=lambda k: tuple(int(x) for x in k[3:])), []).append(path)
 
     for (loss, mode, dtype, n, hs, ht), group in _group(
             rows, ("loss", "mode", "dtype", "n", "h_student", "h_teacher")).items():
         if len({r["v"] for r in group}) > 1:
             path = os.path.join(plot_dir, _file_name(loss, mode, dtype, f"n{n}", hs, ht, "vs-v"))
             _sweep_v(plt, group, f"{loss} {mode} {dtype} N={n}", path)
-            attach(path, group)
+            attach_sweep(path, group)
     for (loss, mode, dtype, v, hs, ht), group in _group(
             rows, ("loss", "mode", "dtype", "v", "h_student", "h_teacher")).items():
         if len({r["n"] for r in group}) > 1:
             path = os.path.join(plot_dir, _file_name(loss, mode, dtype, f"v{v}", hs, ht, "vs-n"))
             _sweep_n(plt, group, f"{loss} {mode} {dtype} V={v}: memory", path)
-            attach(path, group)
+            attach_sweep(path, group)
     for key, group in _group(rows, ("loss", "mode", "dtype") + SHAPE_COLUMNS).items():
-        if len(group) > 1:
+        if len(group) > 1 and key not in swept:
             loss, mode, dtype, n, v, hs, ht = key
             path = os.path.join(plot_dir, _file_name(loss, mode, dtype, n, v, hs, ht, "bars"))
             _bars(plt, group, f"{loss} {mode} {dtype} {_shape_label(loss, n, v, hs, ht)}", path)
-            attach(path, group)
+            images.setdefault(key, []).append(path)
     return images
 
 
