@@ -308,8 +308,8 @@ class RowKernel {
     const Vec beta(p_.beta), one_minus_beta(1.f - p_.beta);
     // log(p_s/m) and log(p_t/m) of n columns at j (d = log(p_s/p_t) from the logits).
     auto ratios = [&](int64_t j, int64_t n, Vec& ps, Vec& pt, Vec& ls, Vec& lt) FASTKD_INLINE {
-      ps = Vec::loadu(es_buf + j) * inv_s;
-      pt = Vec::loadu(et_buf + j) * inv_t;
+      ps = load_logits(es_buf + j, n) * inv_s;  // n columns, the rest 0
+      pt = load_logits(et_buf + j, n) * inv_t;
       const Vec d = (xs_at.template at<false>(j, n) - xt_at.template at<false>(j, n)) - c;
       jsd_log_ratios(ps, pt, d, beta, one_minus_beta, ls, lt);
     };
@@ -319,6 +319,10 @@ class RowKernel {
       st.rho_s = first_lane(ls);
       ratios(st.argmax_t, 1, ps, pt, ls, lt);
       st.rho_t = first_lane(lt);
+      // Any finite rho gives the same sums; a column of probability 0 (possible only past
+      // 2^24 columns, see LaneArgmax) would give an infinite one.
+      if (!std::isfinite(st.rho_s)) st.rho_s = 0.f;
+      if (!std::isfinite(st.rho_t)) st.rho_t = 0.f;
     }
     const Vec rho_s(st.rho_s), rho_t(st.rho_t);
     Vec kl_t(0.f), kl_s(0.f);
