@@ -371,6 +371,9 @@ for divergence, beta in DIVERGENCE_CASES:
         rtol = 1e-5 if dtype == torch.float32 else 2.0 ** -7
         check_op(s, t, y, rtol=rtol, divergence=divergence, beta=beta, softcap=6.0,
                  label_smoothing=0.1, temperature=1.5)
+import kernel_checks
+from test_cpu_dense import run_op
+kernel_checks.check_jsd_near_one_hot(run_op, inputs)
 print("portable-ok")
 """
 
