@@ -36,8 +36,7 @@ constexpr int kTVD = static_cast<int>(Divergence::kTVD);
 class RowScratch {
  public:
   enum Slot { kStudentExp, kTeacherExp, kCeExp, kJsdStudent, kJsdTeacher, kStudentTanh,
-              kTeacherTanh,
-              kStudentStaging, kTeacherStaging, kNumSlots };
+              kTeacherTanh, kStudentStaging, kTeacherStaging, kNumSlots };
 
   explicit RowScratch(int64_t vocab)
       : padded_((vocab + kLanes - 1) / kLanes * kLanes),

@@ -333,7 +333,8 @@ FASTKD_HD Pair pair_of(float zs, float zt, const RowScalars& rs, const RowOption
 FASTKD_HD float half_sign(float x) { return x > 0.0f ? 0.5f : (x < 0.0f ? -0.5f : 0.0f); }
 
 // Second reduction (JSD, TVD): adds one element's terms to acc[3].
-// JSD: acc = (KL(p_t||m) - rho_t, KL(p_s||m) - rho_s, -); TVD: acc = (sum |p_s - p_t|, <p_s, g>, <p_t, g>).
+// JSD: acc = (KL(p_t||m) - rho_t, KL(p_s||m) - rho_s, -);
+// TVD: acc = (sum |p_s - p_t|, <p_s, g>, <p_t, g>).
 template <int kDiv>
 FASTKD_HD void accumulate_second(float (&acc)[3], float s_raw, float t_raw, bool valid,
                                  const RowScalars& rs, const RowOptions& o) {
