@@ -454,8 +454,8 @@ class RowKernel {
     float* const dst_t = kIsFloat ? reinterpret_cast<float*>(out_t) : staging_t_;
     const bool ce = has_ce_, div = has_div_;
     const bool ce_same = ce_ratio_ == 1.f, ce_square = ce_ratio_ == 2.f;
-    const bool need_xs = div && (kDiv == kReverseKL || (kDiv == kKL && out_t != nullptr));
-    const bool need_xt = need_xs;
+    // kl's teacher and reverse_kl's student gradients need both log-probabilities.
+    const bool need_x = div && (kDiv == kReverseKL || (kDiv == kKL && out_t != nullptr));
     const auto xs_at = shifted_view<kSoftcap>(s_), xt_at = shifted_view<kSoftcap>(t_);
     const float* const es_buf = s_.exp;
     const float* const et_buf = t_.exp;
@@ -477,8 +477,8 @@ class RowKernel {
       const Vec ps = es * inv_s;
       const Vec pt = div ? Vec::loadu(et_buf + j) * inv_t : Vec(0.f);
       // Read before this column's gradient is written (it may overwrite the student).
-      const Vec xs = need_xs ? xs_at.template at<false>(j, n) : Vec(0.f);
-      const Vec xt = need_xt ? xt_at.template at<false>(j, n) : Vec(0.f);
+      const Vec xs = need_x ? xs_at.template at<false>(j, n) : Vec(0.f);
+      const Vec xt = need_x ? xt_at.template at<false>(j, n) : Vec(0.f);
       if (out_t != nullptr) {
         Vec g = div_scale * teacher_div_grad<kDiv>(k, j, ps, pt, xs, xt);
         if constexpr (kSoftcap) g = g * cap_grad(tanh_t, j);
