@@ -78,7 +78,7 @@ def test_device_slug_is_file_safe():
 # --- cost models ---------------------------------------------------------------------------
 
 def test_dense_byte_floor_matches_design_doc():
-    # DESIGN.md §5: N=8192, V=128256, bf16 fwd+bwd reads s, t and writes the gradient: 6.3 GB.
+    # N=8192, V=128256, bf16 fwd+bwd reads s, t and writes the gradient once: 6.3 GB.
     nbytes = models.dense_bytes("fwd+bwd", 8192, 128256, 2)
     assert nbytes == 3 * 8192 * 128256 * 2 == 6_304_038_912
     assert models.dense_bytes("fwd", 8192, 128256, 2) == 2 * 8192 * 128256 * 2
