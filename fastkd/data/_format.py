@@ -36,6 +36,7 @@ KEY_INT, KEY_STR = 0, 1
 MAX_KEY_BYTES = 0xFFFF
 INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1
 SHARD_RE = re.compile(r"^shard-(\d{5,})\.bin$")
+INDEX_RE = re.compile(r"^shard-(\d{5,})\.json$")
 
 VALUE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 INDEX_DTYPES = {"int32": torch.int32, "int64": torch.int64}
@@ -297,9 +298,11 @@ def scan_shard(buf, size: int, fmt: dict, where: str, verify: bool = True
 
 def list_shards(path: str) -> List[int]:
     """Shard numbers present in the store directory, which must be 0, 1, ..., n-1."""
-    numbers = sorted(int(m.group(1)) for m in map(SHARD_RE.match, os.listdir(path)) if m)
-    if numbers != list(range(len(numbers))):
-        missing = sorted(set(range(numbers[-1] + 1)) - set(numbers)) if numbers else []
+    names = os.listdir(path)
+    numbers = sorted(int(m.group(1)) for m in map(SHARD_RE.match, names) if m)
+    indexed = {int(m.group(1)) for m in map(INDEX_RE.match, names) if m}
+    if numbers != list(range(len(numbers))) or not indexed <= set(numbers):
+        missing = sorted(set(range(max(numbers + list(indexed)) + 1)) - set(numbers))
         raise CorruptStoreError(f"store {path}: shard files are not numbered 0..n-1 "
                                 f"(missing {[shard_name(n) for n in missing][:5]})")
     return numbers

@@ -313,7 +313,7 @@ class TopKWriter:
             os.close(self._lock_fd)
             self._lock_fd = None
 
-    def __enter__(self) -> "TopKWriter":
+    def __enter__(self) -> TopKWriter:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -463,7 +463,7 @@ class TopKStore:
         state["_maps"], state["_pid"] = {}, None  # maps are re-opened in the new process
         return state
 
-    def __enter__(self) -> "TopKStore":
+    def __enter__(self) -> TopKStore:
         return self
 
     def __exit__(self, *exc) -> None:
