@@ -15,9 +15,12 @@ float32 logits `(rows, cols)` are formed, folded into a running log-sum-exp (max
 and merged into a running top-k (`torch.topk` over the `k` kept entries and the new block). So
 the only vocabulary-sized temporaries are one block of float32 logits (`rows * cols * 4` bytes,
 about twice that while merging) and, for bf16/fp16 weights, the float32 copy of one block of
-`W` (`cols * H * 4` bytes). Nothing of size `N * V` is ever allocated. All arithmetic is in
-float32 whatever the input dtypes (fp32/bf16/fp16, which may differ between hidden, weight and
-bias); float64 inputs are computed in float64 and the result is returned as float32.
+`W` (`cols * H * 4` bytes; `cols` is then reduced so that this copy also stays within the chunk
+budget: 64 MiB on CPU, 512 MiB on CUDA). Nothing of size `N * V` is ever allocated, and with
+`chunk_size=None` the peak extra memory is about three chunk budgets whatever N and V are.
+All arithmetic is in float32 whatever the input dtypes (fp32/bf16/fp16, which may differ
+between hidden, weight and bias); float64 inputs are computed in float64 and the result is
+returned as float32.
 """
 
 from __future__ import annotations
@@ -199,6 +202,9 @@ def topk_teacher_logprobs(
     rows_total = hidden.shape[0]
     cdt = _compute_dtype(teacher_hidden, teacher_weight, teacher_bias)
     cols = min(vocab, VOCAB_BLOCK)
+    if teacher_weight.dtype != cdt:  # a float32 copy of each weight block: keep it in budget
+        budget = _CHUNK_BYTES["cuda" if hidden.device.type == "cuda" else "cpu"]
+        cols = max(1, min(cols, budget // (4 * max(1, teacher_weight.shape[1]))))
     rows = int(chunk_size) if chunk_size is not None else _default_rows(hidden.device, cols)
     out_lp = torch.empty(rows_total, k, dtype=torch.float32, device=hidden.device)
     out_idx = torch.empty(rows_total, k, dtype=torch.int64, device=hidden.device)

@@ -143,3 +143,38 @@ def test_validation_of_tensors():
         topk_teacher_logprobs_from_logits(torch.ones(4, 8, dtype=torch.int32), 3)
     with pytest.raises(ValueError, match="k"):
         topk_teacher_logprobs_from_logits(torch.randn(4, 8), 9)
+
+
+def test_peak_is_one_block_of_logits(monkeypatch):
+    """No logits larger than chunk_size x block exist: every block folded in is that small."""
+    shapes = []
+    real = topk_mod._RunningTopK.update
+
+    def spy(self, z, col0):
+        shapes.append(tuple(z.shape))
+        return real(self, z, col0)
+
+    monkeypatch.setattr(topk_mod._RunningTopK, "update", spy)
+    monkeypatch.setattr(topk_mod, "VOCAB_BLOCK", 64)
+    hidden, weight = torch.randn(30, 8), torch.randn(300, 8).to(torch.bfloat16)
+    topk_teacher_logprobs(hidden, weight, 4, chunk_size=8)
+    assert max(r for r, _ in shapes) == 8 and max(c for _, c in shapes) == 64
+    assert sum(c for _, c in shapes) == 300 * 4  # 4 row chunks, each over the vocabulary
+    monkeypatch.setattr(topk_mod, "_CHUNK_BYTES", {"cpu": 4 * 8 * 16, "cuda": 1})
+    shapes.clear()  # a bf16 weight is cast block by block: the block shrinks to the budget
+    topk_teacher_logprobs(hidden, weight, 4)
+    assert max(c for _, c in shapes) == 16 and max(r for r, _ in shapes) == 8
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_matches_cpu_reference(dtype):
+    torch.manual_seed(6)
+    hidden = torch.randn(64, 128).to(dtype)
+    weight = (torch.randn(50257, 128) * 0.2).to(dtype)
+    lp, idx = topk_teacher_logprobs(hidden.cuda(), weight.cuda(), 32, temperature=2.0,
+                                    chunk_size=16)
+    assert lp.device.type == "cuda" and idx.device.type == "cuda"
+    _check(lp.cpu(), idx.cpu(), hidden.double() @ weight.double().T, 32, temperature=2.0,
+           rtol=1e-4)

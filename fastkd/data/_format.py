@@ -135,7 +135,7 @@ def read_json(path: str, where: str) -> dict:
     try:
         with open(path, "rb") as f:
             obj = json.loads(f.read().decode("utf-8"), parse_constant=_reject_constant)
-    except (ValueError, UnicodeDecodeError) as e:
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:
         raise CorruptStoreError(f"{where}: not valid JSON ({e})") from None
     if not isinstance(obj, dict):
         raise CorruptStoreError(f"{where}: must hold a JSON object, got {type(obj).__name__}")
