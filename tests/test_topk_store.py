@@ -2,6 +2,7 @@
 
 import json
 import os
+import pickle
 import signal
 import subprocess
 import sys
@@ -368,6 +369,8 @@ def test_dataloader_workers(tmp_path):
         seen[i] = (lp_sum, idx_sum)
         pids.add(pid)
     assert len(pids) == 2 and os.getpid() not in pids
+    clone = pickle.loads(pickle.dumps(store))  # what a spawn-started worker receives
+    assert torch.equal(clone[key_of(5)][1], make(5)[1])
     for i in range(20):
         lp, idx = make(i)
         assert seen[i][0] == lp.half().float().sum() and seen[i][1] == idx.sum()

@@ -259,6 +259,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return run(args)
+    except KeyboardInterrupt:  # before the store was opened: nothing was written
+        print("\nfastkd cache-teacher: interrupted", file=sys.stderr)
+        return 130
     except (CacheTeacherError, FileNotFoundError, ValueError, OSError) as e:
         print(f"fastkd cache-teacher: error: {e}", file=sys.stderr)
         return 1

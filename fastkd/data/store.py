@@ -133,8 +133,10 @@ class TopKWriter:
 
     # -- set-up ---------------------------------------------------------------------------
     def _lock(self) -> None:
-        import fcntl
-
+        try:
+            import fcntl
+        except ImportError:  # no flock() on this platform: single-writer use is on the user
+            return
         self._lock_fd = os.open(os.path.join(self.path, F.LOCK_FILE), os.O_RDWR | os.O_CREAT,
                                 0o644)
         try:
