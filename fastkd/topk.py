@@ -25,6 +25,7 @@ returned as float32.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
 from typing import Optional, Tuple
@@ -125,6 +126,13 @@ def _scaled(z: torch.Tensor, temperature: float, softcap: Optional[float]) -> to
     return z
 
 
+def _no_autocast(device: torch.device):
+    """Keep the float32 matmul float32 inside a caller's `torch.autocast` region."""
+    if device.type in ("cpu", "cuda"):
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()
+
+
 def _compute_dtype(*tensors) -> torch.dtype:
     if any(t is not None and t.dtype == torch.float64 for t in tensors):
         return torch.float64
@@ -213,19 +221,20 @@ def topk_teacher_logprobs(
     single = len(blocks) == 1
     w_full = teacher_weight.to(cdt) if single else None
     b_full = teacher_bias.to(cdt) if (single and teacher_bias is not None) else None
-    for r0 in range(0, rows_total, rows):
-        h = hidden[r0:r0 + rows].to(cdt)
-        acc = _RunningTopK(k)
-        for c0, c1 in blocks:
-            w = w_full if single else teacher_weight[c0:c1].to(cdt)
-            z = h @ w.T
-            if teacher_bias is not None:
-                z = z + (b_full if single else teacher_bias[c0:c1].to(cdt))
-            acc.update(_scaled(z, temperature, softcap), c0)
-            del z
-        lp, idx = acc.result()
-        out_lp[r0:r0 + rows] = lp
-        out_idx[r0:r0 + rows] = idx
+    with _no_autocast(hidden.device):
+        for r0 in range(0, rows_total, rows):
+            h = hidden[r0:r0 + rows].to(cdt)
+            acc = _RunningTopK(k)
+            for c0, c1 in blocks:
+                w = w_full if single else teacher_weight[c0:c1].to(cdt)
+                z = h @ w.T
+                if teacher_bias is not None:
+                    z = z + (b_full if single else teacher_bias[c0:c1].to(cdt))
+                acc.update(_scaled(z, temperature, softcap), c0)
+                del z
+            lp, idx = acc.result()
+            out_lp[r0:r0 + rows] = lp
+            out_idx[r0:r0 + rows] = idx
     return out_lp.reshape(*lead, k), out_idx.reshape(*lead, k)
 
 
@@ -271,11 +280,12 @@ def topk_teacher_logprobs_from_logits(
     rows = _default_rows(flat.device, vocab)
     out_lp = torch.empty(flat.shape[0], k, dtype=torch.float32, device=flat.device)
     out_idx = torch.empty(flat.shape[0], k, dtype=torch.int64, device=flat.device)
-    for r0 in range(0, flat.shape[0], rows):
-        z = _scaled(flat[r0:r0 + rows].to(cdt), temperature, softcap)
-        acc = _RunningTopK(k)
-        acc.update(z, 0)
-        lp, idx = acc.result()
-        out_lp[r0:r0 + rows] = lp
-        out_idx[r0:r0 + rows] = idx
+    with _no_autocast(flat.device):
+        for r0 in range(0, flat.shape[0], rows):
+            z = _scaled(flat[r0:r0 + rows].to(cdt), temperature, softcap)
+            acc = _RunningTopK(k)
+            acc.update(z, 0)
+            lp, idx = acc.result()
+            out_lp[r0:r0 + rows] = lp
+            out_idx[r0:r0 + rows] = idx
     return out_lp.reshape(*lead, k), out_idx.reshape(*lead, k)

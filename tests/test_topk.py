@@ -178,3 +178,12 @@ def test_cuda_matches_cpu_reference(dtype):
     assert lp.device.type == "cuda" and idx.device.type == "cuda"
     _check(lp.cpu(), idx.cpu(), hidden.double() @ weight.double().T, 32, temperature=2.0,
            rtol=1e-4)
+
+
+def test_autocast_region_keeps_float32():
+    torch.manual_seed(7)
+    hidden, weight = torch.randn(12, 16), torch.randn(200, 16)
+    base = topk_teacher_logprobs(hidden, weight, 6)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        cast = topk_teacher_logprobs(hidden, weight, 6)
+    assert torch.equal(cast[0], base[0]) and torch.equal(cast[1], base[1])
