@@ -53,6 +53,17 @@ def _load_shard(path: str, number: int, fmt: dict, verify: bool):
         return records, end, False
 
 
+def _raw_bytes(t: torch.Tensor):
+    """The bytes of a contiguous CPU tensor (a plain memcpy through numpy when available)."""
+    try:
+        import numpy  # noqa: F401
+    except ImportError:
+        return bytes(t.reshape(-1).view(torch.uint8).tolist())
+    if t.dtype == torch.bfloat16:  # numpy has no bfloat16: same bytes as int16
+        t = t.view(torch.int16)
+    return memoryview(t.numpy()).cast("B")
+
+
 def _meta_equal(a, b) -> bool:
     return json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)
 
@@ -253,9 +264,8 @@ class TopKWriter:
         hs = F.RECORD_HEADER.size
         buf[hs:hs + len(key_bytes)] = key_bytes
         if rows:
-            view = torch.frombuffer(buf, dtype=torch.uint8)
-            view[idx_off:val_off] = idx_t.reshape(-1).view(torch.uint8)
-            view[val_off:val_off + rows * k * vsz] = val_t.reshape(-1).view(torch.uint8)
+            buf[idx_off:val_off] = _raw_bytes(idx_t)
+            buf[val_off:val_off + rows * k * vsz] = _raw_bytes(val_t)
         struct.pack_into("<IHBB", buf, 8, rows, len(key_bytes), key_type, 0)
         crc = zlib.crc32(memoryview(buf)[8:])
         struct.pack_into("<4sI", buf, 0, F.RECORD_MAGIC, crc)
