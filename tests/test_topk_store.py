@@ -374,3 +374,12 @@ def test_dataloader_workers(tmp_path):
     for i in range(20):
         lp, idx = make(i)
         assert seen[i][0] == lp.half().float().sum() and seen[i][1] == idx.sum()
+
+
+def test_append_without_numpy(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "numpy", None)  # `import numpy` raises ImportError
+    write(tmp_path / "store", 3, value_dtype=torch.bfloat16)
+    monkeypatch.undo()
+    store = TopKStore(tmp_path / "store")
+    for i in range(3):
+        check(store, i, torch.bfloat16)
