@@ -143,7 +143,8 @@ CHILD = MAKE + textwrap.dedent("""
 
 def _run_and_kill(path, start, after):
     """Start a writer subprocess at record `start`, SIGKILL it once `after` records are done."""
-    env = dict(os.environ, PYTHONPATH=os.getcwd() + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # this checkout
+    env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
     proc = subprocess.Popen([sys.executable, "-c", CHILD, str(path), str(start)],
                             stdout=subprocess.PIPE, text=True, env=env)
     done = []
