@@ -11,7 +11,7 @@ import textwrap
 import pytest
 import torch
 
-from fastkd.data import CorruptStoreError, TopKStore, TopKWriter
+from fastkd.data import CorruptStoreError, StoreLockedError, TopKStore, TopKWriter
 
 V, K = 500, 16
 
@@ -95,7 +95,7 @@ def test_duplicate_key_and_writer_errors(tmp_path):
             w.append(key_of(1), *make(1))
         with pytest.raises(ValueError, match="already in the store"):
             w.append(key_of(0), *make(0))  # a str key
-        with pytest.raises(RuntimeError, match="another TopKWriter"):
+        with pytest.raises(StoreLockedError, match="another TopKWriter"):
             TopKWriter(path, k=K, vocab_size=V, temperature=1.0, resume=True)
         lp, idx = make(7)
         with pytest.raises(ValueError, match="logprobs"):

@@ -18,10 +18,14 @@ import torch
 from . import _format as F
 from ._format import CorruptStoreError, Key
 
-__all__ = ["TopKWriter", "DEFAULT_SHARD_BYTES"]
+__all__ = ["TopKWriter", "StoreLockedError", "DEFAULT_SHARD_BYTES"]
 
 #: a shard is sealed and a new one started once it would grow past this many bytes
 DEFAULT_SHARD_BYTES = 1 << 30
+
+
+class StoreLockedError(RuntimeError):
+    """Another `TopKWriter` (in this or another process) holds the store."""
 
 
 def _raw_bytes(t: torch.Tensor):
@@ -126,7 +130,8 @@ class TopKWriter:
         except OSError:
             os.close(self._lock_fd)
             self._lock_fd = None
-            raise RuntimeError(f"another TopKWriter holds the store at {self.path!r}") from None
+            raise StoreLockedError(f"another TopKWriter holds the store at {self.path!r}"
+                                   ) from None
 
     def _start(self, metadata: Optional[dict], resume: bool) -> None:
         store_file = os.path.join(self.path, F.STORE_FILE)
