@@ -288,15 +288,16 @@ def _call(**overrides):
 
 @pytest.mark.parametrize("overrides, error, name", [
     (dict(student_weight=torch.randn(10, 7)), ValueError, "student_weight"),
-    (dict(student_weight=torch.randn(10, 8, dtype=torch.float64)), TypeError, "student_weight"),
+    (dict(student_weight=torch.ones(10, 8, dtype=torch.int32)), TypeError, "student_weight"),
     (dict(student_hidden=torch.ones(4, 8, dtype=torch.int64)), TypeError, "student_hidden"),
     (dict(student_bias=torch.randn(9)), ValueError, "student_bias"),
-    (dict(teacher_bias=torch.randn(10, dtype=torch.float64)), TypeError, "teacher_bias"),
+    (dict(teacher_bias=torch.ones(10, dtype=torch.int64)), TypeError, "teacher_bias"),
     (dict(teacher_weight=torch.randn(11, 8), teacher_bias=None), ValueError, "teacher_weight"),
     (dict(teacher_hidden=torch.randn(5, 8)), ValueError, "teacher_hidden"),
-    (dict(teacher_hidden=torch.randn(4, 8, dtype=torch.float64),
-          teacher_weight=torch.randn(10, 8, dtype=torch.float64),
-          teacher_bias=None), TypeError, "teacher_hidden"),
+    (dict(teacher_hidden=torch.ones(4, 8, dtype=torch.bool)), TypeError, "teacher_hidden"),
+    (dict(target=torch.zeros(4)), TypeError, "target"),
+    (dict(target=torch.zeros(4, dtype=torch.int64), reduction="sum", num_items_in_batch=3),
+     ValueError, "num_items_in_batch"),
     (dict(teacher_weight=torch.randn(10, 8, device="meta")), ValueError, "teacher_weight"),
     (dict(target=torch.zeros(5, dtype=torch.int64)), ValueError, "target"),
     (dict(target=torch.tensor([0, 1, 2, 10])), ValueError, "target"),
@@ -308,3 +309,21 @@ def _call(**overrides):
 def test_validation_errors_name_the_argument(overrides, error, name):
     with pytest.raises(error, match=name):
         _call(**overrides)
+
+
+def test_shape_errors_say_what_differs():
+    with pytest.raises(ValueError, match="leading shape") as info:
+        _call(teacher_hidden=torch.randn(2, 2, 8))
+    assert "vocabulary" not in str(info.value)
+    with pytest.raises(ValueError, match="teacher_weight") as info:
+        _call(teacher_weight=torch.randn(12, 8), teacher_bias=torch.randn(12))
+    message = str(info.value)
+    assert "teacher_weight[:10]" in message and "teacher_bias[:10]" in message
+    assert "tokenizer" in message and "-inf" not in message and "pad the" not in message
+    with pytest.raises(ValueError, match=r"student_weight\[:10\]"):
+        _call(student_weight=torch.randn(13, 8), student_bias=None)
+    inputs = make_inputs(lead=(4,), hs=8, ht=8, vocab=10, seed=11)
+    padded_teacher = torch.cat([inputs["teacher_weight"], torch.randn(6, 8)])
+    padded_bias = torch.cat([inputs["teacher_bias"], torch.randn(6)])
+    torch.testing.assert_close(_call(teacher_weight=padded_teacher[:10],
+                                     teacher_bias=padded_bias[:10]), _call())

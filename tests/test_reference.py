@@ -181,7 +181,6 @@ OPTION_CASES = {
     "num_items_int": dict(num_items_in_batch=17),
     "num_items_tensor": dict(num_items_in_batch=torch.tensor(17)),
     "num_items_float_tensor": dict(num_items_in_batch=torch.tensor(9.5)),
-    "num_items_sum": dict(num_items_in_batch=17, reduction="sum"),
     "no_t2": dict(scale_by_t2=False, temperature=4.0),
     "alpha_0": dict(alpha=0.0, temperature=2.0),
     "alpha_1": dict(alpha=1.0, temperature=2.0),
