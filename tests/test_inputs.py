@@ -322,3 +322,25 @@ def test_dtensor_is_routed_to_fastkd_distributed(monkeypatch):
     assert seen["fused"][1]["chunk_size"] == 2
     # plain tensors are not routed
     assert torch.is_tensor(fastkd.distillation_loss(logits, logits, backend="torch"))
+
+
+@pytest.mark.parametrize("with_target", [True, False], ids=["target", "no-target"])
+def test_sparse_components_equal_dense_when_k_is_v(with_target):
+    """With k = V every tail is empty: the top-k losses' (loss, ce, divergence) equal the
+    dense loss's, for the logits and the fused-linear forms (reference kernels)."""
+    n, v, temperature = 10, 21, 2.0
+    hidden, weight = random_logits(n, 8, scale=1.0, seed=31), random_logits(v, 8, seed=32)
+    student = hidden @ weight.T
+    teacher = random_logits(n, v, seed=33)
+    order = torch.argsort(torch.rand(n, v, generator=torch.Generator().manual_seed(34)), -1)
+    logprobs = torch.log_softmax(teacher / temperature, -1).gather(-1, order)
+    target = random_target(n, vocab=v, ignore_fraction=0.3, seed=35) if with_target else None
+    kw = dict(temperature=temperature, alpha=0.3, return_components=True, backend="torch")
+    dense = fastkd.distillation_loss(student, teacher, target, **kw)
+    sparse = fastkd.sparse_distillation_loss(student, logprobs, order, target, **kw)
+    fused = fastkd.fused_linear_sparse_distillation_loss(hidden, weight, logprobs, order,
+                                                         target, chunk_size=3, **kw)
+    for got in (sparse, fused):
+        assert len(got) == 3 and not got[1].requires_grad and not got[2].requires_grad
+        for name, a, b in zip(("loss", "ce", "divergence"), got, dense):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
