@@ -384,3 +384,31 @@ def test_append_without_numpy(tmp_path, monkeypatch):
     store = TopKStore(tmp_path / "store")
     for i in range(3):
         check(store, i, torch.bfloat16)
+
+
+def test_interrupt_mid_append_then_close(tmp_path, monkeypatch):
+    """Ctrl-C inside the write of a record: close() drops the partial bytes and seals."""
+    import fastkd.data._format as fmt
+
+    path = tmp_path / "store"
+    real = fmt.write_all
+    w = TopKWriter(path, k=K, vocab_size=V, temperature=1.0)
+    for i in range(3):
+        w.append(key_of(i), *make(i))
+
+    def half_then_interrupt(fd, data, offset):
+        real(fd, memoryview(data)[:len(data) // 2], offset)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(fmt, "write_all", half_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        w.append(key_of(3), *make(3))
+    monkeypatch.setattr(fmt, "write_all", real)
+    assert key_of(3) not in w
+    w.close()
+    store = TopKStore(path)
+    assert len(store) == 3 and store.verify_all() == 3  # the sealed shard holds no partial bytes
+    write(path, 5, start=3)
+    store = TopKStore(path)
+    for i in range(5):
+        check(store, i)
