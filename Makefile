@@ -5,7 +5,8 @@ PYTHON ?= python3
 VENV   := .venv
 VPY    := $(VENV)/bin/python
 PIP    := $(VPY) -m pip
-TOOLS  := numpy triton pytest hypothesis pytest-benchmark scikit-learn tqdm ruff ninja transformers
+TOOLS  := numpy triton pytest hypothesis pytest-benchmark scikit-learn tqdm ruff ninja transformers \
+          accelerate peft safetensors tokenizers
 NATIVE := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cpu/*.h)
 
 .PHONY: test demo bench lint cuda-check gpu-check gpu-wheels clean

@@ -18,6 +18,8 @@ from typing import Dict, Optional, Sequence, Tuple
 COMMANDS: Dict[str, Tuple[str, str]] = {
     # name: (module with main(argv) -> int, one-line summary)
     "bench": ("fastkd.bench.cli", "time the losses against PyTorch and peer libraries"),
+    "cache-teacher": ("fastkd.cli.cache_teacher",
+                      "store a local causal LM's top-k log-probabilities for offline distillation"),
     "demo": ("fastkd.demo.cli", "distil a small MLP on scikit-learn's digits"),
 }
 
