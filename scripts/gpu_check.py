@@ -196,6 +196,13 @@ def fit_out_dir(out: str, log: Log) -> None:
         log(f"{len(files)} files in $OUT: plots packed into {os.path.basename(archive)}")
 
 
+def run_env(rev: str) -> dict:
+    """The environment of the real run's steps: compiled Triton kernels (tests/conftest.py
+    falls back to the interpreter when TRITON_INTERPRET is unset) and the recorded revision
+    for the bench rows (the copied tree may have no .git)."""
+    return dict(os.environ, TRITON_INTERPRET="0", FASTKD_GIT_REV=rev.split()[0])
+
+
 # --- the real run --------------------------------------------------------------------------
 
 def real_run(python: str) -> int:
@@ -203,9 +210,8 @@ def real_run(python: str) -> int:
     out = out_dir()
     os.makedirs(out, exist_ok=True)
     log = Log(os.path.join(out, "gpu-check.log"))
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     rev = source_rev()
-    env["FASTKD_GIT_REV"] = rev.split()[0]
+    env = run_env(rev)
     results: List[Tuple[str, str, float, str]] = []
 
     def left(step: str) -> float:

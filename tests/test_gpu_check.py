@@ -34,6 +34,14 @@ def test_plan_commands_use_the_machine_python_offline(gpu_check, tmp_path):
     assert gpu_check._check_bench(str(tmp_path)).startswith("gpu-goals: 3 losses")
 
 
+def test_real_run_compiles_triton_kernels_and_records_the_revision(gpu_check, monkeypatch):
+    """tests/conftest.py falls back to the interpreter when TRITON_INTERPRET is unset: the
+    real run's steps get 0 even where the caller's environment says 1."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    env = gpu_check.run_env("abc1234 (recorded by make gpu-wheels)")
+    assert env["TRITON_INTERPRET"] == "0" and env["FASTKD_GIT_REV"] == "abc1234"
+
+
 def test_pytest_summary_line_is_found(gpu_check):
     out = "....\n=========== 3 failed, 120 passed, 4 skipped in 51.20s ===========\n"
     assert gpu_check.pytest_summary(out) == "3 failed, 120 passed, 4 skipped in 51.20s"
