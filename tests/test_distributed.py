@@ -158,7 +158,7 @@ def _single_process(case, s, t, y):
 
 
 def _eager_bf16_rel(case, s, t, y, o_gs, o_gt):
-    """2x the relative gradient error of the eager bf16 formula (DESIGN.md §4)."""
+    """2x the relative gradient error of the eager bf16 formula (docs/semantics.md §10)."""
     _, e_gs, e_gt = oracle_with_grads(s, t, y, teacher_grad=case["teacher_grad"],
                                       dtype=torch.bfloat16, **case["kw"])
     pairs = [(e_gs, o_gs)] + ([(e_gt, o_gt)] if case["teacher_grad"] else [])
@@ -180,7 +180,7 @@ def _check_case(case, world, results):
     o_loss, o_gs, o_gt = oracle_with_grads(s, t, y, teacher_grad=case["teacher_grad"],
                                            **case["kw"])
     # Losses are float32 maths on exactly upcast inputs. bf16 gradients: vs the single
-    # process (same roundings) within one bf16 rounding; vs the oracle DESIGN.md §4's rule,
+    # process (same roundings) within one bf16 rounding; vs the oracle docs/semantics.md §10's rule,
     # at most twice the error of the same formula evaluated eagerly in bf16.
     grad_rel = oracle_rel = REL
     if case["dtype"] == torch.bfloat16:

@@ -1,6 +1,6 @@
 """Per-shard maths of the vocab-parallel distillation loss (pure PyTorch, no communication).
 
-Each rank holds the logits of a contiguous vocabulary slice. The loss of DESIGN.md §1 needs
+Each rank holds the logits of a contiguous vocabulary slice. The loss of docs/semantics.md §1 needs
 only per-row global quantities, built from per-row partial statistics of every slice:
 
   phase 1 (every divergence): per slice, for a = cap(z)/T of student and teacher and for
