@@ -375,15 +375,21 @@ def _check_imports() -> str:
              "fastkd.bench.presets", "fastkd.bench.providers", "fastkd.bench.plot", "tqdm"]
     for name in names:
         importlib.import_module(name)
+    import setuptools
+
     import fastkd
 
+    major = int(setuptools.__version__.split(".")[0])
+    if major < 64:  # the offline editable build (PEP 660) of the real run needs it
+        raise ImportError(f"setuptools {setuptools.__version__} < 64: pip install -e fails")
     if not os.path.realpath(fastkd.__file__).startswith(os.path.realpath(ROOT)):
         raise ImportError(f"fastkd imports from {fastkd.__file__}, not this tree")
     try:
         importlib.import_module("matplotlib")
     except ImportError:
-        return f"{len(names)} modules; WARN matplotlib missing here (plots; the GPU image has it)"
-    return f"{len(names)} modules and matplotlib"
+        return (f"WARN {len(names)} modules and setuptools {setuptools.__version__}; "
+                "matplotlib missing here (plots; the GPU image has it)")
+    return f"{len(names)} modules, setuptools {setuptools.__version__}, matplotlib"
 
 
 def _check_bench(out: str) -> str:
