@@ -35,7 +35,7 @@ bench: $(VENV)/.built
 	$(VPY) -m fastkd bench --out bench/results $(BENCH_ARGS)
 
 lint: $(VENV)/.tools
-	$(VENV)/bin/ruff check fastkd kernels tests bench
+	$(VENV)/bin/ruff check fastkd kernels tests bench scripts
 
 # Compiles every .cu file standalone for Hopper (no GPU needed) and prints ptxas usage.
 cuda-check:
