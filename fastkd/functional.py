@@ -7,6 +7,7 @@ from typing import Optional
 import torch
 
 from ._dispatch import BackendUnavailableError, dense_kernel, resolve_backend
+from ._dtensor import is_dtensor
 from ._validation import (
     check_floating,
     check_options,
@@ -87,6 +88,14 @@ def distillation_loss(
     (N, V) tensor): the logits' values are destroyed, so use it only when nothing else
     reads them after this call (e.g. logits straight from the lm-head).
     """
+    if is_dtensor(student_logits, teacher_logits):  # tensor parallel: fastkd.distributed
+        from .distributed import dtensor_distillation_loss
+        return dtensor_distillation_loss(
+            student_logits, teacher_logits, target, temperature=temperature, alpha=alpha,
+            divergence=divergence, beta=beta, scale_by_t2=scale_by_t2,
+            ignore_index=ignore_index, label_smoothing=label_smoothing, softcap=softcap,
+            reduction=reduction, num_items_in_batch=num_items_in_batch, backend=backend,
+            inplace_backward=inplace_backward)
     check_logits_pair(student_logits, teacher_logits, target)
     check_options(temperature=temperature, alpha=alpha, divergence=divergence, beta=beta,
                   ignore_index=ignore_index, label_smoothing=label_smoothing, softcap=softcap,
@@ -262,6 +271,15 @@ def fused_linear_distillation_loss(
     There is no inplace_backward keyword: each chunk's logits are always overwritten by their
     gradient.
     """
+    if is_dtensor(student_weight, teacher_weight, student_hidden, teacher_hidden):
+        from .distributed import dtensor_fused_linear_distillation_loss
+        return dtensor_fused_linear_distillation_loss(
+            student_hidden, student_weight, teacher_hidden, teacher_weight, target,
+            student_bias=student_bias, teacher_bias=teacher_bias, chunk_size=chunk_size,
+            temperature=temperature, alpha=alpha, divergence=divergence, beta=beta,
+            scale_by_t2=scale_by_t2, ignore_index=ignore_index,
+            label_smoothing=label_smoothing, softcap=softcap, reduction=reduction,
+            num_items_in_batch=num_items_in_batch, backend=backend)
     _check_linear_head("student", student_hidden, student_weight, student_bias)
     _check_linear_head("teacher", teacher_hidden, teacher_weight, teacher_bias)
     if teacher_hidden.shape[:-1] != student_hidden.shape[:-1]:
