@@ -15,6 +15,8 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from distributed_cases import check_cases, run_cases
+from distributed_dtensor_cases import check_dtensor_cases, run_dtensor_cases
 from oracle import oracle_with_grads, random_logits, random_target, row_weights
 
 import fastkd
@@ -120,18 +122,31 @@ def run_rank_case(rank: int, world: int, case: dict, group) -> dict:
 PAIR = (1, 2)  # the 2-process cases run on a subgroup whose ranks differ from global ranks
 
 
+def _rank_results(rank: int, world: int, group, mesh) -> dict:
+    """dense: this module's cases; tp: fused lm-head, top-k, components (distributed_cases);
+    dtensor: the DTensor routes (distributed_dtensor_cases)."""
+    return dict(dense={c["name"]: run_rank_case(rank, world, c, group)
+                       for c in build_cases(world)},
+                tp=run_cases(rank, world, group),
+                dtensor=run_dtensor_cases(rank, world, mesh))
+
+
 def _worker(rank: int, init_file: str, out_dir: str) -> None:
-    """One 3-process gloo world: the 3-rank cases on the default group (group=None), then
-    the 2-rank cases on the subgroup PAIR (exercises `group=`); saves {world: {case: result}}."""
+    """One 3-process gloo world: the 3-rank cases on the default group (group=None; DTensors
+    on a 2-D (1, 3) mesh sharded on its second dimension), then the 2-rank cases on the
+    subgroup PAIR (exercises `group=`; a 1-D mesh over it); saves {world: results}."""
+    from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
                             world_size=3, timeout=timedelta(seconds=60))
     try:
         pair = dist.new_group(list(PAIR))  # every rank must take part in new_group
-        results = {3: {c["name"]: run_rank_case(rank, 3, c, None) for c in build_cases(3)}}
+        mesh = init_device_mesh("cpu", (1, 3), mesh_dim_names=("dp", "tp"))
+        results = {3: _rank_results(rank, 3, None, mesh)}
         if rank in PAIR:
-            results[2] = {c["name"]: run_rank_case(PAIR.index(rank), 2, c, pair)
-                          for c in build_cases(2)}
+            results[2] = _rank_results(PAIR.index(rank), 2, pair,
+                                       DeviceMesh.from_group(pair, "cpu"))
         torch.save(results, f"{out_dir}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()
@@ -213,7 +228,7 @@ def rank_results(tmp_path_factory):
 
 @pytest.mark.parametrize("world", [2, 3])
 def test_vocab_parallel_matches_single_process(world, rank_results):
-    results = rank_results[world]
+    results = [r["dense"] for r in rank_results[world]]
     cases = build_cases(world)
     assert all(set(r) == {c["name"] for c in cases} for r in results)
     for case in cases:
@@ -238,3 +253,18 @@ def test_rejects_bad_arguments_before_any_collective():
     if not dist.is_initialized():
         with pytest.raises(RuntimeError, match="process group"):
             vocab_parallel_distillation_loss(s, t, y, vocab_start_index=0)
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_vocab_parallel_fused_sparse_components(world, rank_results):
+    """Fused lm-head (every divergence; mean with ignored rows, sum, none; hidden, weight
+    and bias gradients), top-k teacher (every divergence and tail, k = V), loss components,
+    and mismatched slices / bad labels / bad indices raising on every rank."""
+    check_cases(world, [r["tp"] for r in rank_results[world]])
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_dtensor_routing(world, rank_results):
+    """DTensor Shard(-1) logits (teacher gradient too), Shard(0) heads, Replicate, the
+    module, and bad placements raising naming the argument."""
+    check_dtensor_cases(world, [r["dtensor"] for r in rank_results[world]])

@@ -102,7 +102,8 @@ def _gather_with_layout(local: torch.Tensor, vocab_start_index: int, local_vocab
 def vocab_parallel_kd_rows(student, teacher, target, grad_student, grad_teacher,
                            temperature, ce_weight, div_weight, divergence, beta, ignore_index,
                            label_smoothing, softcap, terms=None, *, vocab_start_index: int,
-                           group=None, check: bool = True) -> torch.Tensor:
+                           group=None, check: bool = True,
+                           checked_target: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Dense-kernel contract on a vocabulary slice (bind the keywords with functools.partial).
 
     student, teacher: (N, V_local) slices of the global (N, V) logits starting at column
@@ -110,7 +111,8 @@ def vocab_parallel_kd_rows(student, teacher, target, grad_student, grad_teacher,
     terms: None or (N, 2) float32, receives the unweighted (CE, divergence) per row.
     Returns the global per-row loss (N,), the same on every rank; grad_* get this slice's
     gradient (grad_student may be student itself). Must be called by every rank of `group`
-    with the same N and options."""
+    with the same N and options. check: validate the slices' layout and the label range
+    (of checked_target when given, e.g. all rows of a chunked caller; else of target)."""
     want_terms = terms is not None
     has_div = div_weight != 0.0 or want_terms
     has_ce = target is not None and (ce_weight != 0.0 or want_terms)
@@ -119,7 +121,8 @@ def vocab_parallel_kd_rows(student, teacher, target, grad_student, grad_teacher,
                         vocab_start_index)
     stats, layout = _gather_with_layout(local, vocab_start_index, student.shape[1], group)
     if check:
-        check_vocab_layout(layout, target, ignore_index)
+        check_vocab_layout(layout, target if checked_target is None else checked_target,
+                           ignore_index)
     glob = combine_stats(stats[..., :len(names)], local, names, divergence)
     if phase2_width(has_div, divergence):
         sums = shard_phase2_sums(student, teacher, temperature, divergence, beta, softcap, glob)

@@ -45,17 +45,17 @@ def agreed_chunk_rows(n: int, local_vocab: int, itemsize: int, device: torch.dev
 
 def vocab_parallel_sweep(hidden, weight, bias, target, teacher, kernel: Callable,
                          options: tuple, chunk: int, needs: tuple, group, row_scale=None,
-                         terms=None):
+                         terms=None, check: bool = True):
     """One pass over the rows in chunks (see the module docstring).
 
     hidden (N, H) replicated; weight (V_local, H); bias (V_local,) | None; target (N,) | None
     global labels; teacher (hidden (N, Ht), weight (V_local, Ht), bias | None); kernel: the
-    vocab-parallel dense kernel with its communication keywords bound (check=... is given
-    here: True for the first chunk only). needs: (hidden, weight, bias) gradients wanted;
-    row_scale (N,) multiplies each row's gradient; terms (N, 2) | None receives the
-    unweighted (CE, divergence). Returns (rows (N,), grad_hidden (N, H) summed over the
-    group, grad_weight (V_local, H), grad_bias (V_local,)), gradients in float32 (float64
-    for float64 inputs) or None.
+    vocab-parallel dense kernel with its communication keywords bound; check: validate the
+    slices' layout and all labels with the first chunk (eager only, one host sync).
+    needs: (hidden, weight, bias) gradients wanted; row_scale (N,) multiplies each row's
+    gradient; terms (N, 2) | None receives the unweighted (CE, divergence).
+    Returns (rows (N,), grad_hidden (N, H) summed over the group, grad_weight (V_local, H),
+    grad_bias (V_local,)), gradients in float32 (float64 for float64 inputs) or None.
     """
     n, width = hidden.shape
     acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
@@ -76,7 +76,7 @@ def vocab_parallel_sweep(hidden, weight, bias, target, teacher, kernel: Callable
         grad = logits if any_grad else None  # the kernel overwrites the chunk by its gradient
         rows[start:stop] = kernel(logits, t_logits, y, grad, None, *options,
                                   None if terms is None else terms[start:stop],
-                                  check=start == 0)
+                                  check=check and start == 0, checked_target=target)
         if not any_grad:
             continue
         if row_scale is not None:
@@ -129,7 +129,7 @@ class VocabParallelFusedLinearFunction(torch.autograd.Function):
             hidden, weight, bias, target, t_h, t_w, t_b = ctx.saved_tensors
             _, grad_h, grad_w, grad_b = vocab_parallel_sweep(
                 hidden, weight, bias, target, (t_h, t_w, t_b), kernel, options, chunk, needs,
-                group, row_scale=grad_out)
+                group, row_scale=grad_out, check=False)
         else:
             grad_h, grad_w, grad_b = (None if g is None else g.mul_(grad_out.to(g.dtype))
                                       for g in ctx.saved_tensors)
