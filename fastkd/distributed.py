@@ -19,6 +19,7 @@ leading shapes, targets and keywords. Semantics: `docs/semantics.md`.
 from __future__ import annotations
 
 import functools
+import math
 from typing import Optional
 
 import torch
@@ -311,6 +312,23 @@ def _check_topk_replicated(logprobs, indices, lead_shape, valid_rows) -> None:
                          f"<= 1 per row; got a row with log-sum-exp {lse[bad][0].item():.4g}")
 
 
+def _teacher_scale(teacher_temperature, temperature: float, tail: str) -> float:
+    """teacher_temperature / temperature (1.0 for None); re-tempering needs the
+    renormalize tail (the bucket's tail mass at another temperature is unknown)."""
+    if teacher_temperature is None:
+        return 1.0
+    if isinstance(teacher_temperature, bool) or not isinstance(teacher_temperature,
+                                                               (int, float)) \
+            or not math.isfinite(teacher_temperature) or teacher_temperature <= 0:
+        raise ValueError("teacher_temperature must be None or a finite number > 0, got "
+                         f"{teacher_temperature!r}")
+    scale = float(teacher_temperature) / float(temperature)
+    if scale != 1.0 and tail != "renormalize":
+        raise ValueError(f"teacher_temperature={teacher_temperature} differs from "
+                         f"temperature={temperature}: re-tempering needs tail='renormalize'")
+    return scale
+
+
 def vocab_parallel_sparse_distillation_loss(
     student_logits_shard: torch.Tensor,
     teacher_topk_logprobs: torch.Tensor,
@@ -320,6 +338,7 @@ def vocab_parallel_sparse_distillation_loss(
     vocab_start_index: int,
     group=None,
     tail: str = "bucket",
+    teacher_temperature: Optional[float] = None,
     return_components: bool = False,
     **keywords,
 ):
@@ -337,6 +356,10 @@ def vocab_parallel_sparse_distillation_loss(
     vocab_start_index : int
     group : ProcessGroup or None (the default group)
     tail : "bucket" or "renormalize", as `fastkd.sparse_distillation_loss`
+    teacher_temperature : float or None
+        The temperature the log-probabilities were taken at (None: `temperature`). When it
+        differs, they are re-tempered (scaled by teacher_temperature / temperature) and
+        renormalised over the k entries: exact for tail="renormalize", refused for "bucket".
     return_components : bool
         Also return the unweighted CE and divergence (detached, reduced like the loss).
     **keywords
@@ -366,6 +389,7 @@ def vocab_parallel_sparse_distillation_loss(
     if tail not in TAILS:
         raise ValueError(f"tail must be one of {TAILS}, got {tail!r}")
     _check_vocab_start(vocab_start_index)
+    scale = _teacher_scale(teacher_temperature, options_kw["temperature"], tail)
     lead_shape, local_vocab = student_logits_shard.shape[:-1], student_logits_shard.shape[-1]
     ignore_index = options_kw["ignore_index"]
     if target is not None:
@@ -376,6 +400,8 @@ def vocab_parallel_sparse_distillation_loss(
     k = teacher_topk_logprobs.shape[-1]
     student = student_logits_shard.reshape(-1, local_vocab).contiguous()
     logprobs = teacher_topk_logprobs.reshape(-1, k).contiguous()
+    if scale != 1.0:  # re-tempered; the renormalize tail renormalises over the k entries
+        logprobs = logprobs.to(torch.promote_types(logprobs.dtype, torch.float32)) * scale
     indices = teacher_topk_indices.reshape(-1, k).to(torch.int64).contiguous()
     flat_target = None if target is None else target.reshape(-1).to(torch.int64)
     options = kernel_options(target is not None, **options_kw) + (tail == "renormalize",)

@@ -182,7 +182,9 @@ SPARSE = [dict(name=f"sparse-{d}-{tail}", div=d, tail=tail, k=5, red="mean", tar
 SPARSE += [dict(name="sparse-kl-bucket-k=V-sum", div="kl", tail="bucket", k=None, red="sum",
                 target=None, smoothing=0.0),
            dict(name="sparse-tvd-renormalize-none", div="tvd", tail="renormalize", k=3,
-                red="none", target="ignored", smoothing=0.0)]
+                red="none", target="ignored", smoothing=0.0),
+           dict(name="sparse-jsd-renormalize-retempered", div="jsd", tail="renormalize", k=6,
+                red="mean", target="ignored", smoothing=0.0, teacher_temperature=1.0)]
 
 
 def _sparse_inputs(world, case):
@@ -199,17 +201,22 @@ def _sparse_kw(case):
 
 
 def run_sparse(rank, world, group, case):
-    s, _, lp, idx, y, bounds = _sparse_inputs(world, case)
+    s, t, lp, idx, y, bounds = _sparse_inputs(world, case)
     lo, hi = bounds[rank]
     shard = s[:, lo:hi].clone().requires_grad_(True)
-    loss = vocab_parallel_sparse_distillation_loss(shard, lp, idx, y, vocab_start_index=lo,
-                                                   group=group, **_sparse_kw(case))
+    if case.get("teacher_temperature"):  # the same top-k entries, stored at T=1 (loss: T=2)
+        lp = torch.log_softmax(t, -1).gather(-1, idx)
+    loss = vocab_parallel_sparse_distillation_loss(
+        shard, lp, idx, y, vocab_start_index=lo, group=group,
+        teacher_temperature=case.get("teacher_temperature"), **_sparse_kw(case))
     return dict(loss=loss.detach(), grad=torch.autograd.grad(_scalar(loss), shard)[0])
 
 
 def check_sparse(world, case, per_rank):
     s, t, lp, idx, y, bounds = _sparse_inputs(world, case)
     full = s.clone().requires_grad_(True)
+    # re-tempered case: the same teacher at T=2 renormalised over its k entries is what the
+    # stored T=1 log-probs become; the single process gets those directly.
     single = fastkd.sparse_distillation_loss(full, lp, idx, y, backend="torch",
                                              **_sparse_kw(case))
     grad = torch.autograd.grad(_scalar(single), full)[0]

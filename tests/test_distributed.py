@@ -268,3 +268,37 @@ def test_dtensor_routing(world, rank_results):
     """DTensor Shard(-1) logits (teacher gradient too), Shard(0) heads, Replicate, the
     module, and bad placements raising naming the argument."""
     check_dtensor_cases(world, [r["dtensor"] for r in rank_results[world]])
+
+
+def test_fused_and_sparse_reject_bad_arguments_before_any_collective():
+    from fastkd.distributed import (
+        vocab_parallel_fused_linear_distillation_loss as fused,
+    )
+    from fastkd.distributed import (
+        vocab_parallel_sparse_distillation_loss as sparse,
+    )
+    h, w = random_logits(4, 3, seed=1), random_logits(5, 3, seed=2)
+    y = random_target(4, vocab=5, seed=3)
+    with pytest.raises(ValueError, match="teacher_weight_shard"):
+        fused(h, w, h, w[:4], y, vocab_start_index=0)
+    with pytest.raises(ValueError, match="student_weight_shard"):
+        fused(h, w[:, :2], h, w, y, vocab_start_index=0)
+    with pytest.raises(ValueError, match="chunk_size"):
+        fused(h, w, h, w, y, vocab_start_index=0, chunk_size=0)
+    with pytest.raises(TypeError, match="unexpected keyword"):
+        fused(h, w, h, w, y, vocab_start_index=0, backend="cpu")
+    s = random_logits(4, 5, seed=4)
+    lp, idx = torch.log_softmax(random_logits(4, 9, seed=5), -1).topk(3)
+    with pytest.raises(ValueError, match="teacher_temperature"):
+        sparse(s, lp, idx, y, vocab_start_index=0, temperature=2.0, teacher_temperature=1.0)
+    with pytest.raises(ValueError, match="teacher_topk_indices"):
+        sparse(s, lp, idx[:, :2], y, vocab_start_index=0)
+    with pytest.raises(ValueError, match="unique"):
+        sparse(s, lp, idx[:, [0, 0, 1]], y, vocab_start_index=0)
+    with pytest.raises(ValueError, match="tail"):
+        sparse(s, lp, idx, y, vocab_start_index=0, tail="drop")
+    if not dist.is_initialized():
+        with pytest.raises(RuntimeError, match="process group"):
+            sparse(s, lp, idx, y, vocab_start_index=0)
+        with pytest.raises(RuntimeError, match="process group"):
+            fused(h, w, h, w, y, vocab_start_index=0)
