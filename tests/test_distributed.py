@@ -20,7 +20,11 @@ from distributed_dtensor_cases import check_dtensor_cases, run_dtensor_cases
 from oracle import oracle_with_grads, random_logits, random_target, row_weights
 
 import fastkd
-from fastkd.distributed import vocab_parallel_distillation_loss
+from fastkd.distributed import (
+    vocab_parallel_distillation_loss,
+    vocab_parallel_fused_linear_distillation_loss,
+    vocab_parallel_sparse_distillation_loss,
+)
 
 DIVERGENCES = ("kl", "reverse_kl", "jsd", "tvd")
 SPLITS = {2: (13, 8), 3: (7, 5, 9)}  # uneven slices of V = 21
@@ -271,12 +275,8 @@ def test_dtensor_routing(world, rank_results):
 
 
 def test_fused_and_sparse_reject_bad_arguments_before_any_collective():
-    from fastkd.distributed import (
-        vocab_parallel_fused_linear_distillation_loss as fused,
-    )
-    from fastkd.distributed import (
-        vocab_parallel_sparse_distillation_loss as sparse,
-    )
+    fused = vocab_parallel_fused_linear_distillation_loss
+    sparse = vocab_parallel_sparse_distillation_loss
     h, w = random_logits(4, 3, seed=1), random_logits(5, 3, seed=2)
     y = random_target(4, vocab=5, seed=3)
     with pytest.raises(ValueError, match="teacher_weight_shard"):
