@@ -167,6 +167,32 @@ def _check_components(res, s, t, y, kw, where):
     assert_rel(res["div"], o_div, f"{where} divergence vs oracle")
 
 
+def run_inplace(rank, world, group):
+    """inplace_backward=True writes the gradient slice into the logits' own buffer: the same
+    loss and gradient as without it."""
+    s, t, bounds, vocab = _components_inputs(world)
+    lo, hi = bounds[rank]
+    y = _target(vocab, 34, "ignored")
+    out = {}
+    for inplace in (False, True):
+        base = s[:, lo:hi].clone().requires_grad_(True)
+        logits = base * 1.0  # a non-leaf, as logits from an lm-head are
+        loss = vocab_parallel_distillation_loss(logits, t[:, lo:hi], y, vocab_start_index=lo,
+                                                group=group, divergence="jsd",
+                                                temperature=2.0, inplace_backward=inplace)
+        out[inplace] = (loss.detach(), torch.autograd.grad(loss, base)[0],
+                        logits.detach().clone())
+    return out
+
+
+def check_inplace(per_rank):
+    for rank, res in enumerate(per_rank):
+        (l0, g0, x0), (l1, g1, x1) = res[False], res[True]
+        assert torch.equal(l0, l1) and torch.equal(g0, g1), f"inplace rank {rank}"
+        assert torch.equal(x1, g0), f"rank {rank}: inplace_backward left the logits unwritten"
+        assert not torch.equal(x0, g0), f"rank {rank}: logits overwritten without inplace"
+
+
 def check_components(world, case, per_rank):
     s, t, _, vocab = _components_inputs(world)
     y = _target(vocab, 33, case["target"])
@@ -272,6 +298,7 @@ def run_cases(rank, world, group) -> dict:
     out.update({c["name"]: run_sparse(rank, world, group, c) for c in SPARSE})
     out.update({c["name"]: run_components(rank, world, group, c) for c in COMPONENTS})
     out.update({name: run_vp_error(rank, world, group, name) for name in VP_ERRORS})
+    out["inplace"] = run_inplace(rank, world, group)
     return out
 
 
@@ -280,6 +307,7 @@ def check_cases(world, per_rank) -> None:
                          (COMPONENTS, check_components)):
         for case in cases:
             check(world, case, [r[case["name"]] for r in per_rank])
+    check_inplace([r["inplace"] for r in per_rank])
     for name, word in VP_ERRORS.items():
         messages = [r[name]["error"] for r in per_rank]
         assert all(m is not None for m in messages), f"{name}: a rank did not raise"

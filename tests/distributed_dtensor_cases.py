@@ -78,15 +78,21 @@ def run_dtensor(rank, world, mesh, case):
                   else _placements(mesh, -1))
     sd = distribute_tensor(s, mesh, placements).requires_grad_(True)
     td = distribute_tensor(t, mesh, placements).requires_grad_(True)
+    components = None
     if case.get("module"):
         loss = fastkd.DistillationLoss(**_kw(case))(sd, td, y)
+    elif case["name"] == "dtensor-kl-sum-notarget":  # the route itself, with components
+        from fastkd.distributed import dtensor_distillation_loss
+        loss, ce, div = dtensor_distillation_loss(sd, td, y, return_components=True,
+                                                  **_kw(case))
+        components = [(x.to_local(), _names(x.placements)) for x in (ce, div)]
     else:
         loss = fastkd.distillation_loss(sd, td, y, **_kw(case))
     _scalar(loss).backward()
     return dict(loss=loss.to_local().detach(), loss_placements=_names(loss.placements),
                 grads=[sd.grad.to_local(), td.grad.to_local()],
                 placements=[_names(sd.grad.placements), _names(td.grad.placements)],
-                input_placements=_names(sd.placements))
+                input_placements=_names(sd.placements), components=components)
 
 
 def check_dtensor(world, case, per_rank):
@@ -110,6 +116,11 @@ def check_dtensor(world, case, per_rank):
         assert set(res["loss_placements"]) == {"Replicate"}, where
         assert_rel(res["loss"], o_loss, f"{where} loss vs oracle")
         assert res["placements"] == expected_placements, f"{where}: {res['placements']}"
+        if res.get("components"):  # no target: ce = 0 and loss = T^2 * divergence
+            (ce, ce_p), (div, div_p) = res["components"]
+            assert set(ce_p) == set(div_p) == {"Replicate"}, where
+            assert ce.item() == 0.0, where
+            assert_rel(res["loss"], 4.0 * div, f"{where} loss == T^2 * divergence")
         lo, hi = bounds[rank]
         for i, (got, ref) in enumerate(zip(res["grads"], refs)):
             if case.get("replicate") or (case.get("fused") and i == 0):
