@@ -1,8 +1,8 @@
 """DTensor routing: vocabulary-sharded DTensors go to the vocab-parallel losses.
 
-`fastkd.distillation_loss` and `fastkd.fused_linear_distillation_loss` call `is_dtensor` on
-their tensors and, for a DTensor, hand the call to `dtensor_distillation_loss` /
-`dtensor_fused_linear_distillation_loss` here (re-exported by `fastkd.distributed`).
+`fastkd.distillation_loss` and `fastkd.fused_linear_distillation_loss` hand a call with a
+DTensor argument to `dtensor_distillation_loss` / `dtensor_fused_linear_distillation_loss`
+here (re-exported by `fastkd.distributed`).
 
 Accepted layouts, on a device mesh of any number of dimensions:
 - logits: `Shard(-1)` (the vocabulary) on exactly one mesh dimension and `Replicate()` on the
@@ -15,25 +15,11 @@ Anything else (`Partial`, a shard of another dimension) raises naming the argume
 (and the components) come back as DTensors replicated on the mesh; the gradients as DTensors
 with their inputs' placements (`to_local` / `from_local` carry them).
 
-`torch.distributed.tensor` is imported only when a DTensor already exists (its module is
-loaded): `import fastkd` stays light.
+`torch.distributed.tensor` is imported only here, when a DTensor already exists:
+`import fastkd` stays light.
 """
 
 from __future__ import annotations
-
-import sys
-
-import torch
-
-_DTENSOR_MODULE = "torch.distributed.tensor"
-
-
-def is_dtensor(*tensors) -> bool:
-    """True when any argument is a DTensor (False while compiling: no DTensor route)."""
-    if torch.compiler.is_compiling():
-        return False
-    module = sys.modules.get(_DTENSOR_MODULE)
-    return module is not None and any(isinstance(t, module.DTensor) for t in tensors)
 
 
 def _dt():

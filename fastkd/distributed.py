@@ -26,8 +26,15 @@ import torch
 import torch.distributed as dist
 
 from ._dtensor import dtensor_distillation_loss, dtensor_fused_linear_distillation_loss
-from ._validation import check_floating, check_options, check_target, reduce_rows
-from .functional import check_logits_pair, kernel_options
+from ._validation import (
+    check_floating,
+    check_logits_pair,
+    check_options,
+    check_target,
+    reduce_rows,
+)
+from .functional import kernel_options
+from .ops.dense import autocast_off
 from .ops.vocab_parallel import (
     vocab_parallel_kd_rows,
     vocab_parallel_rows,
@@ -35,6 +42,7 @@ from .ops.vocab_parallel import (
 )
 from .ops.vocab_parallel_fused import agreed_chunk_rows, vocab_parallel_fused_rows
 from .reference.sparse import TAILS
+from .reference.vocab_parallel import compute_dtype
 
 __all__ = ["vocab_parallel_distillation_loss", "vocab_parallel_fused_linear_distillation_loss",
            "vocab_parallel_sparse_distillation_loss", "dtensor_distillation_loss",
@@ -57,11 +65,10 @@ def _check_process_group() -> None:
                            "process group (dist.init_process_group)")
 
 
-def _terms_buffer(n: int, dtype: torch.dtype, device, wanted: bool):
+def _terms_buffer(n: int, dtypes: tuple, device, wanted: bool):
     if not wanted:
         return None
-    dtype = torch.float64 if dtype == torch.float64 else torch.float32
-    return torch.empty(n, 2, dtype=dtype, device=device)
+    return torch.empty(n, 2, dtype=compute_dtype(*dtypes), device=device)
 
 
 def _finish(rows_or_total, terms, valid, reduction, num_items_in_batch, lead_shape,
@@ -155,7 +162,8 @@ def vocab_parallel_distillation_loss(
                              divergence=divergence, beta=beta, scale_by_t2=scale_by_t2,
                              ignore_index=ignore_index, label_smoothing=label_smoothing,
                              softcap=softcap)
-    terms = _terms_buffer(student.shape[0], student.dtype, student.device, return_components)
+    terms = _terms_buffer(student.shape[0], (student.dtype, teacher.dtype), student.device,
+                          return_components)
     kernel = functools.partial(vocab_parallel_kd_rows, vocab_start_index=vocab_start_index,
                                group=group, check=not torch.compiler.is_compiling())
 
@@ -163,9 +171,21 @@ def vocab_parallel_distillation_loss(
         return kernel(student, teacher, flat_target, grad_student, grad_teacher, *options,
                       terms)
 
-    rows = vocab_parallel_rows(student, teacher, call, True, inplace_backward)
+    with autocast_off(student.device):
+        rows = vocab_parallel_rows(student, teacher, call, True, inplace_backward)
     valid = None if flat_target is None else (flat_target != ignore_index).sum()
     return _finish(rows, terms, valid, reduction, num_items_in_batch, lead_shape)
+
+
+def _autocast_head(hidden, weight, bias):
+    """Under torch.autocast: fp32/bf16/fp16 hidden, weight and bias cast to the autocast
+    dtype, as nn.Linear would (float64 left alone); otherwise unchanged."""
+    device = hidden.device.type
+    if device not in ("cpu", "cuda") or not torch.is_autocast_enabled(device):
+        return hidden, weight, bias
+    dtype = torch.get_autocast_dtype(device)
+    return tuple(None if x is None or x.dtype == torch.float64 else x.to(dtype)
+                 for x in (hidden, weight, bias))
 
 
 def _check_head_shard(prefix: str, hidden, weight, bias) -> None:
@@ -271,10 +291,14 @@ def vocab_parallel_fused_linear_distillation_loss(
                                group=group)
     teacher = (teacher_hidden.reshape(-1, teacher_hidden.shape[-1]), teacher_weight_shard,
                teacher_bias_shard)
-    terms = _terms_buffer(n, hidden.dtype, hidden.device, return_components)
-    out = vocab_parallel_fused_rows(hidden, student_weight_shard, student_bias_shard,
-                                    flat_target, teacher, kernel, options, chunk,
-                                    reduction == "none", group, terms)
+    terms = _terms_buffer(n, (hidden.dtype, teacher_hidden.dtype), hidden.device,
+                          return_components)
+    # Under torch.autocast the head matmuls behave like nn.Linear's; the loss stays float32.
+    hidden, s_weight, s_bias = _autocast_head(hidden, student_weight_shard, student_bias_shard)
+    teacher = _autocast_head(*teacher)
+    with autocast_off(hidden.device):
+        out = vocab_parallel_fused_rows(hidden, s_weight, s_bias, flat_target, teacher, kernel,
+                                        options, chunk, reduction == "none", group, terms)
     if flat_target is None:
         valid = torch.full((), n, dtype=torch.int64, device=hidden.device)
     else:
@@ -405,7 +429,8 @@ def vocab_parallel_sparse_distillation_loss(
     indices = teacher_topk_indices.reshape(-1, k).to(torch.int64).contiguous()
     flat_target = None if target is None else target.reshape(-1).to(torch.int64)
     options = kernel_options(target is not None, **options_kw) + (tail == "renormalize",)
-    terms = _terms_buffer(student.shape[0], student.dtype, student.device, return_components)
+    terms = _terms_buffer(student.shape[0], (student.dtype,), student.device,
+                          return_components)
     check = not torch.compiler.is_compiling()
 
     def call(grad_student, _):
@@ -413,6 +438,7 @@ def vocab_parallel_sparse_distillation_loss(
             student, logprobs, indices, flat_target, grad_student, *options, terms,
             vocab_start_index=vocab_start_index, group=group, check=check)
 
-    rows = vocab_parallel_rows(student, logprobs, call, False)
+    with autocast_off(student.device):
+        rows = vocab_parallel_rows(student, logprobs, call, False)
     valid = None if flat_target is None else (flat_target != ignore_index).sum()
     return _finish(rows, terms, valid, reduction, num_items, lead_shape)

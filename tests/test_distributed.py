@@ -34,7 +34,8 @@ REL = 1e-5
 
 def _case(name, **overrides):
     case = dict(name=name, splits=None, order=None, scale=3.0, target="ignored", kw={},
-                teacher_grad=False, inf_teacher=False, dtype=torch.float32, bad=None)
+                teacher_grad=False, inf_teacher=False, dtype=torch.float32, bad=None,
+                teacher_dtype=None)
     case.update(overrides)
     return case
 
@@ -67,6 +68,10 @@ def build_cases(world: int) -> list:
         _case("kl-float64", dtype=torch.float64, kw=dict(divergence="kl", temperature=2.0)),
         _case("rkl-bfloat16", dtype=torch.bfloat16, teacher_grad=True,
               kw=dict(divergence="reverse_kl", temperature=2.0, alpha=0.3)),
+        _case("jsd-bf16-student-fp32-teacher", dtype=torch.bfloat16,
+              teacher_dtype=torch.float32, kw=dict(divergence="jsd", temperature=2.0)),
+        _case("kl-fp32-student-fp64-teacher-tgrad", teacher_dtype=torch.float64,
+              teacher_grad=True, kw=dict(divergence="kl", temperature=2.0, alpha=0.3)),
         _case("jsd-v1000", splits=(300, 700) if world == 2 else (401, 99, 500), scale=5.0,
               kw=dict(divergence="jsd", temperature=1.0, alpha=0.2)),
         _case("kl-extreme-logits", scale=1e4, kw=dict(divergence="kl", temperature=1.0)),
@@ -82,7 +87,8 @@ def make_inputs(case: dict, world: int):
     splits = case["splits"] or SPLITS[world]
     vocab = sum(splits)
     s = random_logits(*LEAD, vocab, scale=case["scale"], dtype=case["dtype"], seed=11)
-    t = random_logits(*LEAD, vocab, scale=case["scale"], dtype=case["dtype"], seed=12)
+    t = random_logits(*LEAD, vocab, scale=case["scale"], seed=12,
+                      dtype=case["teacher_dtype"] or case["dtype"])
     starts = [sum(splits[:i]) for i in range(len(splits))]
     order = case["order"] or tuple(range(world))
     bounds = [(starts[order[r]], starts[order[r]] + splits[order[r]]) for r in range(world)]

@@ -31,8 +31,9 @@ import torch
 from .dense import CHUNK_ELEMENTS, JSD, KL, REVERSE_KL, TVD, _capped, _xlogy_diff
 
 
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
+def compute_dtype(*dtypes: torch.dtype) -> torch.dtype:
+    """float64 when any input is float64, else float32."""
+    return torch.float64 if torch.float64 in dtypes else torch.float32
 
 
 def stat_names(has_div: bool, divergence: int, has_ce: bool, label_smoothing: float,
@@ -118,7 +119,7 @@ def shard_stats(student, teacher, target, names, temperature, divergence, softca
     """Phase 1. student, teacher: (N, V_local); target: (N,) global labels or None.
     Returns (N, len(names)) in the compute dtype."""
     n, vocab = student.shape
-    compute = compute_dtype(student.dtype)
+    compute = compute_dtype(student.dtype, teacher.dtype)
     out = torch.empty(n, len(names), dtype=compute, device=student.device)
     need_teacher = "m_t" in names
     for start, stop in _row_chunks(n, vocab):
@@ -220,7 +221,7 @@ def shard_phase2_sums(student, teacher, temperature, divergence, beta, softcap,
     """Phase 2 (jsd: [KL(p_t||m), KL(p_s||m)]; tvd: [sum|p_s-p_t|, <p_s,g>, <p_t,g>]) partial
     sums over this slice, (N, 2 or 3); the caller sums them over ranks."""
     n, vocab = student.shape
-    compute = compute_dtype(student.dtype)
+    compute = compute_dtype(student.dtype, teacher.dtype)
     out = torch.empty(n, phase2_width(True, divergence), dtype=compute, device=student.device)
     for start, stop in _row_chunks(n, vocab):
         z_s, _ = _capped(student[start:stop].to(compute), softcap)
@@ -300,7 +301,7 @@ def shard_rows_and_grads(student, teacher, target, grad_student, grad_teacher, g
     (0 for ignored rows; CE 0 without target); `glob` must then hold both terms' statistics
     (`stat_names(..., want_terms=True)`)."""
     n, vocab = student.shape
-    compute = compute_dtype(student.dtype)
+    compute = compute_dtype(student.dtype, teacher.dtype)
     rows = torch.empty(n, dtype=compute, device=student.device)
     want_terms = terms is not None
     has_ce = target is not None and (ce_weight != 0.0 or want_terms)
