@@ -10,6 +10,7 @@ Every rank rebuilds the same full inputs from fixed seeds and keeps its slice.
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 from oracle import oracle_loss, oracle_with_grads, random_logits, random_target, row_weights
 
 import fastkd
@@ -77,6 +78,38 @@ def _fused_kw(case):
     return dict(divergence=case["div"], temperature=2.0, alpha=0.4, reduction=case["red"])
 
 
+class _Spy:
+    """Records the collectives and the largest block of logits the fused sweep forms."""
+
+    def __init__(self):
+        import fastkd.ops.vocab_parallel_fused as fused_ops
+        self.modules, self.calls, self.rows = (dist, fused_ops), [], 0
+
+    def __enter__(self):
+        dist_mod, fused_ops = self.modules
+        self.saved = (dist_mod.all_gather, dist_mod.all_reduce, fused_ops._linear)
+        gather, reduce, linear = self.saved
+
+        def spy(name, fn):
+            def wrapped(*a, **k):
+                self.calls.append(name)
+                return fn(*a, **k)
+            return wrapped
+
+        def spy_linear(*a):
+            out = linear(*a)
+            self.rows = max(self.rows, out.shape[0])
+            return out
+
+        dist_mod.all_gather, dist_mod.all_reduce = spy("gather", gather), spy("reduce", reduce)
+        fused_ops._linear = spy_linear
+        return self
+
+    def __exit__(self, *exc):
+        dist_mod, fused_ops = self.modules
+        dist_mod.all_gather, dist_mod.all_reduce, fused_ops._linear = self.saved
+
+
 def run_fused(rank, world, group, case):
     hs, ws, bs, ht, wt, bt, bounds, vocab = _fused_inputs(world)
     lo, hi = bounds[rank]
@@ -84,13 +117,28 @@ def run_fused(rank, world, group, case):
     w = ws[lo:hi].clone().requires_grad_(True)
     b = bs[lo:hi].clone().requires_grad_(True) if case["bias"] else None
     y = _target(vocab, 27, case["target"])
-    loss, ce, div = vocab_parallel_fused_linear_distillation_loss(
-        h, w, ht, wt[lo:hi], y, vocab_start_index=lo, group=group, student_bias_shard=b,
-        teacher_bias_shard=bt[lo:hi] if case["bias"] else None, chunk_size=case["chunk"],
-        return_components=True, **_fused_kw(case))
-    inputs = (h, w) + ((b,) if b is not None else ())
-    grads = torch.autograd.grad(_scalar(loss), inputs)
-    return dict(loss=loss.detach(), ce=ce, div=div, grads=grads)
+    with _Spy() as spy:
+        loss, ce, div = vocab_parallel_fused_linear_distillation_loss(
+            h, w, ht, wt[lo:hi], y, vocab_start_index=lo, group=group, student_bias_shard=b,
+            teacher_bias_shard=bt[lo:hi] if case["bias"] else None, chunk_size=case["chunk"],
+            return_components=True, **_fused_kw(case))
+        inputs = (h, w) + ((b,) if b is not None else ())
+        grads = torch.autograd.grad(_scalar(loss), inputs)
+    return dict(loss=loss.detach(), ce=ce, div=div, grads=grads, calls=spy.calls,
+                logit_rows=spy.rows)
+
+
+def _check_fused_traffic(case, res, where):
+    """One all_gather of statistics per chunk and sweep (jsd / tvd: one all_reduce more),
+    one all_reduce of the hidden gradient, one to agree on the default chunk; never more
+    than one chunk of logits."""
+    chunk = case["chunk"] or N_ROWS  # the default here covers the 10 rows at once
+    chunks = -(-N_ROWS // chunk)
+    sweeps = 2 if case["red"] == "none" else 1  # "none" sweeps again in backward
+    reduces = chunks * sweeps * (case["div"] in ("jsd", "tvd")) + 1 + (case["chunk"] is None)
+    assert res["calls"].count("gather") == chunks * sweeps, (where, res["calls"])
+    assert res["calls"].count("reduce") == reduces, (where, res["calls"])
+    assert res["logit_rows"] == chunk, (where, res["logit_rows"])
 
 
 def check_fused(world, case, per_rank):
@@ -121,6 +169,7 @@ def check_fused(world, case, per_rank):
             assert_rel(got, ref[sl], f"{where} grad {i} vs single process")
             assert_rel(got, orc[sl], f"{where} grad {i} vs oracle")
         _check_components(res, s_logits, t_logits, y, kw, where)
+        _check_fused_traffic(case, res, where)
 
 
 # --- loss components (dense logits) ---------------------------------------------------------
