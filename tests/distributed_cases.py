@@ -231,6 +231,10 @@ def run_inplace(rank, world, group):
                                                 temperature=2.0, inplace_backward=inplace)
         out[inplace] = (loss.detach(), torch.autograd.grad(loss, base)[0],
                         logits.detach().clone())
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the loss still computes in float32
+        out["autocast"] = vocab_parallel_distillation_loss(
+            s[:, lo:hi], t[:, lo:hi], y, vocab_start_index=lo, group=group,
+            divergence="jsd", temperature=2.0)
     return out
 
 
@@ -240,6 +244,7 @@ def check_inplace(per_rank):
         assert torch.equal(l0, l1) and torch.equal(g0, g1), f"inplace rank {rank}"
         assert torch.equal(x1, g0), f"rank {rank}: inplace_backward left the logits unwritten"
         assert not torch.equal(x0, g0), f"rank {rank}: logits overwritten without inplace"
+        assert res["autocast"].dtype == torch.float32 and torch.equal(res["autocast"], l0)
 
 
 def check_components(world, case, per_rank):
