@@ -89,6 +89,26 @@ def _to_float64_if_any(*tensors):
     return tuple(None if t is None else t.to(torch.float64) for t in tensors)
 
 
+def _check_inplace(student_logits, copied: bool, upcast: bool) -> None:
+    """inplace_backward=True needs the kernel to read (and overwrite) the user's storage."""
+    overlapping = any(stride == 0 and size > 1
+                      for size, stride in zip(student_logits.shape, student_logits.stride()))
+    if not (copied or upcast or overlapping):
+        return
+    if upcast:
+        why = ("its dtype is raised to float64 to match the float64 teacher, so the kernel "
+               "would read a copy")
+    elif overlapping:
+        why = ("it is broadcast (a stride of 0), so several gradient rows would share one "
+               "row of storage")
+    else:
+        why = (f"its strides {tuple(student_logits.stride())} have no view as rows with a "
+               "contiguous last dimension, so the kernel would read a copy")
+    raise ValueError(f"inplace_backward=True cannot write the gradient into student_logits: "
+                     f"{why}. Pass inplace_backward=False, or logits whose last dimension "
+                     "is contiguous, in the teacher's precision.")
+
+
 @fill_doc
 def distillation_loss(
     student_logits: torch.Tensor,
@@ -163,14 +183,8 @@ def distillation_loss(
     student, teacher = _to_float64_if_any(student_logits, teacher_logits)
     upcast = student is not student_logits
     student, teacher, copied = rows_layout(student, teacher)
-    if inplace_backward and (copied or upcast):
-        why = ("its dtype is raised to float64 to match the float64 teacher" if upcast else
-               f"its strides {tuple(student_logits.stride())} have no view as rows with a "
-               "contiguous last dimension")
-        raise ValueError("inplace_backward=True cannot write the gradient into "
-                         f"student_logits: {why}, so the kernel would read a copy. Pass "
-                         "inplace_backward=False (or logits whose last dimension is "
-                         "contiguous, in the teacher's precision).")
+    if inplace_backward:
+        _check_inplace(student_logits, copied, upcast)
     flat_target = _flat_target(target)
     options = kernel_options(target is not None, temperature=temperature, alpha=alpha,
                              divergence=divergence, beta=beta, scale_by_t2=scale_by_t2,

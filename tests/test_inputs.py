@@ -187,11 +187,18 @@ def test_rows_that_need_a_copy(backend):
         assert "copy" in str(info.value)
 
 
-def test_inplace_backward_refuses_an_upcast_student():
+def test_inplace_backward_refuses_an_upcast_or_broadcast_student():
     student = random_logits(4, 9, seed=14)
     teacher = random_logits(4, 9, dtype=torch.float64, seed=15)
     with pytest.raises(ValueError, match="inplace_backward.*float64"):
         fastkd.distillation_loss(student, teacher, inplace_backward=True)
+    broadcast = random_logits(1, 9, seed=16).expand(4, 9)
+    with pytest.raises(ValueError, match="inplace_backward.*broadcast"):
+        fastkd.distillation_loss(broadcast, teacher.float(), inplace_backward=True)
+    # read (not written) where it is, the broadcast student is fine
+    loss = fastkd.distillation_loss(broadcast, teacher.float(), backend="torch")
+    expected = oracle_loss(broadcast.contiguous(), teacher.float())
+    assert_within(loss, expected, 1e-5, "broadcast student")
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
