@@ -351,3 +351,26 @@ def test_sparse_components_equal_dense_when_k_is_v(with_target):
         assert len(got) == 3 and not got[1].requires_grad and not got[2].requires_grad
         for name, a, b in zip(("loss", "ce", "divergence"), got, dense):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_autocast_top_k_losses_return_float32():
+    """Top-k losses under CPU bf16 autocast: float32 loss; the fused form's lm-head matmul
+    runs in bf16 like nn.Linear's (same value as an explicit bf16 cast outside autocast)."""
+    n, v = 8, 19
+    hidden, weight = random_logits(n, 6, scale=1.0, seed=36), random_logits(v, 6, seed=37)
+    logprobs, indices = torch.log_softmax(random_logits(n, v, seed=38), -1).topk(5, dim=-1)
+    target = random_target(n, vocab=v, seed=39)
+    kw = dict(temperature=1.0, tail="renormalize", backend="torch", chunk_size=3)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = torch.nn.functional.linear(hidden, weight)
+        dense = fastkd.sparse_distillation_loss(logits, logprobs, indices, target,
+                                                tail="renormalize", backend="torch")
+        fused = fastkd.fused_linear_sparse_distillation_loss(hidden, weight, logprobs,
+                                                             indices, target, **kw)
+    assert logits.dtype == torch.bfloat16
+    assert dense.dtype == torch.float32 and fused.dtype == torch.float32
+    explicit = fastkd.fused_linear_sparse_distillation_loss(hidden.bfloat16(),
+                                                            weight.bfloat16(), logprobs,
+                                                            indices, target, **kw)
+    torch.testing.assert_close(fused, explicit, rtol=0, atol=0)
+    torch.testing.assert_close(dense, explicit, rtol=1e-5, atol=0)
