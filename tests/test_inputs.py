@@ -331,10 +331,12 @@ def test_dtensor_is_routed_to_fastkd_distributed(monkeypatch):
     assert torch.is_tensor(fastkd.distillation_loss(logits, logits, backend="torch"))
 
 
+@pytest.mark.parametrize("backend", ["torch", "auto"])
 @pytest.mark.parametrize("with_target", [True, False], ids=["target", "no-target"])
-def test_sparse_components_equal_dense_when_k_is_v(with_target):
+def test_sparse_components_equal_dense_when_k_is_v(with_target, backend):
     """With k = V every tail is empty: the top-k losses' (loss, ce, divergence) equal the
-    dense loss's, for the logits and the fused-linear forms (reference kernels)."""
+    dense loss's, for the logits and the fused-linear forms ("auto": the fused top-k kernel
+    where one is built)."""
     n, v, temperature = 10, 21, 2.0
     hidden, weight = random_logits(n, 8, scale=1.0, seed=31), random_logits(v, 8, seed=32)
     student = hidden @ weight.T
@@ -342,8 +344,8 @@ def test_sparse_components_equal_dense_when_k_is_v(with_target):
     order = torch.argsort(torch.rand(n, v, generator=torch.Generator().manual_seed(34)), -1)
     logprobs = torch.log_softmax(teacher / temperature, -1).gather(-1, order)
     target = random_target(n, vocab=v, ignore_fraction=0.3, seed=35) if with_target else None
-    kw = dict(temperature=temperature, alpha=0.3, return_components=True, backend="torch")
-    dense = fastkd.distillation_loss(student, teacher, target, **kw)
+    kw = dict(temperature=temperature, alpha=0.3, return_components=True, backend=backend)
+    dense = fastkd.distillation_loss(student, teacher, target, **dict(kw, backend="torch"))
     sparse = fastkd.sparse_distillation_loss(student, logprobs, order, target, **kw)
     fused = fastkd.fused_linear_sparse_distillation_loss(hidden, weight, logprobs, order,
                                                          target, chunk_size=3, **kw)
