@@ -11,7 +11,7 @@ import textwrap
 import pytest
 import torch
 
-from fastkd.data import CorruptStoreError, TopKStore, TopKWriter
+from fastkd.data import CorruptStoreError, StoreLockedError, TopKStore, TopKWriter
 
 V, K = 500, 16
 
@@ -95,7 +95,7 @@ def test_duplicate_key_and_writer_errors(tmp_path):
             w.append(key_of(1), *make(1))
         with pytest.raises(ValueError, match="already in the store"):
             w.append(key_of(0), *make(0))  # a str key
-        with pytest.raises(RuntimeError, match="another TopKWriter"):
+        with pytest.raises(StoreLockedError, match="another TopKWriter"):
             TopKWriter(path, k=K, vocab_size=V, temperature=1.0, resume=True)
         lp, idx = make(7)
         with pytest.raises(ValueError, match="logprobs"):
@@ -143,7 +143,8 @@ CHILD = MAKE + textwrap.dedent("""
 
 def _run_and_kill(path, start, after):
     """Start a writer subprocess at record `start`, SIGKILL it once `after` records are done."""
-    env = dict(os.environ, PYTHONPATH=os.getcwd() + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # this checkout
+    env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
     proc = subprocess.Popen([sys.executable, "-c", CHILD, str(path), str(start)],
                             stdout=subprocess.PIPE, text=True, env=env)
     done = []
@@ -374,3 +375,40 @@ def test_dataloader_workers(tmp_path):
     for i in range(20):
         lp, idx = make(i)
         assert seen[i][0] == lp.half().float().sum() and seen[i][1] == idx.sum()
+
+
+def test_append_without_numpy(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "numpy", None)  # `import numpy` raises ImportError
+    write(tmp_path / "store", 3, value_dtype=torch.bfloat16)
+    monkeypatch.undo()
+    store = TopKStore(tmp_path / "store")
+    for i in range(3):
+        check(store, i, torch.bfloat16)
+
+
+def test_interrupt_mid_append_then_close(tmp_path, monkeypatch):
+    """Ctrl-C inside the write of a record: close() drops the partial bytes and seals."""
+    import fastkd.data._format as fmt
+
+    path = tmp_path / "store"
+    real = fmt.write_all
+    w = TopKWriter(path, k=K, vocab_size=V, temperature=1.0)
+    for i in range(3):
+        w.append(key_of(i), *make(i))
+
+    def half_then_interrupt(fd, data, offset):
+        real(fd, memoryview(data)[:len(data) // 2], offset)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(fmt, "write_all", half_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        w.append(key_of(3), *make(3))
+    monkeypatch.setattr(fmt, "write_all", real)
+    assert key_of(3) not in w
+    w.close()
+    store = TopKStore(path)
+    assert len(store) == 3 and store.verify_all() == 3  # the sealed shard holds no partial bytes
+    write(path, 5, start=3)
+    store = TopKStore(path)
+    for i in range(5):
+        check(store, i)

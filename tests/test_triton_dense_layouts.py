@@ -245,6 +245,18 @@ def test_terms_at_zero_weights_and_without_target(path):
         assert_close(buf, want, what="terms (forward only)")
 
 
+
+@pytest.mark.parametrize("path", SMALL_PATHS)
+@pytest.mark.parametrize("pair", [("bf16", "f32"), ("f32", "f16"), ("f16", "bf16")],
+                         ids=["bf16-f32", "f32-f16", "f16-bf16"])
+def test_shared_layout_dtypes_terms_check(pair, path):
+    """The cross-backend check of tests/kernel_checks.py (strided rows everywhere, per-side
+    dtypes, NaN-poisoned terms), the same one every dense backend passes."""
+    student, teacher, target = pair_inputs(5, 230, DTYPES[pair[0]], DTYPES[pair[1]], seed=46)
+    launch = functools.partial(triton_dense.launch_dense_kd, **SMALL_PATHS[path])
+    kernel_checks.check_layout_dtypes_terms(launch, student, teacher, target, divergence="jsd",
+                                            beta=0.3, label_smoothing=0.1)
+
 def test_layout_and_dtype_errors_name_the_argument():
     """What the kernels cannot index raises, naming the argument; what they can (strided
     rows, mixed dtypes, a broadcast teacher row) is accepted without a copy."""

@@ -29,7 +29,7 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 
-from ..data import TopKStore, TopKWriter
+from ..data import StoreLockedError, TopKStore, TopKWriter
 from ..topk import topk_teacher_logprobs
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -262,7 +262,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except KeyboardInterrupt:  # before the store was opened: nothing was written
         print("\nfastkd cache-teacher: interrupted", file=sys.stderr)
         return 130
-    except (CacheTeacherError, FileNotFoundError, ValueError, OSError) as e:
+    except (CacheTeacherError, StoreLockedError, FileNotFoundError, ValueError, OSError) as e:
         print(f"fastkd cache-teacher: error: {e}", file=sys.stderr)
         return 1
 

@@ -52,7 +52,8 @@ fsync them against power loss.
 
 from ._format import CorruptStoreError
 from .collator import TopKCollator
-from .store import DEFAULT_SHARD_BYTES, TopKStore, TopKWriter
+from .store import TopKStore
+from .writer import DEFAULT_SHARD_BYTES, StoreLockedError, TopKWriter
 
-__all__ = ["CorruptStoreError", "DEFAULT_SHARD_BYTES", "TopKCollator", "TopKStore",
-           "TopKWriter"]
+__all__ = ["CorruptStoreError", "DEFAULT_SHARD_BYTES", "StoreLockedError", "TopKCollator",
+           "TopKStore", "TopKWriter"]

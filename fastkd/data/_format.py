@@ -10,6 +10,7 @@ parsed). The layout itself is documented in `fastkd.data` (module docstring) and
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import re
 import struct
@@ -313,3 +314,32 @@ def build_key_table(entries: Dict[Key, tuple], new, shard: int, where: str) -> N
         if key in entries:
             raise CorruptStoreError(f"{where}: key {key!r} is stored twice")
         entries[key] = (shard, offset, rows)
+
+
+def open_store_dir(path: str) -> Tuple[dict, List[int]]:
+    """Validated `store.json` fields and the shard numbers of a store directory."""
+    store_file = os.path.join(path, STORE_FILE)
+    if not os.path.isfile(store_file):
+        raise FileNotFoundError(f"no top-k store at {path!r} (missing {STORE_FILE})")
+    fmt = parse_store_json(read_json(store_file, store_file), store_file)
+    return fmt, list_shards(path)
+
+
+def load_shard(path: str, number: int, fmt: dict, verify: bool):
+    """(records, readable size, sealed) of one shard; validated against the file."""
+    name = shard_name(number)
+    where = f"shard {name} of store {path}"
+    shard_file, index_file = os.path.join(path, name), os.path.join(path, index_name(number))
+    with open(shard_file, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        header = f.read(SHARD_HEADER.size)
+        check_shard_header(header, where, fmt["k"], fmt["vocab_size"], fmt["value_dtype"],
+                           fmt["index_dtype"])
+        if os.path.exists(index_file):
+            obj = read_json(index_file, f"index {index_name(number)} of store {path}")
+            records = parse_shard_index(obj, f"index {index_name(number)} of shard "
+                                        f"{name} in store {path}", name, size, fmt)
+            return records, size, True
+        with mmap.mmap(f.fileno(), size, access=mmap.ACCESS_READ) as mm:
+            records, end = scan_shard(mm, size, fmt, where, verify)
+        return records, end, False
