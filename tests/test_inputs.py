@@ -376,3 +376,36 @@ def test_autocast_top_k_losses_return_float32():
                                                             indices, target, **kw)
     torch.testing.assert_close(fused, explicit, rtol=0, atol=0)
     torch.testing.assert_close(dense, explicit, rtol=1e-5, atol=0)
+
+
+def test_components_need_no_extra_full_size_tensor(monkeypatch):
+    """The components come from the kernel's (N, 2) terms buffer in the same pass: with them,
+    exactly as many (N, V)-sized tensors are created as without (the gradient buffer)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    import fastkd.reference.dense as reference_dense
+
+    monkeypatch.setattr(reference_dense, "CHUNK_ELEMENTS", 64)  # 1 row per chunk
+    n, v = 12, 97
+
+    class CountFullSize(TorchDispatchMode):
+        count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else (out,):
+                if isinstance(t, torch.Tensor) and t.numel() >= n * v:
+                    self.count += 1
+            return out
+
+    student, teacher = random_logits(n, v, seed=40), random_logits(n, v, seed=41)
+    target = random_target(n, vocab=v, seed=42)
+    counts = []
+    for components in (False, True):
+        s = student.clone().requires_grad_(True)
+        with CountFullSize() as mode:
+            out = fastkd.distillation_loss(s, teacher, target, backend="torch",
+                                           return_components=components)
+            (out[0] if components else out).backward()
+        counts.append(mode.count)
+    assert counts[0] == counts[1] and counts[0] >= 1, counts
