@@ -47,8 +47,8 @@ class DistillationLoss(_LossModule):
     inplace_backward : bool, default False
         Write the student gradient into the logits' storage (see `distillation_loss`).
 
-    Returns (of ``forward``)
-    ------------------------
+    Returns
+    -------
     %(returns)s
 
     Raises
@@ -101,8 +101,8 @@ class FusedLinearDistillationLoss(_LossModule):
     chunk_size : int or None, default None
         Rows of logits per chunk (None: a memory budget, see the functional form).
 
-    Returns (of ``forward``)
-    ------------------------
+    Returns
+    -------
     %(returns)s
 
     Raises
@@ -156,8 +156,8 @@ class SparseDistillationLoss(_LossModule):
         How the teacher's mass outside its top-k is treated (see the functional form).
     %(options)s
 
-    Returns (of ``forward``)
-    ------------------------
+    Returns
+    -------
     %(returns)s
 
     Raises
