@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -151,11 +152,12 @@ def _check_tail(tail) -> None:
 
 
 def _check_topk(logprobs, indices, lead_shape, vocab: int, valid_rows) -> None:
-    """Shapes and dtypes; in eager mode also index range, uniqueness and mass <= 1."""
+    """Shapes and dtypes; in eager mode also, on the rows that are not ignored, index range,
+    uniqueness and mass <= 1 (vectorised). Ignored rows may hold anything."""
     check_floating("teacher_topk_logprobs", logprobs)
     if not isinstance(indices, torch.Tensor) or indices.dtype not in (torch.int64, torch.int32):
-        raise TypeError("teacher_topk_indices must be an int64 tensor of vocabulary indices, "
-                        f"got {getattr(indices, 'dtype', type(indices).__name__)}")
+        raise TypeError("teacher_topk_indices must be an int64 or int32 tensor of vocabulary "
+                        f"indices, got {getattr(indices, 'dtype', type(indices).__name__)}")
     if logprobs.dim() != len(lead_shape) + 1 or logprobs.shape[:-1] != lead_shape:
         raise ValueError(f"teacher_topk_logprobs must have shape {tuple(lead_shape)} + (k,) "
                          f"(the student's leading dimensions), got {tuple(logprobs.shape)}")
@@ -169,29 +171,87 @@ def _check_topk(logprobs, indices, lead_shape, vocab: int, valid_rows) -> None:
     # Data checks read values on the host: eager mode only (see check_target).
     if torch.compiler.is_compiling() or indices.numel() == 0:
         return
+    indices, logprobs = indices.reshape(-1, k), logprobs.reshape(-1, k)
+    if valid_rows is not None:  # only the rows that are read
+        keep = valid_rows.reshape(-1)
+        indices, logprobs = indices[keep], logprobs[keep]
+    if indices.numel() == 0:
+        return
     if bool(((indices < 0) | (indices >= vocab)).any()):
-        raise ValueError(f"teacher_topk_indices must lie in [0, {vocab}), got "
-                         f"min {indices.min().item()}, max {indices.max().item()}")
+        raise ValueError(f"teacher_topk_indices must lie in [0, {vocab}) on rows that are not "
+                         f"ignored, got min {indices.min().item()}, max {indices.max().item()}")
     ordered = indices.sort(dim=-1).values
-    if bool((ordered[..., 1:] == ordered[..., :-1]).any()):
-        raise ValueError("teacher_topk_indices must be unique within each row")
+    if bool((ordered[:, 1:] == ordered[:, :-1]).any()):
+        raise ValueError("teacher_topk_indices must be unique within each row that is not "
+                         "ignored")
     lse = torch.logsumexp(logprobs.float(), dim=-1)
     bad = ~(lse <= TOPK_MASS_TOLERANCE)
-    if valid_rows is not None:
-        bad = bad & valid_rows
     if bool(bad.any()):
-        raise ValueError("teacher_topk_logprobs must be log-probabilities (at the "
-                         "distillation temperature) whose exp sums to <= 1 per row; got a "
-                         f"row with log-sum-exp {lse[bad][0].item():.4g}")
+        raise ValueError("teacher_topk_logprobs must be log-probabilities (at "
+                         "teacher_temperature) whose exp sums to <= 1 per row; got a row with "
+                         f"log-sum-exp {lse[bad][0].item():.4g}")
 
 
-def _sparse_kernel(backend: str, tensor: torch.Tensor):
-    """The top-k teacher loss is implemented by the reference only (any device)."""
+def _teacher_scale(teacher_temperature, temperature: float, tail: str) -> float:
+    """T_stored / T: the factor that re-tempers stored log-probs (1 when not re-tempered)."""
+    if teacher_temperature is None:
+        return 1.0
+    if (isinstance(teacher_temperature, bool)
+            or not isinstance(teacher_temperature, (int, float))
+            or not math.isfinite(teacher_temperature) or teacher_temperature <= 0):
+        raise ValueError("teacher_temperature must be None or a finite number > 0, got "
+                         f"{teacher_temperature!r}")
+    scale = float(teacher_temperature) / float(temperature)
+    if scale != 1.0 and tail == "bucket":
+        raise ValueError(f"teacher_temperature={teacher_temperature} differs from "
+                         f"temperature={temperature}: re-tempering needs tail='renormalize' "
+                         "(the bucket's tail mass at the new temperature is unknown)")
+    return scale
+
+
+def _sparse_kernel(backend: str, tensor: torch.Tensor, teacher_scale: float = 1.0):
+    """The top-k teacher kernel of a backend: the fused C++ op (`cpu`), the Triton op
+    (`triton`), or the reference (`torch`, and `auto` where no fused kernel applies)."""
+    import functools
+    import os
+
     name = resolve_backend(backend, tensor)  # validates the name (and FASTKD_BACKEND)
-    if backend != "auto" and name != "torch":
-        raise BackendUnavailableError(f"backend {backend!r} has no top-k teacher kernel; use "
-                                      "backend='torch' or 'auto' (the reference, any device)")
-    return sparse_kd_rows
+    requested = backend if backend != "auto" else os.environ.get("FASTKD_BACKEND", "auto")
+    if name == "cpu":
+        try:
+            from .ops.sparse_native import HAS_CPU, MISSING_REASON, sparse_kd_native
+        except Exception as exc:  # an extension built without the top-k op
+            HAS_CPU, MISSING_REASON = False, f"fastkd._C is not importable ({exc})"
+        if HAS_CPU:
+            kernel = sparse_kd_native
+        elif requested != "auto":
+            raise BackendUnavailableError("backend 'cpu' is unavailable for the top-k "
+                                          f"teacher loss: {MISSING_REASON}")
+        else:
+            name = "torch"
+    if name == "cuda":
+        if requested != "auto":
+            raise BackendUnavailableError("backend 'cuda' has no top-k teacher kernel; use "
+                                          "'triton', 'torch' or 'auto'")
+        name = "torch"
+    if name == "triton":
+        from .ops.sparse_triton import sparse_kd_triton as kernel
+    elif name == "torch":
+        kernel = sparse_kd_rows
+    if teacher_scale != 1.0:
+        kernel = functools.partial(kernel, teacher_scale=teacher_scale)
+    return kernel
+
+
+def _topk_rows(tensor: torch.Tensor, width: int, kernel) -> torch.Tensor:
+    """(..., width) -> (N, width) without a copy where a view suffices (fused kernels read any
+    row stride with contiguous columns); float64 log-probs become float32 for a fused kernel."""
+    rows = tensor.reshape(-1, width)
+    if rows.stride(-1) != 1 and width > 1:
+        rows = rows.contiguous()
+    if rows.dtype == torch.float64 and getattr(kernel, "func", kernel) is not sparse_kd_rows:
+        rows = rows.float()
+    return rows
 
 
 def _flat_target(target):
@@ -320,6 +380,7 @@ def sparse_distillation_loss(
     *,
     tail: str = "bucket",
     temperature: float = 1.0,
+    teacher_temperature: Optional[float] = None,
     alpha: float = 0.5,
     divergence: str = "kl",
     beta: float = 0.5,
@@ -330,6 +391,7 @@ def sparse_distillation_loss(
     reduction: str = "mean",
     num_items_in_batch=None,
     backend: str = "auto",
+    inplace_backward: bool = False,
 ) -> torch.Tensor:
     """Distillation from a stored top-k teacher: `alpha * CE + (1 - alpha) * k * D_topk`.
 
@@ -339,8 +401,14 @@ def sparse_distillation_loss(
     vocabulary. tail="bucket": the k entries plus one bucket with the missing mass on both
     sides (a lower bound of the dense divergence, equal when k = V); tail="renormalize": the
     teacher renormalised over its k entries (exact definitions: `fastkd.reference.sparse`).
-    Only the reference implements it (backend "auto" or "torch", any device); the teacher gets
-    no gradient. Returns what `distillation_loss` returns.
+    teacher_temperature: the temperature the log-probs were taken at (None: `temperature`);
+    when it differs they are re-tempered, (T_stored / T) * log p renormalised over the k
+    entries (tail="renormalize" only: exact there; "bucket" raises ValueError). Indices may be
+    int64 or int32, log-probs fp32/bf16/fp16; rows whose target is ignore_index are neither
+    validated nor read. Backends: the fused C++ kernel (`cpu`), Triton (`triton`) or the
+    reference (`torch`); the teacher gets no gradient. inplace_backward=True writes the
+    gradient into student_logits' buffer (as `distillation_loss`). Returns what
+    `distillation_loss` returns.
     """
     check_floating("student_logits", student_logits)
     if student_logits.dim() < 1:
@@ -354,16 +422,22 @@ def sparse_distillation_loss(
     check_same_device(student_logits=student_logits,
                       teacher_topk_logprobs=teacher_topk_logprobs,
                       teacher_topk_indices=teacher_topk_indices, target=target)
-    kernel = _sparse_kernel(backend, student_logits)
+    scale = _teacher_scale(teacher_temperature, temperature, tail)
+    kernel = _sparse_kernel(backend, student_logits, scale)
     k = teacher_topk_logprobs.shape[-1]
     flat_target = _flat_target(target)
     options = _sparse_options(target, tail, temperature, alpha, divergence, beta, scale_by_t2,
                               ignore_index, label_smoothing, softcap)
+    student = student_logits.reshape(-1, vocab)  # a view where the leading dims merge
+    if student.stride(-1) != 1 and vocab > 1:
+        student = student.contiguous()
+    if inplace_backward and student.data_ptr() != student_logits.data_ptr():
+        raise ValueError("inplace_backward=True needs student_logits whose rows can be "
+                         "viewed as (N, V) with contiguous columns (no copy)")
     rows = sparse_distillation_rows(
-        student_logits.reshape(-1, vocab).contiguous(),
-        teacher_topk_logprobs.reshape(-1, k).contiguous(),
-        teacher_topk_indices.reshape(-1, k).to(torch.int64).contiguous(), flat_target, kernel,
-        options)
+        student, _topk_rows(teacher_topk_logprobs, k, kernel),
+        _topk_rows(teacher_topk_indices, k, kernel), flat_target, kernel, options,
+        inplace_backward=inplace_backward)
     valid = None if flat_target is None else (flat_target != ignore_index).sum()
     return reduce_rows(rows, valid, reduction, num_items_in_batch, lead_shape)
 
@@ -379,6 +453,7 @@ def fused_linear_sparse_distillation_loss(
     tail: str = "bucket",
     chunk_size: Optional[int] = None,
     temperature: float = 1.0,
+    teacher_temperature: Optional[float] = None,
     alpha: float = 0.5,
     divergence: str = "kl",
     beta: float = 0.5,
@@ -394,8 +469,9 @@ def fused_linear_sparse_distillation_loss(
     `chunk_size` rows at a time (never [N, V] logits), as `fused_linear_distillation_loss`.
 
     student_hidden (..., H), student_weight (V, H), student_bias (V,) | None; the top-k
-    teacher as in `sparse_distillation_loss`. chunk_size=None: 64 MiB of chunk logits on CPU,
-    512 MiB on CUDA (`default_chunk_rows`).
+    teacher as in `sparse_distillation_loss` (teacher_temperature too). Each chunk runs the
+    backend's top-k kernel, its gradient written over the chunk's logits. chunk_size=None:
+    64 MiB of chunk logits on CPU, 512 MiB on CUDA (`default_chunk_rows`).
     """
     _check_linear_head("student", student_hidden, student_weight, student_bias)
     lead_shape, vocab = student_hidden.shape[:-1], student_weight.shape[0]
@@ -408,10 +484,11 @@ def fused_linear_sparse_distillation_loss(
                       student_bias=student_bias, teacher_topk_logprobs=teacher_topk_logprobs,
                       teacher_topk_indices=teacher_topk_indices, target=target)
     _check_chunk_size(chunk_size)
-    kernel = _sparse_kernel(backend, student_hidden)
+    scale = _teacher_scale(teacher_temperature, temperature, tail)
+    kernel = _sparse_kernel(backend, student_hidden, scale)
     k = teacher_topk_logprobs.shape[-1]
-    teacher = (teacher_topk_logprobs.reshape(-1, k).contiguous(),
-               teacher_topk_indices.reshape(-1, k).to(torch.int64).contiguous(), None)
+    teacher = (_topk_rows(teacher_topk_logprobs, k, kernel),
+               _topk_rows(teacher_topk_indices, k, kernel), None)
     options = _sparse_options(target, tail, temperature, alpha, divergence, beta, scale_by_t2,
                               ignore_index, label_smoothing, softcap)
     return _fused_linear_loss(student_hidden, student_weight, student_bias, target, teacher,

@@ -89,12 +89,14 @@ class SparseDistillationLoss(nn.Module):
                  divergence: str = "kl", beta: float = 0.5, scale_by_t2: bool = True,
                  ignore_index: int = -100, label_smoothing: float = 0.0,
                  softcap: Optional[float] = None, reduction: str = "mean",
-                 backend: str = "auto"):
+                 backend: str = "auto", teacher_temperature: Optional[float] = None):
         super().__init__()
         F._check_tail(tail)
+        F._teacher_scale(teacher_temperature, temperature, tail)
         self.options = _loss_keywords(temperature, alpha, divergence, beta, ignore_index,
                                       label_smoothing, softcap, reduction, backend)
-        self.options.update(tail=tail, scale_by_t2=scale_by_t2, backend=backend)
+        self.options.update(tail=tail, scale_by_t2=scale_by_t2, backend=backend,
+                            teacher_temperature=teacher_temperature)
 
     def forward(self, student_logits: torch.Tensor, teacher_topk_logprobs: torch.Tensor,
                 teacher_topk_indices: torch.Tensor, target: Optional[torch.Tensor] = None,
