@@ -151,8 +151,8 @@ def _row(s_ptr, lp_ptr, idx_ptr, gs_ptr, rows_ptr, terms_ptr, row, y, V, K,
     z_y = tl.zeros([], tl.float32)
     if CE_VALUE:
         y_ok = (y >= 0) & (y < V)
-        z_y, _ = _capped(tl.load(s_ptr + base + y, mask=y_ok, other=0.0), y_ok, softcap,
-                         HAS_SOFTCAP)
+        z_y, _slope_y = _capped(tl.load(s_ptr + base + y, mask=y_ok, other=0.0), y_ok,
+                                softcap, HAS_SOFTCAP)
         z_y = tl.where(y_ok, z_y, float("nan"))
     kk = tl.arange(0, BLOCK_K)
     k_ok = kk < K
@@ -176,8 +176,8 @@ def _row(s_ptr, lp_ptr, idx_ptr, gs_ptr, rows_ptr, terms_ptr, row, y, V, K,
     for start in range(0, V, BLOCK_V):
         cols = start + col0
         mask = cols < V
-        z, _ = _capped(tl.load(s_ptr + base + cols, mask=mask, other=0.0), mask, softcap,
-                       HAS_SOFTCAP)
+        z, _slope = _capped(tl.load(s_ptr + base + cols, mask=mask, other=0.0), mask, softcap,
+                            HAS_SOFTCAP)
         m_new = tl.maximum(m, tl.max(z, axis=0))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.exp2((m - m_safe) * scale)
