@@ -28,7 +28,7 @@ from ._validation import check_linear_head as _check_linear_head
 from .ops import dense_distillation_rows
 from .ops.dense import autocast_off, rows_layout
 from .ops.fused_linear import default_chunk_rows, fused_linear_rows
-from .ops.sparse import sparse_distillation_rows
+from .ops.sparse import sparse_distillation_rows, student_rows
 from .reference import DIVERGENCES
 from .reference.sparse import TAILS, sparse_kd_rows
 
@@ -552,12 +552,12 @@ def sparse_distillation_loss(
     flat_target = _flat_target(target)
     options = _sparse_options(target, tail, temperature, alpha, divergence, beta, scale_by_t2,
                               ignore_index, label_smoothing, softcap)
-    student = student_logits.reshape(-1, vocab)  # a view where the leading dims merge
-    if student.stride(-1) != 1 and vocab > 1:
-        student = student.contiguous()
-    if inplace_backward and student.data_ptr() != student_logits.data_ptr():
-        raise ValueError("inplace_backward=True needs student_logits whose rows can be "
-                         "viewed as (N, V) with contiguous columns (no copy)")
+    student, copied = student_rows(student_logits)  # a view wherever one exists
+    if inplace_backward and copied:
+        raise ValueError("inplace_backward=True cannot write the gradient into "
+                         f"student_logits: its strides {tuple(student_logits.stride())} have "
+                         "no view as rows with a contiguous last dimension, so the kernel "
+                         "would read a copy. Pass inplace_backward=False.")
     rows = sparse_distillation_rows(
         student, _topk_rows(teacher_topk_logprobs, k, kernel),
         _topk_rows(teacher_topk_indices, k, kernel), flat_target, kernel, options,

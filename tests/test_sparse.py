@@ -396,7 +396,8 @@ def test_ignored_rows_may_hold_anything(backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_in_place_backward_and_strided_rows(backend):
     """inplace_backward writes the gradient into the logits' buffer; a 2-D slice of a wider
-    buffer is read in place; rows that cannot be viewed as (N, V) refuse inplace_backward."""
+    buffer and logits[:, :-1] are read in place; a strided last dimension refuses
+    inplace_backward (it needs a copy)."""
     _backend_or_skip(backend)
     vocab, k = 40, 6
     hidden = torch.randn(2, 8, 16, generator=torch.Generator().manual_seed(37))
@@ -419,10 +420,21 @@ def test_in_place_backward_and_strided_rows(backend):
                                        y.reshape(16), tail="renormalize", temperature=2.0)
     assert_close(loss, ref_loss, 1e-5, what="strided loss")
     assert_close(grad, ref_grad, 1e-5, what="strided grad")
-    shifted = random_logits(2, 9, vocab, seed=41).requires_grad_(True)[:, :-1]
+    # logits[:, :-1] (leading dimensions that do not merge): read and written in place.
+    full = random_logits(2, 9, vocab, seed=41)
+    ref_loss, ref_grad = sparse_oracle(full[:, :-1], logprobs, indices, y, tail="renormalize",
+                                       temperature=2.0)
+    leaf = full.clone().requires_grad_(True)
+    loss = fastkd.sparse_distillation_loss((leaf * 1.0)[:, :-1], logprobs, indices, y,
+                                           inplace_backward=True, **kw)
+    loss.backward()
+    assert_close(loss.detach(), ref_loss, 1e-5, what="shifted loss")
+    assert_close(leaf.grad[:, :-1], ref_grad, 1e-5, what="shifted grad")
+    assert bool((leaf.grad[:, -1] == 0).all())
+    transposed = random_logits(2, vocab, 8, seed=42).transpose(1, 2)  # strided last dim
     with pytest.raises(ValueError, match="inplace_backward"):
-        fastkd.sparse_distillation_loss(shifted, logprobs, indices, y, inplace_backward=True,
-                                        **kw)
+        fastkd.sparse_distillation_loss(transposed, logprobs, indices, y,
+                                        inplace_backward=True, **kw)
 
 
 class _BigStorages(torch.utils._python_dispatch.TorchDispatchMode):
@@ -465,3 +477,23 @@ def test_module_takes_teacher_temperature():
     assert_close(crit(s, logprobs, indices), expected, 1e-6)
     with pytest.raises(ValueError, match="teacher_temperature"):
         fastkd.SparseDistillationLoss(temperature=3.0, teacher_temperature=1.0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_return_components_from_the_kernels(backend):
+    """(loss, ce, divergence) from the kernels' terms: loss = alpha ce + (1 - alpha) T^2 D."""
+    _backend_or_skip(backend)
+    vocab, k = 60, 7
+    s = random_logits(3, 5, vocab, seed=46)
+    y = random_target(3, 5, vocab=vocab, ignore_fraction=0.3)
+    logprobs, indices = teacher_topk(random_logits(3, 5, vocab, seed=47), k, 2.0)
+    kw = dict(tail="bucket", temperature=2.0, alpha=0.3, divergence="tvd", reduction="none")
+    loss, ce, div = fastkd.sparse_distillation_loss(s, logprobs, indices, y, backend=backend,
+                                                    return_components=True, **kw)
+    ref_ce = fastkd.sparse_distillation_loss(s, logprobs, indices, y, backend="torch",
+                                             **dict(kw, alpha=1.0))
+    ref_div = fastkd.sparse_distillation_loss(s, logprobs, indices, y, backend="torch",
+                                              scale_by_t2=False, **dict(kw, alpha=0.0))
+    assert_close(ce, ref_ce, 1e-5, what="ce")
+    assert_close(div, ref_div, 1e-5, what="divergence")
+    assert_close(loss, 0.3 * ce + 0.7 * 4.0 * div, 1e-5, what="loss")

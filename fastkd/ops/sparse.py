@@ -13,7 +13,30 @@ from typing import Callable, Optional
 
 import torch
 
-from .dense import consume_once
+from .dense import consume_once, rows_layout
+
+
+def student_rows(student_logits: torch.Tensor):
+    """((N, V) or (B, R, V) view of the logits with contiguous columns, copied?): the 3-D view
+    serves logits whose leading dimensions cannot merge (e.g. ``logits[:, :-1]``)."""
+    rows, _, copied = rows_layout(student_logits, student_logits)
+    return rows, copied
+
+
+def _run(kernel, student, topk_logprobs, topk_indices, target, grad, options, terms):
+    """The kernel on a 2-D view, or once per outer index of a 3-D (B, R, V) view (the
+    top-k, target and terms sliced by rows alike)."""
+    if student.dim() == 2:
+        return kernel(student, topk_logprobs, topk_indices, target, grad, *options, terms=terms)
+    per = student.shape[1]
+    rows = []
+    for i in range(student.shape[0]):
+        part = slice(i * per, (i + 1) * per)
+        rows.append(kernel(student[i], topk_logprobs[part], topk_indices[part],
+                           None if target is None else target[part],
+                           None if grad is None else grad[i], *options,
+                           terms=None if terms is None else terms[part]))
+    return torch.cat(rows)
 
 
 class SparseDistillationFunction(torch.autograd.Function):
@@ -25,8 +48,8 @@ class SparseDistillationFunction(torch.autograd.Function):
         # In place: each row is overwritten by its gradient after its last read.
         grad_student = student if inplace_backward else torch.empty_like(student)
         terms = _terms_buffer(student) if need_terms else None
-        rows = kernel(student, topk_logprobs, topk_indices, target, grad_student, *options,
-                      terms=terms)
+        rows = _run(kernel, student, topk_logprobs, topk_indices, target, grad_student,
+                    options, terms)
         ctx.save_for_backward(grad_student)
         if terms is None:
             return rows, None
@@ -37,13 +60,15 @@ class SparseDistillationFunction(torch.autograd.Function):
     def backward(ctx, grad_rows, grad_terms):
         consume_once(ctx)  # the fused gradient is scaled in place: one backward only
         (grad_student,) = ctx.saved_tensors
-        grad_student = grad_student.mul_(grad_rows.unsqueeze(-1).to(grad_student.dtype))
+        scale = grad_rows.reshape(grad_student.shape[:-1]).unsqueeze(-1)
+        grad_student = grad_student.mul_(scale.to(grad_student.dtype))
         return grad_student, None, None, None, None, None, None, None
 
 
 def _terms_buffer(student: torch.Tensor) -> torch.Tensor:
     dtype = torch.float64 if student.dtype == torch.float64 else torch.float32
-    return torch.empty(student.shape[0], 2, dtype=dtype, device=student.device)
+    n = student.shape[0] * (student.shape[1] if student.dim() == 3 else 1)
+    return torch.empty(n, 2, dtype=dtype, device=student.device)
 
 
 def sparse_distillation_rows(student: torch.Tensor, topk_logprobs: torch.Tensor,
@@ -54,8 +79,8 @@ def sparse_distillation_rows(student: torch.Tensor, topk_logprobs: torch.Tensor,
 
     Parameters
     ----------
-    student : (N, V) floating, ``stride(1) == 1`` (any row stride).
-    topk_logprobs : (N, k) floating; topk_indices : (N, k) int64 or int32.
+    student : (N, V) or (B, R, V) floating (see `student_rows`), contiguous columns.
+    topk_logprobs : (N, k) floating; topk_indices : (N, k) int64 or int32 (N = B R).
     target : (N,) int64 or None.
     kernel : a callable with the contract of `fastkd.reference.sparse.sparse_kd_rows`.
     options : its scalar arguments from ``temperature`` to ``renormalize``.
@@ -70,8 +95,8 @@ def sparse_distillation_rows(student: torch.Tensor, topk_logprobs: torch.Tensor,
     if not (torch.is_grad_enabled() and student.requires_grad):
         with torch.no_grad():  # the stored teacher is a constant, even if it requires grad
             terms = _terms_buffer(student) if return_terms else None
-            rows = kernel(student, topk_logprobs, topk_indices, target, None, *options,
-                          terms=terms)
+            rows = _run(kernel, student, topk_logprobs, topk_indices, target, None, options,
+                        terms)
         return (rows, terms) if return_terms else rows
     rows, terms = SparseDistillationFunction.apply(student, topk_logprobs, topk_indices, target,
                                                    kernel, options, inplace_backward,
