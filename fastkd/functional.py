@@ -222,24 +222,26 @@ def _check_topk(logprobs, indices, lead_shape, vocab: int, valid_rows) -> None:
     if torch.compiler.is_compiling() or indices.numel() == 0:
         return
     indices, logprobs = indices.reshape(-1, k), logprobs.reshape(-1, k)
-    if valid_rows is not None:  # only the rows that are read
-        keep = valid_rows.reshape(-1)
-        indices, logprobs = indices[keep], logprobs[keep]
-    if indices.numel() == 0:
-        return
-    if bool(((indices < 0) | (indices >= vocab)).any()):
-        raise ValueError(f"teacher_topk_indices must lie in [0, {vocab}) on rows that are not "
-                         f"ignored, got min {indices.min().item()}, max {indices.max().item()}")
+    # Per row: index out of range, repeated index, mass > 1; one host sync for all three.
     ordered = indices.sort(dim=-1).values
-    if bool((ordered[:, 1:] == ordered[:, :-1]).any()):
+    lse = torch.logsumexp(logprobs.float(), dim=-1)
+    flags = torch.stack([((indices < 0) | (indices >= vocab)).any(-1),
+                         (ordered[:, 1:] == ordered[:, :-1]).any(-1),
+                         ~(lse <= TOPK_MASS_TOLERANCE)])
+    if valid_rows is not None:  # only the rows that are read
+        flags &= valid_rows.reshape(1, -1)
+    out_of_range, repeated, too_much = flags.any(-1).tolist()
+    if out_of_range:
+        bad = indices[flags[0]]
+        raise ValueError(f"teacher_topk_indices must lie in [0, {vocab}) on rows that are not "
+                         f"ignored, got min {bad.min().item()}, max {bad.max().item()}")
+    if repeated:
         raise ValueError("teacher_topk_indices must be unique within each row that is not "
                          "ignored")
-    lse = torch.logsumexp(logprobs.float(), dim=-1)
-    bad = ~(lse <= TOPK_MASS_TOLERANCE)
-    if bool(bad.any()):
+    if too_much:
         raise ValueError("teacher_topk_logprobs must be log-probabilities (at "
                          "teacher_temperature) whose exp sums to <= 1 per row; got a row with "
-                         f"log-sum-exp {lse[bad][0].item():.4g}")
+                         f"log-sum-exp {lse[flags[2]][0].item():.4g}")
 
 
 def _teacher_scale(teacher_temperature, temperature: float, tail: str) -> float:
