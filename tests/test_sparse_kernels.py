@@ -372,3 +372,11 @@ def test_triton_kernel_compiles_for_sm90():
         pytest.skip("Triton's CUDA backend (ptxas) is not installed")
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.count("compiled") == 2
+
+
+@pytest.mark.skipif(TRITON is None, reason=f"no Triton: {TRITON_REASON}")
+def test_triton_refuses_k_beyond_its_register_vector(monkeypatch):
+    monkeypatch.setattr(TRITON, "MAX_K", 4)
+    student, logprobs, indices, target = make(n=2, vocab=30, k=5, seed=31)
+    with pytest.raises(ValueError, match="k <= 4"):
+        run_kernel("triton", student, logprobs, indices, target)

@@ -8,7 +8,8 @@ it. The kernel and its maths are in `fastkd.kernels.sparse_kd`. With `TRITON_INT
 same launch runs on CPU tensors through Triton's interpreter.
 
 Launch: one program per row, BLOCK_V-column chunks (the whole row when V <= BLOCK_V), the k
-teacher entries in one BLOCK_K = next_pow2(k) vector. Not yet timed on a GPU.
+teacher entries in one BLOCK_K = next_pow2(k) vector (k <= MAX_K). Compiled for sm_90 by the
+tests (bundled ptxas), run through the interpreter; not yet timed on a GPU.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ import torch
 #: Columns per chunk of the row sweeps; warps per program.
 BLOCK_V_MAX = 2048
 NUM_WARPS = 8
+#: Largest k: the k teacher entries are one register vector of next_pow2(k) elements.
+MAX_K = 16384
 LOG2E = 1.4426950408889634
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -76,6 +79,9 @@ def launch_sparse_kd(student, topk_logprobs, topk_indices, target, grad_student,
         raise ValueError(f"divergence code must be in 0..3, got {divergence}")
     n, vocab = student.shape
     k = topk_logprobs.shape[1]
+    if k > MAX_K:
+        raise ValueError(f"the Triton top-k kernel takes k <= {MAX_K} teacher entries per row, "
+                         f"got k={k}; use backend='torch' for larger k")
     rows = torch.empty(n, dtype=torch.float32, device=student.device)
     if n == 0:
         return rows
