@@ -195,6 +195,27 @@ def test_k_equal_v_is_the_dense_loss(backend, tail):
         assert_close(grad, ref_grad, 1e-5, what=f"{divergence} grad")
 
 
+@pytest.mark.parametrize("vocab, k", [(1, 1), (7, 3), (9, 9)])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_tiny_vocabularies_and_extreme_logits(backend, vocab, k):
+    """V = 1, odd V below one vector, and logits of magnitude ~1e4."""
+    for scale in (3.0, 1e4):
+        student = random_logits(5, vocab, scale=scale, seed=vocab)
+        logprobs, indices = teacher_topk(random_logits(5, vocab, seed=vocab + 1), k, 2.0,
+                                         shuffle_seed=vocab)
+        target = random_target(5, vocab=vocab, ignore_fraction=0.3, seed=vocab)
+        for tail in TAILS:
+            # Terms of size |z| ~ 1e4 cancel in float32: an absolute floor of their rounding.
+            rows, grad, terms = run_kernel(backend, student, logprobs, indices, target, tail=tail,
+                                           divergence="jsd", label_smoothing=0.1)
+            ref = oracle(student, logprobs, indices, target, tail=tail, divergence="jsd",
+                         label_smoothing=0.1)
+            atol = 1e-6 * scale
+            assert_close(rows, ref[0], 1e-5, atol, what=f"{tail} rows")
+            assert_close(grad, ref[1], 1e-5, 1e-6, what=f"{tail} grad")
+            assert_close(terms, ref[2], 1e-5, atol, what=f"{tail} terms")
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_retempering(backend):
     """Log-probs stored at T_stored = 1, distilled at T = 2.5: teacher_scale = 0.4."""
