@@ -560,16 +560,18 @@ def sparse_distillation_loss(
                          f"student_logits: its strides {tuple(student_logits.stride())} have "
                          "no view as rows with a contiguous last dimension, so the kernel "
                          "would read a copy. Pass inplace_backward=False.")
-    rows = sparse_distillation_rows(
-        student, _topk_rows(teacher_topk_logprobs, k, kernel),
-        _topk_rows(teacher_topk_indices, k, kernel), flat_target, kernel, options,
-        inplace_backward=inplace_backward, return_terms=return_components)
-    rows, terms = rows if return_components else (rows, None)
-    valid = None if flat_target is None else (flat_target != ignore_index).sum()
-    loss = reduce_rows(rows, valid, reduction, num_items_in_batch, lead_shape)
-    if not return_components:
-        return loss
-    return _with_components(loss, terms, valid, reduction, num_items_in_batch, lead_shape)
+    with autocast_off(student.device):  # float32 arithmetic and result under autocast too
+        rows = sparse_distillation_rows(
+            student, _topk_rows(teacher_topk_logprobs, k, kernel),
+            _topk_rows(teacher_topk_indices, k, kernel), flat_target, kernel, options,
+            inplace_backward=inplace_backward, return_terms=return_components)
+        rows, terms = rows if return_components else (rows, None)
+        valid = None if flat_target is None else (flat_target != ignore_index).sum()
+        loss = reduce_rows(rows, valid, reduction, num_items_in_batch, lead_shape)
+        if not return_components:
+            return loss
+        return _with_components(loss, terms, valid, reduction, num_items_in_batch,
+                                lead_shape)
 
 
 @fill_doc

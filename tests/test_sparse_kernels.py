@@ -401,3 +401,17 @@ def test_triton_refuses_k_beyond_its_register_vector(monkeypatch):
     student, logprobs, indices, target = make(n=2, vocab=30, k=5, seed=31)
     with pytest.raises(ValueError, match="k <= 4"):
         run_kernel("triton", student, logprobs, indices, target)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
+def test_autocast_keeps_float32(backend):
+    """Under torch.autocast(cpu, bf16) the top-k loss still computes and returns float32."""
+    _kernel(backend)
+    student, logprobs, indices, target = make(n=6, vocab=50, k=5, seed=33)
+    expected = fastkd.sparse_distillation_loss(student, logprobs, indices, target,
+                                               backend=backend)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = fastkd.sparse_distillation_loss(student, logprobs, indices, target,
+                                               backend=backend)
+    assert loss.dtype == torch.float32
+    assert_close(loss, expected, 1e-6, what="loss")
