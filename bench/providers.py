@@ -230,6 +230,8 @@ def skip_reason(loss: str, provider: str, device: torch.device,
     if provider not in PROVIDERS:
         raise ValueError(f"provider must be one of {PROVIDERS}, got {provider!r}")
     if provider in FASTKD_BACKENDS:
+        if loss == "sparse_distillation" and provider == "cuda":
+            return "fastkd's top-k teacher loss has no CUDA C++ kernel (its GPU kernel is triton)"
         return _fastkd_skip_reason(loss, provider, device, dtype)
     if provider in ("eager", "compile"):
         return None
