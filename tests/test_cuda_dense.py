@@ -8,8 +8,8 @@ reached: FASTKD_CUDA_DENSE_PATH forces the generic (one CTA per row, several swe
 cluster kernel (Hopper: the row in distributed shared memory), FASTKD_CUDA_CLUSTER_SIZE a
 cluster size; "auto" is the planner's choice. Raw op calls are checked row by row (loss rows and
 d sum(rows) / d logits); `fastkd.distillation_loss(..., backend="cuda")` end to end. Outputs are
-poisoned with NaN first. Tolerances: DESIGN.md §4 (fp32 1e-5 in the max norm; bf16 / fp16 at
-most twice the error of the same-dtype eager formula plus one rounding).
+poisoned with NaN first. Tolerances: docs/semantics.md §10 (fp32 1e-5 in the max norm; bf16 /
+fp16 at most twice the error of the same-dtype eager formula plus one rounding).
 """
 
 from __future__ import annotations

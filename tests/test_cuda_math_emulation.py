@@ -6,8 +6,8 @@ divergence values and gradients, CE with label smoothing, softcap, -inf handling
 lives in one `__host__ __device__` header. csrc/cuda/host_emulation.cpp runs that header with
 the cluster kernel's decomposition of a row (CTA slices, per-thread vector groups); this test
 builds it with the host C++ compiler, loads it through ctypes and compares per-row losses and
-d sum(rows) / d logits with the oracle (tolerances of DESIGN.md §4 for float32). Outputs are
-poisoned with NaN first. What stays untested here (dtype conversion, indexing, barriers,
+d sum(rows) / d logits with the oracle (float32 tolerances of docs/semantics.md §10). Outputs
+are poisoned with NaN first. What stays untested here (dtype conversion, indexing, barriers,
 DSMEM exchange) is covered by tests/test_cuda_dense.py on a GPU.
 """
 
@@ -113,7 +113,7 @@ def test_jsd_near_one_hot(library):
 def test_low_temperature(library, divergence, beta):
     """T = 0.5: jsd / tvd gradients are differences of O(1) row sums that cancel, so float32
     itself cannot reach 1e-5 in the max norm; held to 1e-5 or, where float32 cannot get there,
-    to twice the error of the eager float32 formula (DESIGN.md §4)."""
+    to twice the error of the eager float32 formula (docs/semantics.md §10)."""
     student, teacher, target = inputs(4, 600, seed=3)
     kernel_checks.check_low_temperature(functools.partial(emulate, library), student, teacher,
                                         target, divergence=divergence, beta=beta,

@@ -11,7 +11,7 @@
 //     [r * chunk, (r + 1) * chunk). Row statistics are merged across the cluster through
 //     distributed shared memory, the gradient is written from shared memory. HBM bytes per
 //     row: V * e * (2 reads + 1 or 2 writes) (e = bytes per element; teacher gradient adds a
-//     write), i.e. the byte floor 3 * N * V * e of DESIGN.md §5 for the usual KD backward.
+//     write), i.e. the byte floor 3 * N * V * e (bench/models.py) for the usual KD backward.
 //
 //   generic (dense_kd_generic.cu, any GPU): one CTA per row, sweeps over global memory:
 //     statistics, (JSD / TVD: second reduction), gradient. HBM bytes per row up to

@@ -4,8 +4,8 @@
 // the kernels (csrc/cuda/dense_kd_*.cu) and in a host emulation that tests it against the
 // float64 oracle on a machine without a GPU (tests/test_cuda_math_emulation.py).
 //
-// Notation (DESIGN.md §1, fastkd/reference/dense.py): z = cap(raw) (softcap), a = z / T,
-// p_s = softmax(a_s), p_t = softmax(a_t), q = softmax(z_s) (cross-entropy at T = 1),
+// Notation (docs/semantics.md §1, fastkd/reference/dense.py): z = cap(raw) (softcap),
+// a = z / T, p_s = softmax(a_s), p_t = softmax(a_t), q = softmax(z_s) (cross-entropy at T = 1),
 // r = log(p_s / p_t). Per-element gradients (chain rule through a = z / T and cap):
 //   kl:         dD/da_s = p_s - p_t                  dD/da_t = p_t (-r - D)
 //   reverse_kl: dD/da_s = p_s (r - D)                dD/da_t = p_t - p_s
