@@ -47,8 +47,8 @@ class DistillationLoss(_LossModule):
     inplace_backward : bool, default False
         Write the student gradient into the logits' storage (see `distillation_loss`).
 
-    Returns (of ``forward``)
-    ------------------------
+    Returns
+    -------
     %(returns)s
 
     Raises
@@ -101,8 +101,8 @@ class FusedLinearDistillationLoss(_LossModule):
     chunk_size : int or None, default None
         Rows of logits per chunk (None: a memory budget, see the functional form).
 
-    Returns (of ``forward``)
-    ------------------------
+    Returns
+    -------
     %(returns)s
 
     Raises
@@ -159,8 +159,8 @@ class SparseDistillationLoss(_LossModule):
         The temperature the stored log-probabilities were taken at (None: ``temperature``);
         re-tempering needs ``tail="renormalize"`` (see the functional form).
 
-    Returns (of ``forward``)
-    ------------------------
+    Returns
+    -------
     %(returns)s
 
     Raises

@@ -285,7 +285,7 @@ def test_bad_inputs_name_the_argument():
         (TypeError, "teacher", dict(teacher=teacher.double())),
         (TypeError, "student", dict(student=student.long(), teacher=teacher.long())),
         (ValueError, "student", dict(student=student[0], teacher=teacher[0])),
-        (ValueError, "contiguous", dict(student=student.t().contiguous().t())),
+        (ValueError, "unit stride", dict(student=student.t().contiguous().t())),
         (TypeError, "target", dict(target=target.int())),
         (ValueError, "target", dict(target=target[:2])),
         (ValueError, "target", dict(target=torch.tensor([0, 10, 1]))),
