@@ -64,3 +64,29 @@ def textbook(s_logits, t_logits, labels, *, temperature=1.0, alpha=0.5, num_item
     rows = torch.where(valid, rows, torch.zeros_like(rows))
     denom = valid.sum() if num_items is None else num_items
     return rows.sum() / denom
+
+
+def examples(n=4, vocab=VOCAB, seed=3):
+    """n variable-length examples (lists) with masked prompts of different lengths."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(n):
+        length = 6 + (3 * i) % 7
+        ids = torch.randint(3, vocab, (length,), generator=g).tolist()
+        labels = [-100] * (1 + i % 3) + ids[1 + i % 3:]
+        out.append({"input_ids": ids, "labels": labels, "key": f"ex{i}"})
+    return out
+
+
+def collate(features):
+    """Right-padded (B, L) input_ids / attention_mask / labels from example dicts."""
+    width = max(len(f["input_ids"]) for f in features)
+    ids = torch.zeros((len(features), width), dtype=torch.int64)
+    mask = torch.zeros_like(ids)
+    labels = torch.full_like(ids, -100)
+    for i, f in enumerate(features):
+        n = len(f["input_ids"])
+        ids[i, :n] = torch.tensor(f["input_ids"])
+        mask[i, :n] = 1
+        labels[i, :n] = torch.tensor(f["labels"])
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
