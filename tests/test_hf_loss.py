@@ -164,3 +164,15 @@ def test_teacher_in_training_mode_is_run_in_eval_mode():
     first = causal_lm_distillation_loss(s, t, **b)
     assert not t.training
     assert causal_lm_distillation_loss(s, t, **b) == first
+
+
+def test_bf16_teacher_fp32_student():
+    s, t, b = llama(seed=0), llama(hidden=48, seed=1).to(torch.bfloat16), batch()
+    loss = causal_lm_distillation_loss(s, t, **b, **KW)
+    loss.backward()
+    assert loss.dtype == torch.float32 and s.lm_head.weight.grad is not None
+    with torch.no_grad():
+        t_logits = full_logits(t, b).double()
+        ref = textbook(full_logits(s, b).double(), t_logits, b["labels"], **KW)
+    # the teacher's bf16 hidden states and head give its logits up to bf16 rounding
+    torch.testing.assert_close(loss.double(), ref, rtol=2e-2, atol=0)

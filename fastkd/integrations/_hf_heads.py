@@ -96,6 +96,7 @@ class HeadPlan:
 
 _PLANS: weakref.WeakKeyDictionary[nn.Module, HeadPlan] = weakref.WeakKeyDictionary()
 _WARNED: set = set()
+_SAME_TOKENIZERS: set = set()
 
 
 def warn_once(key, message: str, level: int = logging.WARNING) -> None:
@@ -223,10 +224,13 @@ def check_vocabularies(student_plan: HeadPlan, teacher_vocab: int, student_model
     padding (no token of the tokenizer lands there); different tokenizers raise.
     """
     vs = student_plan.vocab_size
-    if student_tokenizer is not None and teacher_tokenizer is not None:
+    pair = (id(student_tokenizer), id(teacher_tokenizer))
+    if student_tokenizer is not None and teacher_tokenizer is not None \
+            and pair not in _SAME_TOKENIZERS:
         if student_tokenizer.get_vocab() != teacher_tokenizer.get_vocab():
             raise ValueError("the student's and the teacher's tokenizers differ (different "
                              "token-to-id maps): logit distillation needs one tokenizer")
+        _SAME_TOKENIZERS.add(pair)
     tokenizer = student_tokenizer if student_tokenizer is not None else teacher_tokenizer
     used = len(tokenizer) if tokenizer is not None else None
     if teacher_vocab < vs:

@@ -208,8 +208,7 @@ class DistillationTrainer(Trainer):
         tokenizer = self._student_tokenizer()
         return causal_lm_distillation_loss(
             model, self.teacher_model, inputs["input_ids"], inputs.get("attention_mask"),
-            student_tokenizer=tokenizer if self.teacher_tokenizer is not None else None,
-            teacher_tokenizer=self.teacher_tokenizer, **common)
+            student_tokenizer=tokenizer, teacher_tokenizer=self.teacher_tokenizer, **common)
 
     def _topk_temperature(self) -> dict:
         stored = float(self.store.metadata["temperature"])
