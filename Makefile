@@ -5,7 +5,8 @@ PYTHON ?= python3
 VENV   := .venv
 VPY    := $(VENV)/bin/python
 PIP    := $(VPY) -m pip
-TOOLS  := numpy triton pytest hypothesis pytest-benchmark scikit-learn tqdm ruff ninja transformers
+TOOLS  := numpy triton pytest hypothesis pytest-benchmark scikit-learn tqdm ruff ninja transformers \
+          accelerate peft safetensors tokenizers
 NATIVE := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cpu/*.h)
 
 .PHONY: test demo bench lint cuda-check clean
@@ -27,10 +28,11 @@ demo: $(VENV)/.built
 	$(VPY) -m fastkd demo
 
 # Bench-only tooling (plots) stays out of `make test`. BENCH_ARGS e.g. "--preset cpu-goals --plot".
+# The repository's results live in bench/results/ (a user's `fastkd bench` writes ./fastkd-bench/).
 BENCH_ARGS ?= --plot
 bench: $(VENV)/.built
 	$(VPY) -c "import matplotlib" 2>/dev/null || $(PIP) install matplotlib
-	$(VPY) -m fastkd bench $(BENCH_ARGS)
+	$(VPY) -m fastkd bench --out bench/results $(BENCH_ARGS)
 
 lint: $(VENV)/.tools
 	$(VENV)/bin/ruff check fastkd kernels tests bench

@@ -1,18 +1,23 @@
-"""`fastkd bench`: time distillation losses across providers, append rows to the results CSV.
+"""Time fastkd's distillation losses against eager PyTorch, torch.compile and peer libraries.
 
-Examples:
-    fastkd bench --quick                                   # tiny CPU smoke run
-    fastkd bench --preset cpu-goals --plot                 # issue 3 / 4 CPU goals
-    fastkd bench --preset gpu-goals --plot                 # GPU goals (needs a CUDA device)
-    fastkd bench --loss distillation --v 32000,128256,262144 --n 8192 --dtype bf16 \\
-        --mode fwd,bwd,fwd+bwd --plot                      # a V sweep on a GPU
-    fastkd bench --plot-only                               # re-render PNGs + SUMMARY.md
+Each measurement is one training-step call of a loss on fresh random inputs (normal logits of
+realistic scale): `fwd` times the forward (inputs require grad, so a fused kernel that computes
+the gradient in its forward pays for it here), `bwd` times loss.backward() after an untimed
+forward, `fwd+bwd` times both. Every row records the median time and its 20%/80% quantiles,
+the peak memory the step allocates beyond its inputs, the achieved GB/s (or TFLOP/s for the
+fused lm-head loss) and the percent of this device's measured copy bandwidth (or matmul rate).
 
-Modes: `fwd` times the forward of a training step (inputs require grad, so fused kernels that
-produce the gradient in their forward pay for it here); `bwd` times `loss.backward()` after an
-untimed forward; `fwd+bwd` times both. Rows go to `<out>/<device-slug>.csv` as each one is
-measured; see bench/timing.py for the timing and memory methods, bench/models.py for the byte
-and FLOP models and ceilings.
+Rows are appended to OUT/<device>.csv as each one is measured (OUT is ./fastkd-bench unless
+--out says otherwise); a re-run adds rows, and summaries use the newest row per measurement.
+The device's measured ceilings are cached in OUT/<device>-ceilings.json. --plot renders PNGs
+and OUT/SUMMARY.md (needs matplotlib).
+
+examples:
+  fastkd bench --quick                          a tiny run on this machine (seconds)
+  fastkd bench --loss dense --n 2048 --v 32000  the dense loss at one shape
+  fastkd bench --loss fused-linear --n 1024,4096 --hs 2048 --ht 4096 --v 128256 --dtype bf16
+  fastkd bench --preset gpu-goals --plot        the GPU goal measurements, with plots
+  fastkd bench --plot-only --out DIR            re-render DIR/SUMMARY.md and plots
 """
 
 from __future__ import annotations
@@ -22,59 +27,41 @@ import gc
 import os
 import sys
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from typing import Dict, List, Optional, Sequence
 
 import torch
 
 from . import models, providers, results_io, timing
+from .presets import PRESETS, Job, preset_jobs
 from .providers import LossOptions, Shape
+from .report import Report, print_report
 
-DEFAULT_OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+__all__ = ["Job", "PRESETS", "build_parser", "jobs_from_args", "main", "preset_jobs"]
+
+DEFAULT_OUT = "fastkd-bench"   # relative: created in the current directory
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
           "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
 DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
-PRESETS = ("cpu-goals", "gpu-goals")
-
-
-@dataclass(frozen=True)
-class Job:
-    """One loss over a set of providers, modes, dtypes and shapes."""
-
-    loss: str
-    providers: tuple
-    modes: tuple
-    dtypes: tuple
-    shapes: tuple
-    options: LossOptions = LossOptions()
-
-
-def preset_jobs(name: str) -> List[Job]:
-    """The goal measurements of issues 2-4 (Hinton loss with target, T=2, alpha=0.5)."""
-    fp32, bf16 = (torch.float32,), (torch.bfloat16,)
-    if name == "cpu-goals":
-        return [
-            Job("distillation", ("eager", "compile", "cpu", "torch"), ("fwd+bwd",), fp32,
-                (Shape(2048, 32000),)),
-            Job("fused_linear_distillation", ("eager", "cpu", "torch"), ("fwd+bwd",), fp32,
-                (Shape(8192, 32000, 256, 256),)),
-        ]
-    if name == "gpu-goals":
-        return [
-            Job("distillation", ("triton", "cuda", "torch", "eager", "compile", "liger"),
-                ("fwd+bwd",), bf16, (Shape(8192, 128256),)),
-            Job("fused_linear_distillation",
-                ("triton", "cuda", "torch", "eager", "compile", "liger", "cce"),
-                ("fwd+bwd",), bf16, (Shape(8192, 128256, 2048, 4096),)),
-        ]
-    raise ValueError(f"preset must be one of {PRESETS}, got {name!r}")
+LOSS_ALIASES = {
+    "dense": "distillation", "distillation": "distillation",
+    "fused-linear": "fused_linear_distillation", "fused_linear": "fused_linear_distillation",
+    "fused_linear_distillation": "fused_linear_distillation",
+    "sparse": "sparse_distillation", "topk": "sparse_distillation",
+    "top-k": "sparse_distillation", "sparse_distillation": "sparse_distillation",
+}
 
 
 # --- argument parsing ---------------------------------------------------------------------
 
 def _int_list(text: str) -> tuple:
-    values = tuple(int(x) for x in text.split(",") if x.strip())
+    try:
+        values = tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        values = ()
     if not values or min(values) <= 0:
-        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected positive integers separated by commas, "
+                                         f"got {text!r}")
     return values
 
 
@@ -84,45 +71,87 @@ def _choice_list(text: str, choices: Sequence[str], name: str) -> tuple:
         return tuple(choices)
     bad = [x for x in values if x not in choices]
     if bad or not values:
-        raise argparse.ArgumentTypeError(f"{name} must be from {tuple(choices)}, got {text!r}")
+        raise argparse.ArgumentTypeError(f"{name} takes names from {', '.join(choices)} "
+                                         f"(comma-separated) or all; got {text!r}")
     return values
 
 
+def parse_losses(text: str) -> tuple:
+    """"dense,fused-linear" -> ("distillation", "fused_linear_distillation"); "all" -> every
+    loss. Short names (dense, sparse, fused-linear) and the long ones are accepted."""
+    names = [x.strip().lower() for x in text.split(",") if x.strip()]
+    if names == ["all"]:
+        return providers.LOSSES
+    bad = [x for x in names if x not in LOSS_ALIASES]
+    if bad or not names:
+        raise argparse.ArgumentTypeError(
+            f"--loss takes dense, sparse, fused-linear (or distillation, sparse_distillation, "
+            f"fused_linear_distillation), comma-separated, or all; got {text!r}")
+    return tuple(dict.fromkeys(LOSS_ALIASES[x] for x in names))
+
+
 def build_parser() -> argparse.ArgumentParser:
+    """The `fastkd bench` argument parser."""
     p = argparse.ArgumentParser(prog="fastkd bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", choices=PRESETS, help="run a goal preset (ignores shape options)")
-    p.add_argument("--loss", type=lambda s: _choice_list(s, providers.LOSSES, "--loss"),
-                   help=f"comma list from {providers.LOSSES} or 'all' (default distillation; "
-                        "with --preset, keeps only the preset's jobs for these losses)")
+    p.add_argument("--preset", choices=PRESETS,
+                   help="run a predefined set of measurements: cpu-goals (float32, V=32000) "
+                        "or gpu-goals (bf16, V=128256, one CUDA GPU); shape options are "
+                        "ignored, --loss and --providers filter it")
+    p.add_argument("--loss", type=parse_losses,
+                   help="which loss: dense (distillation_loss), sparse (top-k teacher, "
+                        "sparse_distillation_loss), fused-linear (lm-head fused in, "
+                        "fused_linear_distillation_loss), comma-separated, or all "
+                        "(default dense)")
     p.add_argument("--providers", type=lambda s: _choice_list(s, providers.PROVIDERS,
                                                               "--providers"),
-                   help="comma list (default: every provider for the device; CPU: "
-                        f"{','.join(providers.CPU_PROVIDERS)})")
-    p.add_argument("--n", type=_int_list, help="tokens, comma list (CPU 2048, GPU 8192)")
-    p.add_argument("--v", type=_int_list, help="vocabulary, comma list (CPU 32000, GPU 128256)")
-    p.add_argument("--hs", type=_int_list, help="student hidden size, fused-linear (256 / 2048)")
-    p.add_argument("--ht", type=_int_list, help="teacher hidden size, fused-linear (256 / 4096)")
-    p.add_argument("--k", type=_int_list, help="teacher top-k, sparse loss (default 64)")
+                   help="who computes the loss, comma-separated: fastkd backends torch, cpu, "
+                        "triton, cuda; peers eager (plain PyTorch), compile (torch.compile), "
+                        "liger (Liger-Kernel), cce (Cut Cross-Entropy); default: all that "
+                        f"fit the device (on a CPU: {','.join(providers.CPU_PROVIDERS)}). "
+                        "One that cannot run here is reported and writes no row")
+    p.add_argument("--n", type=_int_list, metavar="N[,N...]",
+                   help="tokens per batch (default 2048 on a CPU, 8192 on a GPU)")
+    p.add_argument("--v", type=_int_list, metavar="V[,V...]",
+                   help="vocabulary size (default 32000 on a CPU, 128256 on a GPU)")
+    p.add_argument("--hs", type=_int_list, metavar="H[,H...]",
+                   help="student hidden size of the fused-linear loss (default 256 / 2048)")
+    p.add_argument("--ht", type=_int_list, metavar="H[,H...]",
+                   help="teacher hidden size of the fused-linear loss (default 256 / 4096)")
+    p.add_argument("--k", type=_int_list, metavar="K[,K...]",
+                   help="teacher entries per token of the sparse loss (default 64)")
     p.add_argument("--dtype", type=lambda s: _choice_list(s, list(DTYPES), "--dtype"),
-                   help="comma list of fp32, bf16, fp16 (CPU fp32, GPU bf16)")
-    p.add_argument("--mode", default=("fwd+bwd",),
+                   metavar="DTYPE[,DTYPE...]",
+                   help="fp32, bf16 or fp16, comma-separated (default fp32 on a CPU, bf16 on "
+                        "a GPU)")
+    p.add_argument("--mode", default=("fwd+bwd",), metavar="MODE[,MODE...]",
                    type=lambda s: _choice_list(s, models.MODES, "--mode"),
-                   help="comma list of fwd, bwd, fwd+bwd, or all (default fwd+bwd)")
-    p.add_argument("--temperature", type=float, default=2.0)
-    p.add_argument("--alpha", type=float, default=0.5)
-    p.add_argument("--reps", type=int, help="timed repetitions (CPU 10, GPU 50, quick 3)")
-    p.add_argument("--warmup", type=int, help="untimed repetitions first (CPU 2, GPU 5)")
+                   help="what is timed: fwd, bwd, fwd+bwd, comma-separated, or all "
+                        "(default fwd+bwd)")
+    p.add_argument("--temperature", type=float, default=2.0,
+                   help="distillation temperature T (default %(default)s)")
+    p.add_argument("--alpha", type=float, default=0.5,
+                   help="weight of the hard-label cross-entropy (default %(default)s)")
+    p.add_argument("--reps", type=int,
+                   help="timed repetitions per row (default 10 on a CPU, 50 on a GPU, 3 with "
+                        "--quick)")
+    p.add_argument("--warmup", type=int,
+                   help="untimed repetitions before them (default 2 on a CPU, 5 on a GPU)")
     p.add_argument("--quick", action="store_true",
-                   help="tiny shapes (N=256, V=4096, H=64, k=16) and 3 repetitions")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    p.add_argument("--out", default=DEFAULT_OUT, help=f"results folder (default {DEFAULT_OUT})")
+                   help="tiny shapes (N=256, V=4096, H=64, k=16) and 3 repetitions: checks "
+                        "that everything runs, measures nothing useful")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                   help="where to run (default: the GPU when there is one)")
+    p.add_argument("--out", default=DEFAULT_OUT, metavar="DIR",
+                   help="results folder, created if needed (default ./%(default)s)")
     p.add_argument("--plot", action="store_true",
-                   help="after the run, render PNGs and SUMMARY.md from the results folder")
-    p.add_argument("--plot-only", action="store_true", help="only render PNGs and SUMMARY.md")
+                   help="after the run, render PNGs and SUMMARY.md in the results folder")
+    p.add_argument("--plot-only", action="store_true",
+                   help="measure nothing; only render PNGs and SUMMARY.md from the results")
     p.add_argument("--remeasure-ceilings", action="store_true",
-                   help="measure copy bandwidth / matmul rate again instead of the cached ones")
-    p.add_argument("--seed", type=int, default=0)
+                   help="measure the device's copy bandwidth and matmul rate again instead "
+                        "of reading them from the cache in the results folder")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random inputs")
     return p
 
 
@@ -141,6 +170,7 @@ def _shapes(loss: str, args, gpu: bool) -> tuple:
 
 
 def jobs_from_args(args, device: torch.device) -> List[Job]:
+    """The jobs the parsed options ask for on `device`."""
     if args.preset:
         jobs = preset_jobs(args.preset)
         if args.loss:
@@ -170,6 +200,11 @@ class Context:
     provenance: Dict[str, str]
 
 
+def utc_timestamp() -> str:
+    """Now, in UTC, ISO 8601 to the second: '2026-12-01T20:41:07Z'."""
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
 def _input_sets(job: Job, shape: Shape, dtype, ctx: Context) -> list:
     first = providers.make_inputs(job.loss, shape, dtype, ctx.device, job.options, ctx.seed)
     count = 1
@@ -180,9 +215,14 @@ def _input_sets(job: Job, shape: Shape, dtype, ctx: Context) -> list:
                                             ctx.seed + i) for i in range(1, count)]
 
 
+def hidden_columns(loss: str, shape: Shape) -> tuple:
+    """(h_student, h_teacher) columns: hidden sizes, or (0, k) for the sparse loss."""
+    return (0, shape.k) if loss == "sparse_distillation" else (shape.hs, shape.ht)
+
+
 def measure(job: Job, provider: str, mode: str, fn, sets: list, shape: Shape, dtype,
             ctx: Context) -> Dict[str, object]:
-    """Times one (provider, mode) and returns its CSV row."""
+    """Times one (provider, mode), appends its CSV row and returns it."""
     prepare = providers.make_prepare(job.loss, mode, fn)
     timer = timing.time_cuda if ctx.device.type == "cuda" else timing.time_cpu
     samples = timer(prepare, sets, ctx.reps, ctx.warmup)
@@ -195,19 +235,9 @@ def measure(job: Job, provider: str, mode: str, fn, sets: list, shape: Shape, dt
     row = dict(loss=job.loss, provider=provider, mode=mode, dtype=DTYPE_NAMES[dtype],
                n=shape.n, v=shape.v, h_student=hs, h_teacher=ht, median_ms=median,
                p20_ms=p20, p80_ms=p80, peak_mem_mb=peak / 2**20, gbps=gbps, tflops=tflops,
-               roofline_pct=pct, **ctx.provenance)
+               roofline_pct=pct, timestamp=utc_timestamp(), **ctx.provenance)
     results_io.append_rows(ctx.csv_path, [row])
     return row
-
-
-class Report:
-    """Rows measured, providers skipped (with reasons), failures, loss values."""
-
-    def __init__(self):
-        self.rows: List[Dict[str, object]] = []
-        self.skipped: Dict[tuple, str] = {}
-        self.failed: List[str] = []
-        self.values: Dict[tuple, float] = {}
 
 
 def _release(device: torch.device) -> None:
@@ -216,24 +246,21 @@ def _release(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
-def hidden_columns(loss: str, shape: Shape) -> tuple:
-    """(h_student, h_teacher) columns: hidden sizes, or (0, k) for the sparse loss."""
-    return (0, shape.k) if loss == "sparse_distillation" else (shape.hs, shape.ht)
-
-
-def _value_key(loss, dtype_name, n, v, hs, ht, provider) -> tuple:
-    return (loss, dtype_name, n, v, hs, ht, provider)
-
-
 def run_provider(job, provider, sets, shape, dtype, ctx, report, bar) -> None:
-    key = _value_key(job.loss, DTYPE_NAMES[dtype], shape.n, shape.v,
-                     *hidden_columns(job.loss, shape), provider)
+    key = report.value_key(job.loss, DTYPE_NAMES[dtype], shape.n, shape.v,
+                           *hidden_columns(job.loss, shape), provider)
     try:
         fn = providers.build_provider(job.loss, provider, job.options)
         # One forward (graph kept, as in training) for the printed loss value: a sanity
         # check that providers compute the same function (peers' equivalents differ).
         report.values[key] = float(fn(sets[0]).detach().float())
     except Exception as exc:
+        from fastkd import BackendUnavailableError
+
+        if isinstance(exc, BackendUnavailableError):   # e.g. no kernel for this loss here
+            report.skipped[(job.loss, provider)] = str(exc)
+            bar.update(len(job.modes))
+            return
         report.failed.append(f"{job.loss}/{provider}: {type(exc).__name__}: {exc}")
         bar.update(len(job.modes))
         return
@@ -247,12 +274,14 @@ def run_provider(job, provider, sets, shape, dtype, ctx, report, bar) -> None:
         _release(ctx.device)
 
 
-def run_jobs(jobs: List[Job], ctx: Context) -> Report:
+def run_jobs(jobs: List[Job], ctx: Context, progress: bool = True) -> Report:
+    """Runs every job, skipping (and recording why) providers that cannot run here."""
     from tqdm import tqdm
 
     report = Report()
     total = sum(len(j.providers) * len(j.modes) * len(j.dtypes) * len(j.shapes) for j in jobs)
-    with tqdm(total=total, file=sys.stderr, unit="case", dynamic_ncols=True) as bar:
+    with tqdm(total=total, file=sys.stderr, unit="case", dynamic_ncols=True,
+              disable=not progress) as bar:
         for job in jobs:
             for shape in job.shapes:
                 for dtype in job.dtypes:
@@ -274,67 +303,48 @@ def run_jobs(jobs: List[Job], ctx: Context) -> Report:
     return report
 
 
-# --- output -------------------------------------------------------------------------------
-
-def _fmt(value, spec: str) -> str:
-    return "-" if value is None else format(value, spec)
-
-
-def print_report(report: Report, out=None) -> None:
-    out = out or sys.stdout
-    groups: Dict[tuple, list] = {}
-    for row in report.rows:
-        key = (row["loss"], row["mode"], row["dtype"], row["n"], row["v"], row["h_student"],
-               row["h_teacher"])
-        groups.setdefault(key, []).append(row)
-    for (loss, mode, dtype, n, v, hs, ht), rows in groups.items():
-        eager = next((r["median_ms"] for r in rows if r["provider"] == "eager"), None)
-        print(f"\n{loss} {mode} {dtype} N={n} V={v}" + (f" Hs={hs} Ht={ht}" if hs else "")
-              + (f" k={ht}" if loss == "sparse_distillation" else ""), file=out)
-        print(f"  {'provider':<9}{'median ms':>11} {'p20-p80 ms':>21}{'peak MiB':>10}"
-              f"{'GB/s':>8}{'TFLOP/s':>9}{'roofline%':>10}{'vs eager':>9}{'loss':>10}",
-              file=out)
-        for r in rows:
-            speedup = None if eager is None else eager / r["median_ms"]
-            value = report.values.get(_value_key(loss, dtype, n, v, hs, ht, r["provider"]))
-            spread = f"{r['p20_ms']:.3f}-{r['p80_ms']:.3f}"
-            print(f"  {r['provider']:<9}{r['median_ms']:>11.3f} {spread:>21}"
-                  f"{r['peak_mem_mb']:>10.1f}"
-                  f"{_fmt(r['gbps'], '8.2f')}{_fmt(r['tflops'], '9.4f')}"
-                  f"{_fmt(r['roofline_pct'], '10.1f')}{_fmt(speedup, '8.2f')}x"
-                  f"{_fmt(value, '10.5f')}", file=out)
-    notes = {(loss, p): providers.PEER_NOTES[(loss, p)] for loss, p in
-             {(r["loss"], r["provider"]) for r in report.rows} if (loss, p) in providers.PEER_NOTES}
-    for (loss, provider), note in sorted(notes.items()):
-        print(f"note {loss}/{provider}: {note}", file=out)
-    for (loss, provider), reason in report.skipped.items():
-        print(f"skipped {loss}/{provider}: {reason}", file=out)
-    for failure in report.failed:
-        print(f"FAILED {failure}", file=out)
-
-
 def _device(choice: str) -> torch.device:
     if choice == "cuda" or (choice == "auto" and torch.cuda.is_available()):
         if not torch.cuda.is_available():
-            raise SystemExit("--device cuda: no CUDA device is available")
+            raise SystemExit("fastkd bench: --device cuda, but no CUDA device is available")
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
-    if args.plot_only:
-        from .plot import render
+def _render(out_dir: str) -> None:
+    from .plot import render
 
-        print("\n".join(render(args.out)))
+    print("\n".join(render(out_dir)))
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run `fastkd bench` with the arguments `argv` (see `fastkd bench --help`).
+
+    Parameters
+    ----------
+    argv : sequence of str, optional
+        The arguments after `fastkd bench` (default: ``sys.argv[1:]``).
+
+    Returns
+    -------
+    int
+        0 when every requested measurement that can run here ran; 1 when one failed or
+        when nothing could run at all (every provider was skipped).
+    """
+    args = build_parser().parse_args(argv)
+    out = os.path.abspath(args.out)
+    if args.plot_only:
+        if not os.path.isdir(out):
+            raise SystemExit(f"fastkd bench --plot-only: no results folder {out}")
+        _render(out)
         return 0
     device = _device(args.device)
     gpu = device.type == "cuda"
     slug = results_io.device_slug(device)
     ctx = Context(
         device=device,
-        csv_path=os.path.join(args.out, f"{slug}.csv"),
-        ceilings=models.Ceilings(os.path.join(args.out, f"{slug}-ceilings.json"), device,
+        csv_path=os.path.join(out, f"{slug}.csv"),
+        ceilings=models.Ceilings(os.path.join(out, f"{slug}-ceilings.json"), device,
                                  remeasure=args.remeasure_ceilings),
         reps=args.reps or (3 if args.quick else 50 if gpu else 10),
         warmup=args.warmup if args.warmup is not None else (1 if args.quick else 5 if gpu else 2),
@@ -343,18 +353,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         triton=results_io.triton_version(), git_rev=results_io.git_rev()),
     )
     if ctx.reps < 1 or ctx.warmup < 0:
-        raise SystemExit("--reps must be >= 1 and --warmup >= 0")
+        raise SystemExit("fastkd bench: --reps must be >= 1 and --warmup >= 0")
     if not gpu:
         print(f"load average before the run: {os.getloadavg()} on {os.cpu_count()} cores "
               "(other processes share this CPU: compare rows of one run)", file=sys.stderr)
     report = run_jobs(jobs_from_args(args, device), ctx)
-    print(f"device {ctx.provenance['device']}; ceilings {ctx.ceilings.data}; "
-          f"rows appended to {ctx.csv_path}")
+    print(f"device: {ctx.provenance['device']}; ceilings: {ctx.ceilings.data or 'none'}")
     print_report(report)
+    if report.rows:
+        print(f"{len(report.rows)} row(s) appended to {ctx.csv_path}")
+    else:
+        print("nothing was measured: no row written")
     if not gpu:
         print(f"load average after the run: {os.getloadavg()}", file=sys.stderr)
-    if args.plot:
-        from .plot import render
-
-        print("\n".join(render(args.out)))
-    return 1 if report.failed else 0
+    if args.plot and report.rows:
+        _render(out)
+    return 1 if report.failed or not report.rows else 0

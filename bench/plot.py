@@ -19,6 +19,7 @@ from typing import Dict, List
 
 from .models import MODES
 from .providers import PEER_NOTES
+from .report import significant
 from .results_io import as_float, latest_rows, read_rows
 
 SHAPE_COLUMNS = ("n", "v", "h_student", "h_teacher")
@@ -140,6 +141,10 @@ def _cell(text, spec) -> str:
     return "-" if value is None else format(value, spec)
 
 
+def _sig(text, digits: int = 3) -> str:
+    return significant(as_float(text), digits)
+
+
 def _table(group: List[dict]) -> List[str]:
     eager = next((float(r["median_ms"]) for r in group if r["provider"] == "eager"), None)
     lines = ["| provider | median ms | p20–p80 ms | peak extra MiB | GB/s | TFLOP/s | "
@@ -148,7 +153,7 @@ def _table(group: List[dict]) -> List[str]:
         med = float(r["median_ms"])
         speed = "-" if eager is None else f"{eager / med:.2f}x"
         lines.append(f"| {r['provider']} | {med:.3f} | {_cell(r['p20_ms'], '.3f')}–"
-                     f"{_cell(r['p80_ms'], '.3f')} | {_cell(r['peak_mem_mb'], '.1f')} | "
+                     f"{_cell(r['p80_ms'], '.3f')} | {_sig(r['peak_mem_mb'])} | "
                      f"{_cell(r['gbps'], '.2f')} | {_cell(r['tflops'], '.4f')} | "
                      f"{_cell(r['roofline_pct'], '.1f')} | {speed} | {r['git_rev']} |")
     return lines
@@ -194,8 +199,8 @@ beyond the last-level cache). Peak extra memory is what one step allocates beyon
 (MiB; GPU: `max_memory_allocated`; CPU: peak of the allocations the profiler tracked).
 GB/s uses the byte floor (dense fwd+bwd: `3*N*V*bytes`), TFLOP/s the fused-linear FLOP floor
 `2*N*V*(3*Hs+Ht)`; % roofline compares with the device's measured copy bandwidth or matmul
-rate (see bench/models.py). CPU rows come from a shared 2-core machine: other processes may
-have competed, so compare rows of one run.
+rate (the models are documented in `fastkd.bench.models`). On a CPU other processes may have
+competed with a run: compare rows of one run.
 """
 
 

@@ -1,7 +1,10 @@
 """Result rows: the CSV schema, device identification, provenance (versions, git revision).
 
-One CSV per device, `bench/results/<device-slug>.csv`; rows are appended, a re-run adds new
-rows and readers take the last row per key. Columns (exactly, in this order) are `COLUMNS`.
+One CSV per device, `<results folder>/<device-slug>.csv`; rows are appended, a re-run adds
+new rows and readers take the last row per key. Columns (exactly, in this order) are
+`COLUMNS`; `timestamp` is when the row was measured, UTC, ISO 8601 ('2026-12-01T20:41:07Z').
+A file written before the timestamp column existed (`LEGACY_COLUMNS`) is upgraded in place
+on the next append: its old rows get an empty timestamp.
 `h_student` / `h_teacher` are the hidden sizes of fused-linear rows; dense rows hold 0, 0;
 sparse (top-k teacher) rows hold 0 and k, the teacher entries per token. `gbps` is filled for
 byte-bound losses (dense, sparse), `tflops` for the fused-linear loss; the other is empty.
@@ -21,8 +24,9 @@ import torch
 COLUMNS = (
     "loss", "provider", "mode", "dtype", "n", "v", "h_student", "h_teacher",
     "median_ms", "p20_ms", "p80_ms", "peak_mem_mb", "gbps", "tflops", "roofline_pct",
-    "device", "torch", "triton", "git_rev",
+    "device", "torch", "triton", "git_rev", "timestamp",
 )
+LEGACY_COLUMNS = COLUMNS[:-1]
 KEY_COLUMNS = ("loss", "provider", "mode", "dtype", "n", "v", "h_student", "h_teacher",
                "device")
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -66,17 +70,40 @@ def triton_version() -> str:
     return getattr(triton, "__version__", "")
 
 
-def git_rev(root: str = REPO_ROOT) -> str:
-    """Short HEAD revision, with '+dirty' when the benchmarked sources differ from it."""
-    def git(*args) -> str:
-        return subprocess.run(["git", "-C", root, *args], capture_output=True, text=True,
-                              timeout=10, check=True).stdout.strip()
+def _git(root: str, *args: str) -> str:
+    return subprocess.run(["git", "-C", root, *args], capture_output=True, text=True,
+                          timeout=10, check=True).stdout.strip()
+
+
+def installed_version() -> str:
+    """fastkd's version as recorded in its package metadata when it was built."""
+    from importlib import metadata
 
     try:
-        rev = git("rev-parse", "--short", "HEAD")
-        dirty = git("status", "--porcelain", "--", "fastkd", "kernels", "csrc", "bench/*.py")
+        return metadata.version("fastkd")
+    except metadata.PackageNotFoundError:
+        import fastkd
+
+        return getattr(fastkd, "__version__", "unknown")
+
+
+def git_rev(root: str = REPO_ROOT) -> str:
+    """The revision of the benchmarked code.
+
+    In a git checkout of fastkd (an editable install): the short HEAD revision, with '+dirty'
+    when the benchmarked sources differ from it. Otherwise (an installed package, or no git):
+    'v' + the version recorded at build time, e.g. 'v0.1.0'. A git repository that merely
+    encloses an installed package (a virtual environment inside some project) is not used.
+    """
+    try:
+        top = _git(root, "rev-parse", "--show-toplevel")
+        if os.path.realpath(top) != os.path.realpath(root):
+            raise OSError("not a fastkd checkout")
+        rev = _git(root, "rev-parse", "--short", "HEAD")
+        dirty = _git(root, "status", "--porcelain", "--", "fastkd", "kernels", "csrc",
+                     "bench/*.py")
     except (OSError, subprocess.SubprocessError):
-        return "unknown"
+        return "v" + installed_version()
     return rev + ("+dirty" if dirty else "")
 
 
@@ -93,8 +120,34 @@ def format_value(value) -> str:
     return str(value)
 
 
+def _upgrade_legacy(path: str) -> None:
+    """Rewrites a CSV with `LEGACY_COLUMNS` under `COLUMNS` (empty new cells)."""
+    rows = read_rows(path)
+    tmp = path + ".upgrade"
+    with open(tmp, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(COLUMNS)
+        for row in rows:
+            writer.writerow([row.get(c, "") for c in COLUMNS])
+    os.replace(tmp, path)
+
+
 def append_rows(path: str, rows: Iterable[Dict[str, object]]) -> int:
-    """Appends rows (dicts keyed by COLUMNS) to `path`, writing the header to a new file."""
+    """Appends rows (dicts keyed by COLUMNS) to `path`, writing the header to a new file.
+
+    Parameters
+    ----------
+    path : str
+        The CSV file; its folder is created if needed.
+    rows : iterable of dict
+        Each keyed by exactly `COLUMNS`.
+
+    Returns
+    -------
+    int
+        The number of rows written. Raises ValueError for rows with other keys, or for an
+        existing file whose header is neither `COLUMNS` nor `LEGACY_COLUMNS`.
+    """
     rows = list(rows)
     for row in rows:
         if set(row) != set(COLUMNS):
@@ -103,7 +156,9 @@ def append_rows(path: str, rows: Iterable[Dict[str, object]]) -> int:
     is_new = not os.path.exists(path) or os.path.getsize(path) == 0
     if not is_new:
         header = read_header(path)
-        if header != list(COLUMNS):
+        if header == list(LEGACY_COLUMNS):
+            _upgrade_legacy(path)
+        elif header != list(COLUMNS):
             raise ValueError(f"{path} has columns {header}, expected {list(COLUMNS)}")
     with open(path, "a", newline="") as f:
         writer = csv.writer(f)

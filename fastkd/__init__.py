@@ -1,5 +1,6 @@
 """fastkd: fused, memory-lean knowledge-distillation losses for PyTorch."""
 
+from . import data  # fastkd.data: the top-k store, its writer and collator
 from ._dispatch import BackendUnavailableError, resolve_backend
 from .functional import (
     distillation_loss,
@@ -24,6 +25,7 @@ from .losses import (
     similarity_preserving_loss,
 )
 from .modules import DistillationLoss, FusedLinearDistillationLoss, SparseDistillationLoss
+from .topk import topk_teacher_logprobs, topk_teacher_logprobs_from_logits
 
 __version__ = "0.1.0"
 
@@ -51,4 +53,7 @@ __all__ = [
     "rkd_loss",
     "similarity_preserving_loss",
     "sparse_distillation_loss",
+    "topk_teacher_logprobs",
+    "topk_teacher_logprobs_from_logits",
+    "data",
 ]

@@ -1,10 +1,10 @@
 """Backend resolution: which kernel computes a loss for given tensors.
 
 `"auto"` (or the `FASTKD_BACKEND` environment variable, which overrides it) picks, for
-float64 inputs, the reference (`"torch"`); for CUDA tensors `"triton"`, then `"cuda"`, then
-`"torch"`; for CPU tensors the fused C++ kernel `"cpu"`, then `"torch"`. An explicitly named
-backend that cannot run the given tensors raises `BackendUnavailableError` with the reason;
-nothing falls back silently.
+float64 inputs (on either side), the reference (`"torch"`); for CUDA tensors `"triton"`, then
+`"cuda"`, then `"torch"`; for CPU tensors the fused C++ kernel `"cpu"`, then `"torch"`. An
+explicitly named backend that cannot run the given tensors raises `BackendUnavailableError`
+with the reason; nothing falls back silently.
 """
 
 from __future__ import annotations
@@ -66,7 +66,8 @@ def unavailable_reason(backend: str, device: torch.device, dtype: torch.dtype) -
     if backend == "torch":
         return None
     if dtype not in KERNEL_DTYPES:
-        return f"backend {backend!r} takes float32, bfloat16 or float16, not {dtype}"
+        return (f"backend {backend!r} takes float32, bfloat16 or float16, not {dtype} "
+                "(float64 on either side is computed by backend='torch', which 'auto' picks)")
     if backend == "triton":
         if device.type != "cuda" and not (device.type == "cpu" and _interpreting()):
             return ("backend 'triton' needs CUDA tensors (or CPU tensors with "
@@ -89,22 +90,37 @@ def check_backend_name(backend) -> None:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
 
 
-def resolve_backend(backend: str, tensor: torch.Tensor) -> str:
-    """Returns the concrete backend name for `tensor`'s device and dtype."""
+def resolve_backend(backend: str, tensor: torch.Tensor, *others: torch.Tensor) -> str:
+    """Returns the concrete backend name for the tensors' device and dtypes.
+
+    Every tensor given (e.g. student and teacher logits) must be runnable by the backend:
+    `"auto"` picks the first candidate that runs all of them (so float64 on either side
+    routes to `"torch"`); an explicit backend that cannot run one of them raises
+    `BackendUnavailableError` naming the dtype or device.
+    """
     check_backend_name(backend)
     if backend == "auto":
         override = os.environ.get("FASTKD_BACKEND", "auto")
         if override not in BACKENDS:
             raise ValueError(f"FASTKD_BACKEND must be one of {BACKENDS}, got {override!r}")
         backend = override
-    device, dtype = tensor.device, tensor.dtype
+    device = tensor.device
+    dtypes = [tensor.dtype] + [t.dtype for t in others if t is not None]
+
+    def reason_for(candidate: str) -> Optional[str]:
+        for dtype in dtypes:
+            reason = unavailable_reason(candidate, device, dtype)
+            if reason is not None:
+                return reason
+        return None
+
     if backend == "auto":
         preference = ("triton", "cuda", "torch") if device.type == "cuda" else ("cpu", "torch")
         for candidate in preference:
-            if unavailable_reason(candidate, device, dtype) is None:
+            if reason_for(candidate) is None:
                 return candidate
         return "torch"
-    reason = unavailable_reason(backend, device, dtype)
+    reason = reason_for(backend)
     if reason is not None:
         raise BackendUnavailableError(f"backend {backend!r} is unavailable: {reason}")
     return backend

@@ -1,24 +1,38 @@
-"""Public functional API: validation, flattening, backend resolution, weighting, reduction."""
+"""Public functional API: validation, flattening, backend resolution, weighting, reduction.
+
+The exact semantics (formulas, options, reductions, dtype rules, edge cases and errors) are
+documented in docs/semantics.md.
+"""
 
 from __future__ import annotations
 
+import sys
 from typing import Optional
 
 import torch
 
 from ._dispatch import BackendUnavailableError, dense_kernel, resolve_backend
+from ._docs import fill_doc
+from ._validation import check_chunk_size as _check_chunk_size
 from ._validation import (
     check_floating,
+    check_heads_pair,
+    check_logits_pair,
     check_options,
     check_same_device,
     check_target,
     reduce_rows,
 )
+from ._validation import check_linear_head as _check_linear_head
 from .ops import dense_distillation_rows
+from .ops.dense import autocast_off, rows_layout
 from .ops.fused_linear import default_chunk_rows, fused_linear_rows
 from .ops.sparse import sparse_distillation_rows
 from .reference import DIVERGENCES
 from .reference.sparse import TAILS, sparse_kd_rows
+
+__all__ = ["distillation_loss", "fused_linear_distillation_loss",
+           "fused_linear_sparse_distillation_loss", "sparse_distillation_loss"]
 
 
 def loss_weights(target_given: bool, alpha: float, temperature: float,
@@ -43,22 +57,39 @@ def kernel_options(target_given: bool, *, temperature, alpha, divergence, beta, 
             float(softcap) if softcap is not None else 0.0)
 
 
-def check_logits_pair(student_logits, teacher_logits, target) -> None:
-    check_floating("student_logits", student_logits)
-    check_floating("teacher_logits", teacher_logits)
-    if student_logits.dim() < 1:
-        raise ValueError("student_logits must have at least one dimension (..., V)")
-    if teacher_logits.shape != student_logits.shape:
-        raise ValueError(f"teacher_logits shape {tuple(teacher_logits.shape)} must equal "
-                         f"student_logits shape {tuple(student_logits.shape)} (same tokens "
-                         "and vocabulary; pad the smaller vocabulary with -inf)")
-    if teacher_logits.dtype != student_logits.dtype:
-        raise TypeError(f"teacher_logits dtype {teacher_logits.dtype} must equal "
-                        f"student_logits dtype {student_logits.dtype}")
-    check_same_device(student_logits=student_logits, teacher_logits=teacher_logits,
-                      target=target)
+def _is_dtensor(*tensors) -> bool:
+    """Whether any tensor is a DTensor; free (no import) when torch.distributed.tensor was
+    never imported, since no DTensor can exist then (False while compiling)."""
+    if torch.compiler.is_compiling():
+        return False
+    module = sys.modules.get("torch.distributed.tensor")
+    cls = getattr(module, "DTensor", None) if module is not None else None
+    return cls is not None and any(isinstance(t, cls) for t in tensors)
 
 
+def _flat_target(target):
+    return None if target is None else target.reshape(-1).to(torch.int64).contiguous()
+
+
+def _valid_count(flat_target, ignore_index):
+    return None if flat_target is None else (flat_target != ignore_index).sum()
+
+
+def _with_components(loss, terms, valid, reduction, num_items_in_batch, lead_shape):
+    """(loss, ce, divergence): the per-row terms (N, 2) reduced exactly like the loss."""
+    ce, div = (reduce_rows(terms[:, i].detach(), valid, reduction, num_items_in_batch,
+                           lead_shape) for i in (0, 1))
+    return loss, ce, div
+
+
+def _to_float64_if_any(*tensors):
+    """float64 on either side: every tensor in float64 (autograd casts the gradients back)."""
+    if not any(t is not None and t.dtype == torch.float64 for t in tensors):
+        return tensors
+    return tuple(None if t is None else t.to(torch.float64) for t in tensors)
+
+
+@fill_doc
 def distillation_loss(
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor,
@@ -76,17 +107,50 @@ def distillation_loss(
     num_items_in_batch=None,
     backend: str = "auto",
     inplace_backward: bool = False,
-) -> torch.Tensor:
-    """Hinton-style distillation loss `alpha * CE + (1 - alpha) * T^2 * D(p_t, p_s)`.
+    return_components: bool = False,
+):
+    """Hinton-style distillation loss ``alpha * CE + (1 - alpha) * k * D(p_t, p_s)``.
 
-    student_logits, teacher_logits: (..., V) of one floating dtype; target: (...) int64 or
-    None. Returns a scalar, or (...) for reduction="none"; float32 for fp32/bf16/fp16 inputs
-    and float64 for float64 inputs. See DESIGN.md §1 for the exact semantics.
+    Per token: ``p_s = softmax(s / T)``, ``p_t = softmax(t / T)``, CE the cross-entropy of
+    the student at temperature 1 against ``target``; k = T^2 (or 1). Exact definitions in
+    docs/semantics.md.
 
-    inplace_backward=True writes the gradient into student_logits' buffer (saving one
-    (N, V) tensor): the logits' values are destroyed, so use it only when nothing else
-    reads them after this call (e.g. logits straight from the lm-head).
+    Parameters
+    ----------
+    student_logits : Tensor, shape (..., V), float32 / bfloat16 / float16 / float64
+        Read where it is: any strides with a contiguous last dimension (e.g.
+        ``logits[:, :-1]``) are read without a copy.
+    teacher_logits : Tensor, shape (..., V), float32 / bfloat16 / float16 / float64
+        Same shape as ``student_logits``; its dtype may differ (each side is read in its
+        own dtype; float64 on either side computes both in float64 on the "torch"
+        backend). It gets a gradient only if it requires grad (online distillation).
+    target : Tensor or None, shape (...), any integer dtype
+        Class labels; None means no hard term (``loss = k * D``).
+    %(options)s
+    inplace_backward : bool, default False
+        Write the student gradient into ``student_logits``' own storage (saves one (N, V)
+        buffer; its values are destroyed, so nothing else may read them after this call).
+        Raises ValueError when the logits would have to be copied first (strided last
+        dimension, leading dimensions that cannot be viewed as rows, or a float64 teacher
+        with a lower-precision student).
+
+    Returns
+    -------
+    %(returns)s
+
+    Raises
+    ------
+    %(raises)s
     """
+    if _is_dtensor(student_logits, teacher_logits):
+        from . import distributed
+
+        return distributed.dtensor_distillation_loss(
+            student_logits, teacher_logits, target, temperature=temperature, alpha=alpha,
+            divergence=divergence, beta=beta, scale_by_t2=scale_by_t2,
+            ignore_index=ignore_index, label_smoothing=label_smoothing, softcap=softcap,
+            reduction=reduction, num_items_in_batch=num_items_in_batch, backend=backend,
+            inplace_backward=inplace_backward, return_components=return_components)
     check_logits_pair(student_logits, teacher_logits, target)
     check_options(temperature=temperature, alpha=alpha, divergence=divergence, beta=beta,
                   ignore_index=ignore_index, label_smoothing=label_smoothing, softcap=softcap,
@@ -94,55 +158,41 @@ def distillation_loss(
     lead_shape, vocab = student_logits.shape[:-1], student_logits.shape[-1]
     if target is not None:
         check_target(target, lead_shape, vocab, ignore_index)
-    name = resolve_backend(backend, student_logits)
+    name = resolve_backend(backend, student_logits, teacher_logits)
 
-    student = student_logits.reshape(-1, vocab).contiguous()
-    teacher = teacher_logits.reshape(-1, vocab).contiguous()
-    flat_target = None if target is None else target.reshape(-1).to(torch.int64)
+    student, teacher = _to_float64_if_any(student_logits, teacher_logits)
+    upcast = student is not student_logits
+    student, teacher, copied = rows_layout(student, teacher)
+    if inplace_backward and (copied or upcast):
+        why = ("its dtype is raised to float64 to match the float64 teacher" if upcast else
+               f"its strides {tuple(student_logits.stride())} have no view as rows with a "
+               "contiguous last dimension")
+        raise ValueError("inplace_backward=True cannot write the gradient into "
+                         f"student_logits: {why}, so the kernel would read a copy. Pass "
+                         "inplace_backward=False (or logits whose last dimension is "
+                         "contiguous, in the teacher's precision).")
+    flat_target = _flat_target(target)
     options = kernel_options(target is not None, temperature=temperature, alpha=alpha,
                              divergence=divergence, beta=beta, scale_by_t2=scale_by_t2,
                              ignore_index=ignore_index, label_smoothing=label_smoothing,
                              softcap=softcap)
-    rows = dense_distillation_rows(student, teacher, flat_target, dense_kernel(name), options,
-                                   inplace_backward=inplace_backward)
-    valid = None if flat_target is None else (flat_target != ignore_index).sum()
-    return reduce_rows(rows, valid, reduction, num_items_in_batch, lead_shape)
+    out = dense_distillation_rows(student, teacher, flat_target, dense_kernel(name), options,
+                                  inplace_backward=inplace_backward,
+                                  with_terms=return_components)
+    rows, terms = out if return_components else (out, None)
+    valid = _valid_count(flat_target, ignore_index)
+    with autocast_off(rows.device):
+        loss = reduce_rows(rows, valid, reduction, num_items_in_batch, lead_shape)
+        if not return_components:
+            return loss
+        return _with_components(loss, terms, valid, reduction, num_items_in_batch,
+                                lead_shape)
 
 
 # --- Large-vocabulary losses: fused lm-head (chunked) and top-k (offline) teacher -------------
 
 #: A top-k teacher row's probabilities may sum to at most exp(this) (rounding of stored values).
 TOPK_MASS_TOLERANCE = 1e-2
-
-
-def _check_linear_head(prefix: str, hidden, weight, bias) -> None:
-    """hidden (..., H), weight (V, H) as nn.Linear.weight, bias (V,) | None; one dtype."""
-    check_floating(f"{prefix}_hidden", hidden)
-    check_floating(f"{prefix}_weight", weight)
-    if hidden.dim() < 1:
-        raise ValueError(f"{prefix}_hidden must have at least one dimension (..., H)")
-    if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
-        raise ValueError(f"{prefix}_weight must have shape (V, {hidden.shape[-1]}) like "
-                         f"nn.Linear.weight (H = {prefix}_hidden's last dimension), got "
-                         f"{tuple(weight.shape)}")
-    if weight.dtype != hidden.dtype:
-        raise TypeError(f"{prefix}_weight dtype {weight.dtype} must equal {prefix}_hidden "
-                        f"dtype {hidden.dtype}")
-    if bias is not None:
-        check_floating(f"{prefix}_bias", bias)
-        if bias.shape != weight.shape[:1]:
-            raise ValueError(f"{prefix}_bias must have shape ({weight.shape[0]},), got "
-                             f"{tuple(bias.shape)}")
-        if bias.dtype != weight.dtype:
-            raise TypeError(f"{prefix}_bias dtype {bias.dtype} must equal {prefix}_weight "
-                            f"dtype {weight.dtype}")
-
-
-def _check_chunk_size(chunk_size) -> None:
-    if chunk_size is None:
-        return
-    if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
-        raise ValueError(f"chunk_size must be None or an int >= 1, got {chunk_size!r}")
 
 
 def _check_tail(tail) -> None:
@@ -194,36 +244,56 @@ def _sparse_kernel(backend: str, tensor: torch.Tensor):
     return sparse_kd_rows
 
 
-def _flat_target(target):
-    return None if target is None else target.reshape(-1).to(torch.int64).contiguous()
+def _autocast_head(hidden, weight, bias):
+    """Under torch.autocast the lm-head matmul behaves like nn.Linear's: fp32/bf16/fp16
+    hidden, weight and bias are cast to the autocast dtype (float64 is left alone); the
+    loss itself is still computed in float32."""
+    device = hidden.device.type
+    if device not in ("cpu", "cuda") or not torch.is_autocast_enabled(device):
+        return hidden, weight, bias
+    dtype = torch.get_autocast_dtype(device)
+    return tuple(None if x is None or x.dtype == torch.float64 else x.to(dtype)
+                 for x in (hidden, weight, bias))
 
 
-def _reduce_total(out, flat_target, n, ignore_index, reduction, num_items_in_batch,
-                  lead_shape):
-    """Reduction of the fused-linear output: rows for "none", else the summed loss."""
-    if reduction == "none":
-        return out.reshape(lead_shape)
-    if flat_target is None:
-        valid = torch.full((), n, dtype=torch.int64, device=out.device)
-    else:
-        valid = (flat_target != ignore_index).sum()
-    return reduce_rows(out.reshape(1), valid, reduction, num_items_in_batch, lead_shape)
+def _head_dtype(*tensors) -> torch.dtype:
+    """The promoted dtype of one side's (hidden, weight, bias): the lm-head matmul's."""
+    dtype = tensors[0].dtype
+    for t in tensors[1:]:
+        if t is not None:
+            dtype = torch.promote_types(dtype, t.dtype)
+    return dtype
 
 
 def _fused_linear_loss(student_hidden, student_weight, student_bias, target, teacher, kernel,
-                       options, sparse, chunk_size, reduction, num_items_in_batch, ignore_index):
+                       options, sparse, chunk_size, reduction, num_items_in_batch, ignore_index,
+                       return_components=False):
     lead_shape = student_hidden.shape[:-1]
     hidden = student_hidden.reshape(-1, student_hidden.shape[-1])
     flat_target = _flat_target(target)
     n, vocab = hidden.shape[0], student_weight.shape[0]
-    chunk = chunk_size or default_chunk_rows(n, vocab, hidden.element_size(), hidden.device,
-                                             sparse)
-    out = fused_linear_rows(hidden, student_weight, student_bias, flat_target, teacher, kernel,
-                            options, sparse, chunk, reduction == "none")
-    return _reduce_total(out, flat_target, n, ignore_index, reduction, num_items_in_batch,
-                         lead_shape)
+    itemsize = _head_dtype(hidden, student_weight, student_bias).itemsize
+    chunk = chunk_size or default_chunk_rows(n, vocab, itemsize, hidden.device, sparse)
+    with autocast_off(hidden.device):
+        out = fused_linear_rows(hidden, student_weight, student_bias, flat_target, teacher,
+                                kernel, options, sparse, chunk, reduction == "none",
+                                with_terms=return_components)
+        out, terms = out if return_components else (out, None)
+        if reduction == "none":
+            loss = out.reshape(lead_shape)
+        else:
+            valid = _valid_count(flat_target, ignore_index)
+            if valid is None:
+                valid = torch.full((), n, dtype=torch.int64, device=out.device)
+            loss = reduce_rows(out.reshape(1), valid, reduction, num_items_in_batch,
+                               lead_shape)
+        if not return_components:
+            return loss
+        return _with_components(loss, terms, _valid_count(flat_target, ignore_index),
+                                reduction, num_items_in_batch, lead_shape)
 
 
+@fill_doc
 def fused_linear_distillation_loss(
     student_hidden: torch.Tensor,
     student_weight: torch.Tensor,
@@ -245,34 +315,65 @@ def fused_linear_distillation_loss(
     reduction: str = "mean",
     num_items_in_batch=None,
     backend: str = "auto",
-) -> torch.Tensor:
-    """`distillation_loss(h_s @ W_s.T + b_s, h_t @ W_t.T + b_t, target)` without [N, V] logits.
+    return_components: bool = False,
+):
+    """``distillation_loss(h_s @ W_s.T + b_s, h_t @ W_t.T + b_t, target)`` without ever
+    holding the (N, V) logits.
 
-    student_hidden (..., Hs), student_weight (V, Hs), student_bias (V,) | None; teacher_hidden
-    (..., Ht), teacher_weight (V, Ht), teacher_bias (V,) | None; all of one floating dtype;
-    target (...) int64 | None. Same keywords and result as `distillation_loss`.
+    Logits are computed ``chunk_size`` rows at a time and fed to the backend's dense kernel;
+    each chunk's gradient becomes grad-hidden and float32-accumulated grad-weight /
+    grad-bias at once. The teacher is a constant: no gradient flows to ``teacher_hidden`` /
+    ``teacher_weight`` / ``teacher_bias`` even if they require grad (use
+    `distillation_loss` for online distillation). ``reduction="none"`` recomputes the chunks
+    in backward (about 1.5x the mean/sum work). Each chunk's logits are overwritten by their
+    gradient (there is no ``inplace_backward`` keyword).
 
-    Logits are computed `chunk_size` rows at a time in the input dtype and fed to the backend's
-    dense kernel; the chunk's gradient becomes grad-hidden and float32-accumulated grad-weight
-    / grad-bias at once. chunk_size=None: 64 MiB of chunk logits (student + teacher) on CPU,
-    512 MiB on CUDA, rounded down to a multiple of 64 rows (`default_chunk_rows`).
-    The teacher is a constant: no gradient flows to teacher_hidden / teacher_weight /
-    teacher_bias even if they require grad (use `distillation_loss` for online distillation).
-    reduction="none" recomputes the chunks in backward (about 1.5x the mean/sum work).
-    There is no inplace_backward keyword: each chunk's logits are always overwritten by their
-    gradient.
+    Dtypes: each side's lm-head matmul runs in the promoted dtype of its (hidden, weight,
+    bias) (e.g. bf16 hidden with an fp32 weight: fp32; nothing is cast down), and the two
+    sides may differ (each side's chunk logits are read in their own dtype); float64 anywhere
+    computes everything in float64 on the "torch" backend. Gradients come back in each
+    input's dtype. Under ``torch.autocast`` the matmuls behave like ``nn.Linear``'s (inputs
+    cast to the autocast dtype, float64 excepted) and the loss is computed and returned in
+    float32.
+
+    Parameters
+    ----------
+    student_hidden : Tensor, shape (..., Hs), float32 / bfloat16 / float16 / float64
+    student_weight : Tensor, shape (V, Hs), floating
+        As ``nn.Linear.weight`` (e.g. ``lm_head.weight``).
+    teacher_hidden : Tensor, shape (..., Ht), floating
+        Same leading shape as ``student_hidden``.
+    teacher_weight : Tensor, shape (V, Ht), floating
+        Same vocabulary V as ``student_weight``.
+    target : Tensor or None, shape (...), any integer dtype
+    student_bias, teacher_bias : Tensor or None, shape (V,), floating
+    chunk_size : int or None, default None
+        Rows per chunk. None: 64 MiB of chunk logits (student + teacher) on CPU, 512 MiB on
+        CUDA, rounded down to a multiple of 64 rows.
+    %(options)s
+
+    Returns
+    -------
+    %(returns)s
+
+    Raises
+    ------
+    %(raises)s
     """
+    if _is_dtensor(student_weight, teacher_weight, student_hidden, teacher_hidden):
+        from . import distributed
+
+        return distributed.dtensor_fused_linear_distillation_loss(
+            student_hidden, student_weight, teacher_hidden, teacher_weight, target,
+            student_bias=student_bias, teacher_bias=teacher_bias, chunk_size=chunk_size,
+            temperature=temperature, alpha=alpha, divergence=divergence, beta=beta,
+            scale_by_t2=scale_by_t2, ignore_index=ignore_index,
+            label_smoothing=label_smoothing, softcap=softcap, reduction=reduction,
+            num_items_in_batch=num_items_in_batch, backend=backend,
+            return_components=return_components)
     _check_linear_head("student", student_hidden, student_weight, student_bias)
     _check_linear_head("teacher", teacher_hidden, teacher_weight, teacher_bias)
-    if teacher_hidden.shape[:-1] != student_hidden.shape[:-1]:
-        raise ValueError(f"teacher_hidden leading shape {tuple(teacher_hidden.shape[:-1])} must "
-                         f"equal student_hidden's {tuple(student_hidden.shape[:-1])}")
-    if teacher_weight.shape[0] != student_weight.shape[0]:
-        raise ValueError(f"teacher_weight has {teacher_weight.shape[0]} rows (vocabulary) but "
-                         f"student_weight has {student_weight.shape[0]}; pad the smaller head")
-    if teacher_hidden.dtype != student_hidden.dtype:
-        raise TypeError(f"teacher_hidden dtype {teacher_hidden.dtype} must equal "
-                        f"student_hidden dtype {student_hidden.dtype}")
+    check_heads_pair(student_hidden, student_weight, teacher_hidden, teacher_weight)
     check_same_device(student_hidden=student_hidden, student_weight=student_weight,
                       student_bias=student_bias, teacher_hidden=teacher_hidden,
                       teacher_weight=teacher_weight, teacher_bias=teacher_bias, target=target)
@@ -282,16 +383,18 @@ def fused_linear_distillation_loss(
     _check_chunk_size(chunk_size)
     if target is not None:
         check_target(target, student_hidden.shape[:-1], student_weight.shape[0], ignore_index)
-    kernel = dense_kernel(resolve_backend(backend, student_hidden))
+    student = _autocast_head(student_hidden, student_weight, student_bias)
+    teacher = _autocast_head(teacher_hidden, teacher_weight, teacher_bias)
+    s_h, s_w, s_b, t_h, t_w, t_b = _to_float64_if_any(*student, *teacher)
+    kernel = dense_kernel(resolve_backend(backend, s_h, s_w, t_h, t_w))
     options = kernel_options(target is not None, temperature=temperature, alpha=alpha,
                              divergence=divergence, beta=beta, scale_by_t2=scale_by_t2,
                              ignore_index=ignore_index, label_smoothing=label_smoothing,
                              softcap=softcap)
-    teacher = (teacher_hidden.reshape(-1, teacher_hidden.shape[-1]), teacher_weight,
-               teacher_bias)
-    return _fused_linear_loss(student_hidden, student_weight, student_bias, target, teacher,
-                              kernel, options, False, chunk_size, reduction,
-                              num_items_in_batch, ignore_index)
+    teacher = (t_h.reshape(-1, t_h.shape[-1]), t_w, t_b)
+    return _fused_linear_loss(s_h, s_w, s_b, target, teacher, kernel, options, False,
+                              chunk_size, reduction, num_items_in_batch, ignore_index,
+                              return_components)
 
 
 def _check_sparse_call(student, logprobs, indices, target, tail, options, lead_shape, vocab):
@@ -300,7 +403,7 @@ def _check_sparse_call(student, logprobs, indices, target, tail, options, lead_s
     _check_tail(tail)
     if target is not None:
         check_target(target, lead_shape, vocab, options["ignore_index"])
-    valid_rows = None if target is None else target != options["ignore_index"]
+    valid_rows = None if target is None else target.to(torch.int64) != options["ignore_index"]
     _check_topk(logprobs, indices, lead_shape, vocab, valid_rows)
 
 
@@ -312,6 +415,7 @@ def _sparse_options(target, tail, temperature, alpha, divergence, beta, scale_by
                           softcap=softcap) + (tail == "renormalize",)
 
 
+@fill_doc
 def sparse_distillation_loss(
     student_logits: torch.Tensor,
     teacher_topk_logprobs: torch.Tensor,
@@ -330,17 +434,34 @@ def sparse_distillation_loss(
     reduction: str = "mean",
     num_items_in_batch=None,
     backend: str = "auto",
-) -> torch.Tensor:
-    """Distillation from a stored top-k teacher: `alpha * CE + (1 - alpha) * k * D_topk`.
+    return_components: bool = False,
+):
+    """Distillation from a stored top-k teacher: ``alpha * CE + (1 - alpha) * k * D_topk``.
 
-    student_logits (..., V); teacher_topk_logprobs (..., k) the teacher's log-probabilities at
-    the distillation temperature (any floating dtype); teacher_topk_indices (..., k) int64,
-    unique per row; target (...) int64 | None. The student's log-sum-exp runs over its full
-    vocabulary. tail="bucket": the k entries plus one bucket with the missing mass on both
-    sides (a lower bound of the dense divergence, equal when k = V); tail="renormalize": the
-    teacher renormalised over its k entries (exact definitions: `fastkd.reference.sparse`).
-    Only the reference implements it (backend "auto" or "torch", any device); the teacher gets
-    no gradient. Returns what `distillation_loss` returns.
+    The student's log-sum-exp runs over its full vocabulary. The teacher gets no gradient.
+    Exact definitions of both tails in docs/semantics.md.
+
+    Parameters
+    ----------
+    student_logits : Tensor, shape (..., V), float32 / bfloat16 / float16 / float64
+    teacher_topk_logprobs : Tensor, shape (..., k), floating
+        The teacher's log-probabilities at the distillation temperature, 1 <= k <= V.
+    teacher_topk_indices : Tensor, shape (..., k), int64 or int32
+        Their vocabulary indices, unique within each row.
+    target : Tensor or None, shape (...), any integer dtype
+    tail : {"bucket", "renormalize"}, default "bucket"
+        "bucket": the k entries plus one bucket holding the missing mass on both sides (a
+        lower bound of the dense divergence, equal when k = V); "renormalize": the teacher
+        renormalised over its k entries.
+    %(options)s
+
+    Returns
+    -------
+    %(returns)s
+
+    Raises
+    ------
+    %(raises)s
     """
     check_floating("student_logits", student_logits)
     if student_logits.dim() < 1:
@@ -363,11 +484,16 @@ def sparse_distillation_loss(
         student_logits.reshape(-1, vocab).contiguous(),
         teacher_topk_logprobs.reshape(-1, k).contiguous(),
         teacher_topk_indices.reshape(-1, k).to(torch.int64).contiguous(), flat_target, kernel,
-        options)
+        options, **({"return_terms": True} if return_components else {}))
+    rows, terms = rows if return_components else (rows, None)
     valid = None if flat_target is None else (flat_target != ignore_index).sum()
-    return reduce_rows(rows, valid, reduction, num_items_in_batch, lead_shape)
+    loss = reduce_rows(rows, valid, reduction, num_items_in_batch, lead_shape)
+    if not return_components:
+        return loss
+    return _with_components(loss, terms, valid, reduction, num_items_in_batch, lead_shape)
 
 
+@fill_doc
 def fused_linear_sparse_distillation_loss(
     student_hidden: torch.Tensor,
     student_weight: torch.Tensor,
@@ -389,13 +515,33 @@ def fused_linear_sparse_distillation_loss(
     reduction: str = "mean",
     num_items_in_batch=None,
     backend: str = "auto",
-) -> torch.Tensor:
-    """`sparse_distillation_loss(h @ W.T + b, topk_logprobs, topk_indices, target)` computed
-    `chunk_size` rows at a time (never [N, V] logits), as `fused_linear_distillation_loss`.
+    return_components: bool = False,
+):
+    """``sparse_distillation_loss(h @ W.T + b, topk_logprobs, topk_indices, target)`` computed
+    ``chunk_size`` rows at a time (never (N, V) logits), as `fused_linear_distillation_loss`.
 
-    student_hidden (..., H), student_weight (V, H), student_bias (V,) | None; the top-k
-    teacher as in `sparse_distillation_loss`. chunk_size=None: 64 MiB of chunk logits on CPU,
-    512 MiB on CUDA (`default_chunk_rows`).
+    Parameters
+    ----------
+    student_hidden : Tensor, shape (..., H), floating
+    student_weight : Tensor, shape (V, H), floating
+        As ``nn.Linear.weight``; the matmul runs in the promoted dtype of hidden, weight
+        and bias (like nn.Linear under ``torch.autocast``).
+    teacher_topk_logprobs, teacher_topk_indices : Tensor, shape (..., k)
+        The top-k teacher, as in `sparse_distillation_loss`.
+    target : Tensor or None, shape (...), any integer dtype
+    student_bias : Tensor or None, shape (V,), floating
+    tail : {"bucket", "renormalize"}, default "bucket"
+    chunk_size : int or None, default None
+        Rows per chunk; None: 64 MiB of chunk logits on CPU, 512 MiB on CUDA.
+    %(options)s
+
+    Returns
+    -------
+    %(returns)s
+
+    Raises
+    ------
+    %(raises)s
     """
     _check_linear_head("student", student_hidden, student_weight, student_bias)
     lead_shape, vocab = student_hidden.shape[:-1], student_weight.shape[0]
@@ -409,6 +555,8 @@ def fused_linear_sparse_distillation_loss(
                       teacher_topk_indices=teacher_topk_indices, target=target)
     _check_chunk_size(chunk_size)
     kernel = _sparse_kernel(backend, student_hidden)
+    student_hidden, student_weight, student_bias = _autocast_head(student_hidden,
+                                                                  student_weight, student_bias)
     k = teacher_topk_logprobs.shape[-1]
     teacher = (teacher_topk_logprobs.reshape(-1, k).contiguous(),
                teacher_topk_indices.reshape(-1, k).to(torch.int64).contiguous(), None)
@@ -416,4 +564,4 @@ def fused_linear_sparse_distillation_loss(
                               ignore_index, label_smoothing, softcap)
     return _fused_linear_loss(student_hidden, student_weight, student_bias, target, teacher,
                               kernel, options, True, chunk_size, reduction,
-                              num_items_in_batch, ignore_index)
+                              num_items_in_batch, ignore_index, return_components)

@@ -31,7 +31,9 @@ Maths (one row; s, t: student / teacher logits of length V; y: label; T: tempera
                   (softmax Jacobian: d/da_i sum_j f(p_j) = p_i (f'_i - sum_j p_j f'_j))
     CE at T = 1 with label smoothing e (PyTorch's convention), q = softmax(z), lse = m + ln S_1:
       CE = (1-e)(lse - z_y) + e (lse - mean z),      dCE/dz = q - (1-e) onehot(y) - e/V
-    row = ce_weight CE + div_weight D
+    row = ce_weight CE + div_weight D;  terms (optional, TERMS) = (CE, D) unweighted, from the
+      same statistics: both are evaluated (EVAL_CE, EVAL_DIV) even at weight 0, while only
+      weighted terms (HAS_CE, HAS_DIV) enter row and gradients (no 0 * inf); CE needs a target.
     ds  = cap'(s) (ce_weight dCE/dz + div_weight/T dD/da_s),   dt = cap'(t) div_weight/T dD/da_t
     Ignored rows (y == ignore_index): row 0, gradient rows exactly 0, the logits are not read.
 
@@ -41,20 +43,29 @@ max of -inf is replaced by 0 before subtracting: -inf columns give exact zeros, 
 The T = 1 CE softmax has the same max (max z does not depend on T) and shares exponentials:
 T = 1 reuses p_s, T = 2 squares 2^((z-m) k), other T take one more exp2 (CE_POW = 1, 2, 0).
 
-Bytes moved (b = bytes per element; floor 3 N V b: read s and t once, write ds once)
+Bytes moved (b_s, b_t = bytes per student / teacher element; floor: read s and t once, write
+ds once, N V (2 b_s + b_t), plus N V b_t with dt; terms add 8 N bytes)
     single-load kernel (V <= the launcher's SINGLE_LOAD_MAX_V): row pair in registers, the
-        floor: 3 N V b (4 N V b with dt).
-    multi-pass kernel (any V): pass 1 reads s, t for the statistics (2 N V b); jsd / tvd need
-        the normalised p's: one more reduction pass (2 N V b); the last pass re-reads s, t and
-        writes the gradients (3 N V b): kl / reverse_kl / CE 5 N V b, jsd / tvd 7 N V b, less
-        the L2 hits: each pass walks the row opposite to the previous one, so it starts on the
-        chunks just read.
-    Forward only: kl / CE 2 N V b, jsd / tvd 4 N V b. div_weight == 0: the teacher is not read.
+        floor: N V (2 b_s + b_t) (+ N V b_t with dt).
+    multi-pass kernel (any V): pass 1 reads s, t for the statistics; jsd / tvd need the
+        normalised p's: one more reduction pass over s, t; the last pass re-reads s, t and
+        writes the gradients: kl / reverse_kl / CE 2 reads of each + ds, jsd / tvd 3 reads of
+        each + ds (with b_s = b_t = b: 5 N V b and 7 N V b), less the L2 hits: each pass walks
+        the row opposite to the previous one, so it starts on the chunks just read.
+    Forward only: kl / reverse_kl N V (b_s + b_t), jsd / tvd twice that. div_weight == 0:
+    without terms the teacher is not read; with terms it is read by the statistics passes
+    (for D), not by the gradient pass.
 
-Precision: float32 arithmetic for fp32 / bf16 / fp16 inputs; gradients are stored in the
-buffers' dtype. Offsets are int64 (row * V formed in int64). In-place backward (grad_student
-aliases student) is safe: a row is written only by the program that owns it, in its last pass,
-each chunk after that chunk was read.
+Layout: every (N, V) operand has unit column stride and its own row stride (stride_s,
+stride_t, stride_gs, stride_gt), so rows of a strided view (a slice of a larger buffer, a row
+of logits[:, :-1], a transposed batch) are read and written where they are. Offsets are
+int64 (row is int64 before row * stride).
+
+Precision: each input is loaded in its own dtype (the student and teacher may differ:
+fp32 / bf16 / fp16) and converted to float32; all arithmetic is float32; each gradient is
+stored in its own buffer's dtype (the student's / teacher's), through the pointer's element
+type. In-place backward (grad_student aliases student) is safe: a row is written only by the
+program that owns it, in its last pass, each chunk after that chunk was read.
 """
 
 import triton
@@ -84,11 +95,14 @@ from .dense_kd_math import (
 
 @triton.jit
 def dense_kd_single_kernel(
-    s_ptr, t_ptr, y_ptr, gs_ptr, gt_ptr, rows_ptr, N, V,
+    s_ptr, t_ptr, y_ptr, gs_ptr, gt_ptr, rows_ptr, terms_ptr,
+    N, V,
+    stride_s, stride_t, stride_gs, stride_gt,
     scale, grad_div, ce_weight, div_weight, beta, smoothing, softcap, ignore_index,
-    HAS_TARGET: tl.constexpr, HAS_CE: tl.constexpr, HAS_SMOOTH: tl.constexpr,
-    HAS_DIV: tl.constexpr, DIV: tl.constexpr, CE_POW: tl.constexpr,
-    HAS_SOFTCAP: tl.constexpr, NEED_GS: tl.constexpr, NEED_GT: tl.constexpr,
+    HAS_TARGET: tl.constexpr, EVAL_CE: tl.constexpr, HAS_CE: tl.constexpr,
+    HAS_SMOOTH: tl.constexpr, EVAL_DIV: tl.constexpr, HAS_DIV: tl.constexpr,
+    DIV: tl.constexpr, CE_POW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    NEED_GS: tl.constexpr, NEED_GT: tl.constexpr, TERMS: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
     """BLOCK_N whole rows per program (BLOCK_V >= V): one load, everything in registers."""
@@ -102,10 +116,9 @@ def dense_kd_single_kernel(
     else:
         y = tl.full([BLOCK_N, 1], -1, tl.int64)
         valid = in_rows
-    offs = row * V + col
     mask = valid & col_ok
     # Ignored rows are not read; 0 keeps their (discarded) arithmetic finite.
-    z_s, slope_s = load_logits(s_ptr, offs, mask, softcap, HAS_SOFTCAP)
+    z_s, slope_s = load_logits(s_ptr, row * stride_s + col, mask, softcap, HAS_SOFTCAP)
     z_s = tl.where(valid, z_s, 0.0)
     m_s = tl.max(z_s, axis=1, keep_dims=True)
     e_s = tl.exp2((z_s - m_s) * scale)
@@ -113,10 +126,12 @@ def dense_kd_single_kernel(
     inv_s = 1.0 / sum_s
     p_s = e_s * inv_s
     loss = tl.zeros([BLOCK_N, 1], tl.float32)
+    ce = tl.zeros([BLOCK_N, 1], tl.float32)  # the unweighted terms
+    d = tl.zeros([BLOCK_N, 1], tl.float32)
     g_s = tl.zeros_like(p_s)
     g_t = tl.zeros_like(p_s)
-    if HAS_DIV:
-        z_t, slope_t = load_logits(t_ptr, offs, mask, softcap, HAS_SOFTCAP)
+    if EVAL_DIV:
+        z_t, slope_t = load_logits(t_ptr, row * stride_t + col, mask, softcap, HAS_SOFTCAP)
         z_t = tl.where(valid, z_t, 0.0)
         m_t = tl.max(z_t, axis=1, keep_dims=True)
         e_t = tl.exp2((z_t - m_t) * scale)
@@ -143,14 +158,15 @@ def dense_kd_single_kernel(
                                      tl.sum(b, axis=1, keep_dims=True),
                                      tl.sum(cc, axis=1, keep_dims=True), beta, rho_s, rho_t,
                                      DIV)
-        loss += div_weight * d
-        if NEED_GS or NEED_GT:
-            g_s, g_t = div_grads(p_s, p_t, dz, scale, c, r1, r2, beta, rho_s, rho_t, DIV)
-            if HAS_SOFTCAP:
-                g_t = g_t * slope_t
+        if HAS_DIV:  # a weight of 0 never multiplies an infinite D (or its gradient)
+            loss += div_weight * d
+            if NEED_GS or NEED_GT:
+                g_s, g_t = div_grads(p_s, p_t, dz, scale, c, r1, r2, beta, rho_s, rho_t, DIV)
+                if HAS_SOFTCAP:
+                    g_t = g_t * slope_t
     q = p_s
     is_y = col == y
-    if HAS_CE:
+    if EVAL_CE:
         if CE_POW == 0:
             e_1 = tl.exp2((z_s - m_s) * LOG2E)
             sum_1 = tl.sum(e_1, axis=1, keep_dims=True)
@@ -164,17 +180,24 @@ def dense_kd_single_kernel(
         z_y = tl.sum(tl.where(is_y, z_s, 0.0), axis=1, keep_dims=True)
         z_y = tl.where((y >= 0) & (y < V), z_y, float("nan"))
         z_sum = tl.sum(tl.where(col_ok, z_s, 0.0), axis=1, keep_dims=True)
-        loss += ce_weight * ce_row(m_s, z_y, z_sum, sum_1, smoothing, V, HAS_SMOOTH)
+        ce = ce_row(m_s, z_y, z_sum, sum_1, smoothing, V, HAS_SMOOTH)
+        if HAS_CE:
+            loss += ce_weight * ce
     tl.store(rows_ptr + row, tl.where(valid, loss, 0.0), mask=in_rows)
+    if TERMS:
+        tl.store(terms_ptr + 2 * row, tl.where(valid, ce, 0.0), mask=in_rows)
+        tl.store(terms_ptr + 2 * row + 1, tl.where(valid, d, 0.0), mask=in_rows)
     out_mask = in_rows & col_ok
     if NEED_GS:
         ds = student_grad(q, is_y, g_s, slope_s, ce_weight, grad_div, smoothing, V,
                            HAS_CE, HAS_SMOOTH, HAS_DIV, HAS_SOFTCAP)
         ds = tl.where(valid, ds, 0.0)
-        tl.store(gs_ptr + offs, ds.to(gs_ptr.dtype.element_ty), mask=out_mask)
+        tl.store(gs_ptr + (row * stride_gs + col), ds.to(gs_ptr.dtype.element_ty),
+                 mask=out_mask)
     if NEED_GT:
         dt = tl.where(valid, grad_div * g_t, 0.0)
-        tl.store(gt_ptr + offs, dt.to(gt_ptr.dtype.element_ty), mask=out_mask)
+        tl.store(gt_ptr + (row * stride_gt + col), dt.to(gt_ptr.dtype.element_ty),
+                 mask=out_mask)
 
 
 @triton.jit
@@ -195,28 +218,32 @@ def _prefetch(ptr, base, i, n_chunks, col0, V, BLOCK_V: tl.constexpr, REVERSE: t
 
 
 @triton.jit
-def _zero_row(gs_ptr, gt_ptr, rows_ptr, row, base, V,
-              NEED_GS: tl.constexpr, NEED_GT: tl.constexpr, BLOCK_V: tl.constexpr):
-    """An ignored row: loss 0, gradient rows 0, logits not read."""
+def _zero_row(gs_ptr, gt_ptr, rows_ptr, terms_ptr, row, base_gs, base_gt, V,
+              NEED_GS: tl.constexpr, NEED_GT: tl.constexpr, TERMS: tl.constexpr,
+              BLOCK_V: tl.constexpr):
+    """An ignored row: loss 0, terms 0, gradient rows 0, logits not read."""
     tl.store(rows_ptr + row, 0.0)
+    if TERMS:
+        tl.store(terms_ptr + 2 * row + tl.arange(0, 2), tl.zeros([2], tl.float32))
     col0 = tl.arange(0, BLOCK_V)
     zero = tl.zeros([BLOCK_V], tl.float32)
     if NEED_GS or NEED_GT:
         for start in range(0, V, BLOCK_V):
             cols = start + col0
             if NEED_GS:
-                tl.store(gs_ptr + base + cols, zero.to(gs_ptr.dtype.element_ty), mask=cols < V)
+                tl.store(gs_ptr + base_gs + cols, zero.to(gs_ptr.dtype.element_ty), mask=cols < V)
             if NEED_GT:
-                tl.store(gt_ptr + base + cols, zero.to(gt_ptr.dtype.element_ty), mask=cols < V)
+                tl.store(gt_ptr + base_gt + cols, zero.to(gt_ptr.dtype.element_ty), mask=cols < V)
 
 
 @triton.jit
 def _multipass_row(
-    s_ptr, t_ptr, gs_ptr, gt_ptr, rows_ptr, row, base, y, V,
-    scale, grad_div, ce_weight, div_weight, beta, smoothing, softcap,
-    HAS_CE: tl.constexpr, HAS_SMOOTH: tl.constexpr, HAS_DIV: tl.constexpr, DIV: tl.constexpr,
-    CE_POW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, NEED_GS: tl.constexpr,
-    NEED_GT: tl.constexpr, PAIR_PASS: tl.constexpr, BLOCK_V: tl.constexpr,
+    s_ptr, t_ptr, gs_ptr, gt_ptr, rows_ptr, terms_ptr, row, base_s, base_t, base_gs, base_gt,
+    y, V, scale, grad_div, ce_weight, div_weight, beta, smoothing, softcap,
+    EVAL_CE: tl.constexpr, HAS_CE: tl.constexpr, HAS_SMOOTH: tl.constexpr,
+    EVAL_DIV: tl.constexpr, HAS_DIV: tl.constexpr, DIV: tl.constexpr, CE_POW: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, NEED_GS: tl.constexpr, NEED_GT: tl.constexpr,
+    TERMS: tl.constexpr, PAIR_PASS: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
     """One valid row streamed in BLOCK_V chunks: statistics, [pair sums], gradients."""
     col0 = tl.arange(0, BLOCK_V)[None, :]
@@ -232,19 +259,19 @@ def _multipass_row(
     ref = tl.zeros([1, 1], tl.float32)  # kl / reverse_kl: reference of the cross sum acc_w
     dz_at_max_s = tl.zeros([1, 1], tl.float32)  # jsd: z_s - z_t at the student's / teacher's max
     dz_at_max_t = tl.zeros([1, 1], tl.float32)
-    if HAS_CE:  # read before any gradient store: safe when grad_student aliases student
-        z_y = target_logit(s_ptr, base + y, y, V, softcap, HAS_SOFTCAP)
+    if EVAL_CE:  # read before any gradient store: safe when grad_student aliases student
+        z_y = target_logit(s_ptr, base_s + y, y, V, softcap, HAS_SOFTCAP)
     # Pass 1 (forward): online max / sum-exp of every softmax and the kl cross term.
-    next_s = _prefetch(s_ptr, base, 0, n_chunks, col0, V, BLOCK_V, False)
-    if HAS_DIV:
-        next_t = _prefetch(t_ptr, base, 0, n_chunks, col0, V, BLOCK_V, False)
+    next_s = _prefetch(s_ptr, base_s, 0, n_chunks, col0, V, BLOCK_V, False)
+    if EVAL_DIV:
+        next_t = _prefetch(t_ptr, base_t, 0, n_chunks, col0, V, BLOCK_V, False)
     for i in range(0, n_chunks):
         mask = i * BLOCK_V + col0 < V
         z_s, _ = logits(next_s, mask, softcap, HAS_SOFTCAP)
-        next_s = _prefetch(s_ptr, base, i + 1, n_chunks, col0, V, BLOCK_V, False)
+        next_s = _prefetch(s_ptr, base_s, i + 1, n_chunks, col0, V, BLOCK_V, False)
         m_s_new, m_safe = online_max(m_s, z_s)
         alpha_s, e_s = rescaled(m_s, m_safe, z_s, scale)
-        if HAS_CE:
+        if EVAL_CE:
             if CE_POW == 2:
                 acc_1 = acc_1 * (alpha_s * alpha_s) + e_s * e_s
             if CE_POW == 0:
@@ -252,9 +279,9 @@ def _multipass_row(
                 acc_1 = acc_1 * alpha_1 + e_1
             if HAS_SMOOTH:
                 acc_z += tl.where(mask, z_s, 0.0)
-        if HAS_DIV:
+        if EVAL_DIV:
             z_t, _ = logits(next_t, mask, softcap, HAS_SOFTCAP)
-            next_t = _prefetch(t_ptr, base, i + 1, n_chunks, col0, V, BLOCK_V, False)
+            next_t = _prefetch(t_ptr, base_t, i + 1, n_chunks, col0, V, BLOCK_V, False)
             m_t_new, m_safe_t = online_max(m_t, z_t)
             alpha_t, e_t = rescaled(m_t, m_safe_t, z_t, scale)
             # Cross sum relative to the value at the running max; when the max moves, the old
@@ -282,11 +309,13 @@ def _multipass_row(
     sum_s = tl.sum(acc_s, axis=1, keep_dims=True)
     inv_s = 1.0 / sum_s
     loss = tl.zeros([1, 1], tl.float32)
+    ce = tl.zeros([1, 1], tl.float32)  # the unweighted terms
+    d = tl.zeros([1, 1], tl.float32)
     r1 = tl.zeros([1, 1], tl.float32)
     r2 = tl.zeros([1, 1], tl.float32)
     rho_s = tl.zeros([1, 1], tl.float32)
     rho_t = tl.zeros([1, 1], tl.float32)
-    if HAS_DIV:
+    if EVAL_DIV:
         sum_t = tl.sum(acc_t, axis=1, keep_dims=True)
         inv_t = 1.0 / sum_t
         c = (m_s - m_t) * scale + tl.log2(sum_s) - tl.log2(sum_t)
@@ -306,14 +335,14 @@ def _multipass_row(
             acc_a = zero_v
             acc_b = zero_v
             acc_c = zero_v
-            next_s = _prefetch(s_ptr, base, 0, n_chunks, col0, V, BLOCK_V, True)
-            next_t = _prefetch(t_ptr, base, 0, n_chunks, col0, V, BLOCK_V, True)
+            next_s = _prefetch(s_ptr, base_s, 0, n_chunks, col0, V, BLOCK_V, True)
+            next_t = _prefetch(t_ptr, base_t, 0, n_chunks, col0, V, BLOCK_V, True)
             for i in range(0, n_chunks):
                 mask = _chunk_cols(i, n_chunks, col0, BLOCK_V, True) < V
                 z_s, _ = logits(next_s, mask, softcap, HAS_SOFTCAP)
                 z_t, _ = logits(next_t, mask, softcap, HAS_SOFTCAP)
-                next_s = _prefetch(s_ptr, base, i + 1, n_chunks, col0, V, BLOCK_V, True)
-                next_t = _prefetch(t_ptr, base, i + 1, n_chunks, col0, V, BLOCK_V, True)
+                next_s = _prefetch(s_ptr, base_s, i + 1, n_chunks, col0, V, BLOCK_V, True)
+                next_t = _prefetch(t_ptr, base_t, i + 1, n_chunks, col0, V, BLOCK_V, True)
                 p_s = tl.exp2((z_s - m_s) * scale) * inv_s
                 p_t = tl.exp2((z_t - m_t) * scale) * inv_t
                 a, b, cc = pair_terms(p_s, p_t, (z_s - z_t) * scale - c, beta, rho_s, rho_t,
@@ -325,35 +354,42 @@ def _multipass_row(
                                      tl.sum(acc_b, axis=1, keep_dims=True),
                                      tl.sum(acc_c, axis=1, keep_dims=True), beta, rho_s,
                                      rho_t, DIV)
-        loss += div_weight * d
-    if HAS_CE:
+        if HAS_DIV:  # a weight of 0 never multiplies an infinite D
+            loss += div_weight * d
+    if EVAL_CE:
         if CE_POW == 1:
             sum_1 = sum_s
         else:
             sum_1 = tl.sum(acc_1, axis=1, keep_dims=True)
         inv_1 = 1.0 / sum_1
         z_sum = tl.sum(acc_z, axis=1, keep_dims=True)
-        loss += ce_weight * ce_row(m_s, z_y, z_sum, sum_1, smoothing, V, HAS_SMOOTH)
+        ce = ce_row(m_s, z_y, z_sum, sum_1, smoothing, V, HAS_SMOOTH)
+        if HAS_CE:
+            loss += ce_weight * ce
     tl.store(rows_ptr + row + tl.zeros([1, 1], tl.int64), loss)
+    if TERMS:
+        tl.store(terms_ptr + 2 * row + tl.zeros([1, 1], tl.int64), ce)
+        tl.store(terms_ptr + 2 * row + 1 + tl.zeros([1, 1], tl.int64), d)
     if NEED_GS or NEED_GT:
         # Last pass, opposite direction to the previous one (its last chunks are in L2).
-        next_s = _prefetch(s_ptr, base, 0, n_chunks, col0, V, BLOCK_V, not PAIR_PASS)
+        next_s = _prefetch(s_ptr, base_s, 0, n_chunks, col0, V, BLOCK_V, not PAIR_PASS)
         if HAS_DIV:
-            next_t = _prefetch(t_ptr, base, 0, n_chunks, col0, V, BLOCK_V, not PAIR_PASS)
+            next_t = _prefetch(t_ptr, base_t, 0, n_chunks, col0, V, BLOCK_V, not PAIR_PASS)
         for i in range(0, n_chunks):
             cols = _chunk_cols(i, n_chunks, col0, BLOCK_V, not PAIR_PASS)
             mask = cols < V
             # The prefetch reads chunk i+1 before chunk i is stored: in place is still safe,
             # since each chunk is stored only after its own load.
             z_s, slope_s = logits(next_s, mask, softcap, HAS_SOFTCAP)
-            next_s = _prefetch(s_ptr, base, i + 1, n_chunks, col0, V, BLOCK_V, not PAIR_PASS)
+            next_s = _prefetch(s_ptr, base_s, i + 1, n_chunks, col0, V, BLOCK_V,
+                               not PAIR_PASS)
             e_s = tl.exp2((z_s - m_s) * scale)
             p_s = e_s * inv_s
             g_s = zero_v
             g_t = zero_v
             if HAS_DIV:
                 z_t, slope_t = logits(next_t, mask, softcap, HAS_SOFTCAP)
-                next_t = _prefetch(t_ptr, base, i + 1, n_chunks, col0, V, BLOCK_V,
+                next_t = _prefetch(t_ptr, base_t, i + 1, n_chunks, col0, V, BLOCK_V,
                                    not PAIR_PASS)
                 p_t = tl.exp2((z_t - m_t) * scale) * inv_t
                 g_s, g_t = div_grads(p_s, p_t, z_s - z_t, scale, c, r1, r2, beta, rho_s,
@@ -369,35 +405,44 @@ def _multipass_row(
                         q = e_s * e_s * inv_1
                 ds = student_grad(q, cols == y, g_s, slope_s, ce_weight, grad_div, smoothing,
                                    V, HAS_CE, HAS_SMOOTH, HAS_DIV, HAS_SOFTCAP)
-                tl.store(gs_ptr + base + cols, ds.to(gs_ptr.dtype.element_ty), mask=mask)
+                tl.store(gs_ptr + base_gs + cols, ds.to(gs_ptr.dtype.element_ty), mask=mask)
             if NEED_GT:
                 dt = grad_div * g_t
-                tl.store(gt_ptr + base + cols, dt.to(gt_ptr.dtype.element_ty), mask=mask)
+                tl.store(gt_ptr + base_gt + cols, dt.to(gt_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
 def dense_kd_multipass_kernel(
-    s_ptr, t_ptr, y_ptr, gs_ptr, gt_ptr, rows_ptr, N, V,
+    s_ptr, t_ptr, y_ptr, gs_ptr, gt_ptr, rows_ptr, terms_ptr,
+    N, V,
+    stride_s, stride_t, stride_gs, stride_gt,
     scale, grad_div, ce_weight, div_weight, beta, smoothing, softcap, ignore_index,
-    HAS_TARGET: tl.constexpr, HAS_CE: tl.constexpr, HAS_SMOOTH: tl.constexpr,
-    HAS_DIV: tl.constexpr, DIV: tl.constexpr, CE_POW: tl.constexpr,
-    HAS_SOFTCAP: tl.constexpr, NEED_GS: tl.constexpr, NEED_GT: tl.constexpr,
+    HAS_TARGET: tl.constexpr, EVAL_CE: tl.constexpr, HAS_CE: tl.constexpr,
+    HAS_SMOOTH: tl.constexpr, EVAL_DIV: tl.constexpr, HAS_DIV: tl.constexpr,
+    DIV: tl.constexpr, CE_POW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    NEED_GS: tl.constexpr, NEED_GT: tl.constexpr, TERMS: tl.constexpr,
     PAIR_PASS: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
     """One row per program, streamed in BLOCK_V chunks (any V); ignored rows only write 0."""
     row = tl.program_id(0).to(tl.int64)
-    base = row * V
+    # Each tensor has its own row stride (int64 offsets: row is int64).
+    base_s = row * stride_s
+    base_t = row * stride_t
+    base_gs = row * stride_gs
+    base_gt = row * stride_gt
     if HAS_TARGET:
         y = tl.load(y_ptr + row)
         if y == ignore_index:
-            _zero_row(gs_ptr, gt_ptr, rows_ptr, row, base, V, NEED_GS, NEED_GT, BLOCK_V)
+            _zero_row(gs_ptr, gt_ptr, rows_ptr, terms_ptr, row, base_gs, base_gt, V, NEED_GS,
+                      NEED_GT, TERMS, BLOCK_V)
         else:
-            _multipass_row(s_ptr, t_ptr, gs_ptr, gt_ptr, rows_ptr, row, base, y, V,
-                           scale, grad_div, ce_weight, div_weight, beta, smoothing, softcap,
-                           HAS_CE, HAS_SMOOTH, HAS_DIV, DIV, CE_POW, HAS_SOFTCAP, NEED_GS,
-                           NEED_GT, PAIR_PASS, BLOCK_V)
+            _multipass_row(s_ptr, t_ptr, gs_ptr, gt_ptr, rows_ptr, terms_ptr, row, base_s,
+                           base_t, base_gs, base_gt, y, V, scale, grad_div, ce_weight,
+                           div_weight, beta, smoothing, softcap, EVAL_CE, HAS_CE, HAS_SMOOTH,
+                           EVAL_DIV, HAS_DIV, DIV, CE_POW, HAS_SOFTCAP, NEED_GS, NEED_GT,
+                           TERMS, PAIR_PASS, BLOCK_V)
     else:
-        _multipass_row(s_ptr, t_ptr, gs_ptr, gt_ptr, rows_ptr, row, base, -1, V,
-                       scale, grad_div, ce_weight, div_weight, beta, smoothing, softcap,
-                       HAS_CE, HAS_SMOOTH, HAS_DIV, DIV, CE_POW, HAS_SOFTCAP, NEED_GS,
-                       NEED_GT, PAIR_PASS, BLOCK_V)
+        _multipass_row(s_ptr, t_ptr, gs_ptr, gt_ptr, rows_ptr, terms_ptr, row, base_s, base_t,
+                       base_gs, base_gt, -1, V, scale, grad_div, ce_weight, div_weight, beta,
+                       smoothing, softcap, EVAL_CE, HAS_CE, HAS_SMOOTH, EVAL_DIV, HAS_DIV, DIV,
+                       CE_POW, HAS_SOFTCAP, NEED_GS, NEED_GT, TERMS, PAIR_PASS, BLOCK_V)

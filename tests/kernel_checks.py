@@ -266,3 +266,64 @@ def skip_infinite_reverse_kl(divergence, student_padded):
     """Skips reverse KL against -inf teacher columns the student still puts mass on."""
     if divergence == "reverse_kl" and not student_padded:
         pytest.skip("KL(p_s || p_t) is +inf when the student puts mass where p_t = 0")
+
+
+def strided_rows(tensor, extra=5):
+    """`tensor` (n, v) as rows of a wider buffer: same values, row stride v + extra,
+    stride(1) == 1, the buffer's extra columns NaN (a kernel that reads past a row sees
+    them)."""
+    n, v = tensor.shape
+    buffer = torch.full((n, v + extra), float("nan"), dtype=tensor.dtype, device=tensor.device)
+    buffer[:, :v] = tensor
+    return buffer[:, :v]
+
+
+def run_raw_layout(kernel, student, teacher, target, *, terms=True, grad_teacher=True,
+                   **options):
+    """Like run_raw, with student, teacher and both NaN-poisoned gradient buffers as strided
+    rows of wider buffers (each its own row stride) and an NaN-poisoned terms buffer.
+    Returns (rows, grad_student, grad_teacher, terms), the gradients as contiguous copies."""
+    s, t = strided_rows(student, 3), strided_rows(teacher, 7)
+    gs = strided_rows(poisoned(student), 2)
+    gt = strided_rows(poisoned(teacher), 4) if grad_teacher else None
+    tm = torch.full((student.shape[0], 2), float("nan"), device=student.device) if terms \
+        else None
+    extra = {"terms": tm} if terms else {}
+    rows = kernel(*kernel_args(s, t, target, gs, gt, **options), **extra)
+    return rows, gs.contiguous(), None if gt is None else gt.contiguous(), tm
+
+
+def oracle_terms(student, teacher, target, **options):
+    """(ce, divergence) per row, unweighted, 0 where ignored (ce 0 without a target)."""
+    o = dict(DEFAULTS, **{k: v for k, v in options.items() if k not in RUN_ONLY})
+    kw = {k: o[k] for k in ("temperature", "divergence", "beta", "ignore_index",
+                            "label_smoothing", "softcap")}
+    s, t = student.detach().cpu().double(), teacher.detach().cpu().double()
+    y = None if target is None else target.cpu()
+    div = oracle_loss(s, t, y, alpha=0.0, scale_by_t2=False, reduction="none", **kw)
+    if y is None:
+        return torch.zeros_like(div), div
+    return oracle_loss(s, t, y, alpha=1.0, reduction="none", **kw), div
+
+
+def check_layout_dtypes_terms(kernel, student, teacher, target, rtol=1e-5, **options):
+    """The contract's layout, dtype and terms rules on one call: strided rows everywhere,
+    each side in its own dtype, each gradient written in its input's dtype, the terms
+    buffer fully written and rows == ce_weight * terms[:, 0] + div_weight * terms[:, 1].
+    Values are held to float32 accuracy on the same (exactly representable) inputs, plus the
+    rounding of each gradient to its dtype."""
+    rows, gs, gt, terms = run_raw_layout(kernel, student, teacher, target, **options)
+    exact = oracle_rows(student, teacher, target, **options)
+    assert rows.dtype == torch.float32 and terms.dtype == torch.float32
+    assert gs.dtype == student.dtype and gt.dtype == teacher.dtype
+    assert_close(rows, exact[0], rtol, what="rows")
+    for what, got, ref in (("student grad", gs, exact[1]), ("teacher grad", gt, exact[2])):
+        rounding = 2.0 * HALF_ULP[got.dtype] if got.dtype != torch.float32 else 0.0
+        assert_close(got, ref, rtol + 4 * rounding, what=what)
+    ce, div = oracle_terms(student, teacher, target, **options)
+    assert_close(terms[:, 0], ce, rtol, what="terms ce")
+    assert_close(terms[:, 1], div, rtol, what="terms divergence")
+    o = dict(DEFAULTS, **options)
+    ce_w, div_w = weights(target is not None, o["alpha"], o["temperature"], o["scale_by_t2"])
+    assert_close(rows, ce_w * terms[:, 0] + div_w * terms[:, 1], 1e-6, what="rows vs terms")
+    return rows, gs, gt, terms

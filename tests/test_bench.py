@@ -5,25 +5,28 @@ asserted; these check that the numbers the harness writes are computed as docume
 import csv
 import json
 import math
+import re
+from datetime import datetime, timedelta, timezone
 
 import numpy as np
 import pytest
 import torch
-from fastkd.bench import cli, models, providers, results_io, timing
+from fastkd.bench import cli, models, providers, report, results_io, timing
 
 import fastkd
 
 EXPECTED_COLUMNS = [
     "loss", "provider", "mode", "dtype", "n", "v", "h_student", "h_teacher", "median_ms",
     "p20_ms", "p80_ms", "peak_mem_mb", "gbps", "tflops", "roofline_pct", "device", "torch",
-    "triton", "git_rev",
+    "triton", "git_rev", "timestamp",
 ]
 
 
 def _row(**overrides):
     row = {c: 1 for c in EXPECTED_COLUMNS}
     row.update(loss="distillation", provider="eager", mode="fwd+bwd", dtype="fp32",
-               gbps=None, device="cpu test", torch="x", triton="", git_rev="abc")
+               gbps=None, device="cpu test", torch="x", triton="", git_rev="abc",
+               timestamp="2026-12-01T20:00:00Z")
     row.update(overrides)
     return row
 
@@ -223,29 +226,164 @@ def test_make_prepare_times_backward_after_a_fresh_forward():
 
 # --- end to end ----------------------------------------------------------------------------
 
-def test_cli_quick_run_writes_rows_and_summary(tmp_path, capsys):
+def test_cli_quick_run_writes_rows_and_summary(tmp_path, capsys, monkeypatch):
     slug = results_io.device_slug(torch.device("cpu"))
-    # Cached ceilings keep the test from measuring the machine (seconds under load).
-    (tmp_path / f"{slug}-ceilings.json").write_text(json.dumps({"copy_gbps": 10.0}))
+    # No --out: the results go to ./fastkd-bench of the current directory, never into the
+    # installed package; cached ceilings there keep the test from measuring the machine.
+    monkeypatch.chdir(tmp_path)
+    out_dir = tmp_path / "fastkd-bench"
+    out_dir.mkdir()
+    (out_dir / f"{slug}-ceilings.json").write_text(json.dumps({"copy_gbps": 10.0}))
     rc = cli.main(["--quick", "--device", "cpu", "--providers", "torch,eager,liger",
-                   "--mode", "fwd,fwd+bwd", "--n", "32", "--v", "500", "--reps", "2",
-                   "--warmup", "0", "--out", str(tmp_path)])
+                   "--loss", "dense", "--mode", "fwd,fwd+bwd", "--n", "32", "--v", "500",
+                   "--reps", "2", "--warmup", "0"])
     assert rc == 0
     out = capsys.readouterr().out
-    assert "skipped distillation/liger" in out
-    with open(tmp_path / f"{slug}.csv", newline="") as f:
+    assert "skipped distillation/liger: liger runs on CUDA GPUs only" in out
+    assert "(no row written)" in out
+    assert f"4 row(s) appended to {out_dir / (slug + '.csv')}" in out
+    with open(out_dir / f"{slug}.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert list(rows[0]) == EXPECTED_COLUMNS
     assert sorted((r["provider"], r["mode"]) for r in rows) == [
         ("eager", "fwd"), ("eager", "fwd+bwd"), ("torch", "fwd"), ("torch", "fwd+bwd")]
+    before = datetime.now(timezone.utc) - timedelta(minutes=10)
     for r in rows:
         assert (r["loss"], r["dtype"], r["n"], r["v"]) == ("distillation", "fp32", "32", "500")
         assert 0 < float(r["p20_ms"]) <= float(r["median_ms"]) <= float(r["p80_ms"])
         assert float(r["peak_mem_mb"]) > 0 and float(r["gbps"]) > 0 and r["tflops"] == ""
         assert float(r["roofline_pct"]) > 0
-    assert cli.main(["--plot-only", "--out", str(tmp_path)]) == 0
-    summary = (tmp_path / "SUMMARY.md").read_text()
+        assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", r["timestamp"])
+        stamp = datetime.strptime(r["timestamp"], "%Y-%m-%dT%H:%M:%SZ")
+        assert before <= stamp.replace(tzinfo=timezone.utc) <= datetime.now(timezone.utc)
+        assert r["git_rev"]
+    # the console table: every line of a case as wide as its header, columns aligned
+    table = out.split("distillation fwd fp32 N=32 V=500\n", 1)[1].split("\n\n", 1)[0]
+    lines = table.splitlines()
+    assert len(lines) == 3 and lines[0].lstrip().startswith("provider")
+    ends = [line.index("median ms") + len("median ms") for line in lines[:1]]
+    for line in lines[1:]:
+        cells = line.split()
+        assert line.index(cells[1]) + len(cells[1]) == ends[0], (lines, "median column")
+    assert cli.main(["--plot-only"]) == 0
+    summary = (out_dir / "SUMMARY.md").read_text()
     assert "### distillation, fwd+bwd, fp32, N=32 V=500" in summary
+
+
+def test_a_provider_that_cannot_run_says_so_and_writes_nothing(tmp_path, capsys):
+    rc = cli.main(["--quick", "--device", "cpu", "--providers", "liger,cce",
+                   "--loss", "dense", "--out", str(tmp_path / "res")])
+    out = capsys.readouterr().out
+    assert rc == 1
+    assert "skipped distillation/liger: liger runs on CUDA GPUs only" in out
+    assert "skipped distillation/cce: cce runs on CUDA GPUs only" in out
+    assert "nothing was measured: no row written" in out and "appended" not in out
+    assert not (tmp_path / "res").exists() or not list((tmp_path / "res").glob("*.csv"))
+
+
+def test_a_backend_without_a_kernel_for_the_loss_is_skipped_not_failed(tmp_path, capsys,
+                                                                        monkeypatch):
+    def unavailable(loss, provider, options):
+        def fn(inputs):
+            raise fastkd.BackendUnavailableError(f"backend {provider!r} has no kernel here")
+        return fn
+
+    monkeypatch.setattr(providers, "build_provider", unavailable)
+    rc = cli.main(["--quick", "--device", "cpu", "--providers", "torch", "--loss", "sparse",
+                   "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert rc == 1 and "FAILED" not in out
+    assert "skipped sparse_distillation/torch: backend 'torch' has no kernel here" in out
+    assert not list(tmp_path.glob("*.csv"))
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("dense", ("distillation",)),
+    ("sparse", ("sparse_distillation",)),
+    ("fused-linear", ("fused_linear_distillation",)),
+    ("fused_linear_distillation,dense", ("fused_linear_distillation", "distillation")),
+    ("Dense,distillation", ("distillation",)),
+    ("all", providers.LOSSES),
+])
+def test_loss_takes_short_and_long_names(text, expected):
+    assert cli.build_parser().parse_args(["--loss", text]).loss == expected
+
+
+def test_loss_rejects_unknown_names(capsys):
+    with pytest.raises(SystemExit) as done:
+        cli.build_parser().parse_args(["--loss", "dense,nope"])
+    assert done.value.code == 2
+    assert "fused-linear" in capsys.readouterr().err
+
+
+def test_default_out_is_relative_to_the_current_directory():
+    args = cli.build_parser().parse_args([])
+    assert args.out == "fastkd-bench"
+    assert "./fastkd-bench" in cli.build_parser().format_help()
+
+
+def test_help_speaks_to_users():
+    text = cli.build_parser().format_help().lower()
+    for word in ("issue", "design.md", "bench/timing.py", "bench/models.py"):
+        assert word not in text
+    assert "--loss" in text and "fused-linear" in text
+
+
+def test_git_rev_falls_back_to_the_build_version(tmp_path):
+    import subprocess
+
+    expected = "v" + results_io.installed_version()
+    assert expected != "vunknown"
+    assert results_io.git_rev(str(tmp_path)) == expected        # no repository at all
+    subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
+    inner = tmp_path / "venv" / "site-packages" / "fastkd"
+    inner.mkdir(parents=True)
+    assert results_io.git_rev(str(inner)) == expected           # enclosing repo is not ours
+
+
+def test_legacy_csv_is_upgraded_with_an_empty_timestamp(tmp_path):
+    path = tmp_path / "dev.csv"
+    legacy = [c for c in EXPECTED_COLUMNS if c != "timestamp"]
+    old = _row()
+    del old["timestamp"]
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(legacy)
+        writer.writerow([results_io.format_value(old[c]) for c in legacy])
+    results_io.append_rows(str(path), [_row(provider="torch")])
+    rows = results_io.read_rows(str(path))
+    assert list(rows[0]) == EXPECTED_COLUMNS
+    assert [(r["provider"], r["timestamp"]) for r in rows] == [
+        ("eager", ""), ("torch", "2026-12-01T20:00:00Z")]
+
+
+def test_significant_figures_never_print_a_measured_value_as_zero():
+    assert report.significant(0.0083199, 3) == "0.00832"
+    assert report.significant(14610.03) == "14610"
+    assert report.significant(4.76512) == "4.765"
+    assert report.significant(None) == "-" and report.significant(float("nan")) == "-"
+    assert report.significant(0.0) == "0"
+
+
+def test_format_table_aligns_columns():
+    lines = report.format_table(("name", "ms"), [("a", "1.5"), ("longer", "12345")])
+    assert lines == ["  name       ms", "  a         1.5", "  longer  12345"]
+
+
+def test_compile_forward_peak_memory_is_measured():
+    """torch.compile's forward keeps only per-row statistics for the backward (kilobytes):
+    the row must hold that measured amount, not 0."""
+    options = providers.LossOptions()
+    inputs = providers.make_inputs("distillation", providers.Shape(64, 512), torch.float32,
+                                   torch.device("cpu"), options)
+    fn = providers.build_provider("distillation", "compile", options)
+    for mode, floor in (("fwd", 64 * 4), ("fwd+bwd", 64 * 512 * 4)):
+        prepare = providers.make_prepare("distillation", mode, fn)
+        prepare(inputs)()   # compile outside the measurement
+        peak = timing.peak_bytes(prepare, inputs, torch.device("cpu"),
+                                 reset=lambda x: providers.clear_grads("distillation", x))
+        assert peak >= floor, (mode, peak)
+        assert report.significant(peak / 2**20, 3) not in ("0", "0.0", "-")
 
 
 def test_presets_hold_the_issue_goals():
@@ -255,7 +393,13 @@ def test_presets_hold_the_issue_goals():
         "distillation", ("fwd+bwd",), (torch.float32,), (providers.Shape(2048, 32000),))
     assert set(dense.providers) == {"eager", "compile", "cpu", "torch"}
     assert cpu[1].shapes == (providers.Shape(8192, 32000, 256, 256),)
-    gpu = cli.preset_jobs("gpu-goals")
-    assert gpu[0].shapes == (providers.Shape(8192, 128256),) and gpu[0].dtypes == (
-        torch.bfloat16,)
-    assert gpu[1].shapes == (providers.Shape(8192, 128256, 2048, 4096),)
+    gpu = {job.loss: job for job in cli.preset_jobs("gpu-goals")}
+    bf16 = (torch.bfloat16,)
+    assert gpu["distillation"].shapes == (providers.Shape(8192, 128256),)
+    assert {"liger", "eager", "compile", "triton", "cuda"} <= set(
+        gpu["distillation"].providers)
+    assert gpu["fused_linear_distillation"].shapes == tuple(
+        providers.Shape(n, 128256, 2048, 4096) for n in (1024, 4096, 8192))
+    assert {"liger", "cce"} <= set(gpu["fused_linear_distillation"].providers)
+    assert gpu["sparse_distillation"].shapes == (providers.Shape(8192, 128256, k=64),)
+    assert all(job.dtypes == bf16 and job.modes == ("fwd+bwd",) for job in gpu.values())

@@ -62,3 +62,24 @@ def test_compiled_module_jsd_without_target_teacher_grad():
     got = run(compiled, student, teacher, None, teacher_grad=True)
     assert got[2] is not None
     assert_same(got, run(crit, student, teacher, None, teacher_grad=True))
+
+
+def test_compiled_components_on_a_causal_slice_mixed_dtypes():
+    """fullgraph through the per-outer-index loop of a causal slice, a bf16 student against a
+    float32 teacher, int32 labels and return_components."""
+    student = random_logits(2, 6, 30, dtype=torch.bfloat16, seed=5)
+    teacher = random_logits(2, 6, 30, seed=6)
+    target = random_target(2, 5, vocab=30, ignore_fraction=0.3, seed=7).to(torch.int32)
+
+    def loss_fn(s, t, y):
+        loss, ce, div = fastkd.distillation_loss(s[:, :-1], t[:, 1:], y, temperature=2.0,
+                                                 alpha=0.4, backend="torch",
+                                                 return_components=True)
+        return loss + 0.0 * (ce + div)  # the components are part of the graph
+
+    compiled = torch.compile(loss_fn, fullgraph=True)
+    got = run(compiled, student, teacher, target, teacher_grad=True)
+    expected = run(loss_fn, student, teacher, target, teacher_grad=True)
+    assert got[1].dtype == torch.bfloat16 and got[2].dtype == torch.float32
+    assert bool((got[1][:, -1] == 0).all())  # the last position is outside the slice
+    assert_same(got, expected)

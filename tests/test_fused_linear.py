@@ -288,15 +288,16 @@ def _call(**overrides):
 
 @pytest.mark.parametrize("overrides, error, name", [
     (dict(student_weight=torch.randn(10, 7)), ValueError, "student_weight"),
-    (dict(student_weight=torch.randn(10, 8, dtype=torch.float64)), TypeError, "student_weight"),
+    (dict(student_weight=torch.ones(10, 8, dtype=torch.int32)), TypeError, "student_weight"),
     (dict(student_hidden=torch.ones(4, 8, dtype=torch.int64)), TypeError, "student_hidden"),
     (dict(student_bias=torch.randn(9)), ValueError, "student_bias"),
-    (dict(teacher_bias=torch.randn(10, dtype=torch.float64)), TypeError, "teacher_bias"),
+    (dict(teacher_bias=torch.ones(10, dtype=torch.int64)), TypeError, "teacher_bias"),
     (dict(teacher_weight=torch.randn(11, 8), teacher_bias=None), ValueError, "teacher_weight"),
     (dict(teacher_hidden=torch.randn(5, 8)), ValueError, "teacher_hidden"),
-    (dict(teacher_hidden=torch.randn(4, 8, dtype=torch.float64),
-          teacher_weight=torch.randn(10, 8, dtype=torch.float64),
-          teacher_bias=None), TypeError, "teacher_hidden"),
+    (dict(teacher_hidden=torch.ones(4, 8, dtype=torch.bool)), TypeError, "teacher_hidden"),
+    (dict(target=torch.zeros(4)), TypeError, "target"),
+    (dict(target=torch.zeros(4, dtype=torch.int64), reduction="sum", num_items_in_batch=3),
+     ValueError, "num_items_in_batch"),
     (dict(teacher_weight=torch.randn(10, 8, device="meta")), ValueError, "teacher_weight"),
     (dict(target=torch.zeros(5, dtype=torch.int64)), ValueError, "target"),
     (dict(target=torch.tensor([0, 1, 2, 10])), ValueError, "target"),
@@ -308,3 +309,164 @@ def _call(**overrides):
 def test_validation_errors_name_the_argument(overrides, error, name):
     with pytest.raises(error, match=name):
         _call(**overrides)
+
+
+def test_shape_errors_say_what_differs():
+    with pytest.raises(ValueError, match="leading shape") as info:
+        _call(teacher_hidden=torch.randn(2, 2, 8))
+    assert "vocabulary" not in str(info.value)
+    with pytest.raises(ValueError, match="teacher_weight") as info:
+        _call(teacher_weight=torch.randn(12, 8), teacher_bias=torch.randn(12))
+    message = str(info.value)
+    assert "teacher_weight[:10]" in message and "teacher_bias[:10]" in message
+    assert "tokenizer" in message and "-inf" not in message and "pad the" not in message
+    with pytest.raises(ValueError, match=r"student_weight\[:10\]"):
+        _call(student_weight=torch.randn(13, 8), student_bias=None)
+    inputs = make_inputs(lead=(4,), hs=8, ht=8, vocab=10, seed=11)
+    padded_teacher = torch.cat([inputs["teacher_weight"], torch.randn(6, 8)])
+    padded_bias = torch.cat([inputs["teacher_bias"], torch.randn(6)])
+    torch.testing.assert_close(_call(teacher_weight=padded_teacher[:10],
+                                     teacher_bias=padded_bias[:10]), _call())
+
+
+ROUNDING = {torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11, torch.float32: 2.0**-23}
+
+
+def mixed_inputs(student, teacher, seed):
+    """Each side's (hidden, weight + bias) in the given dtypes. A side whose matmul runs in
+    bf16/fp16 gets values whose products and sums are exact in that dtype (hidden in
+    {-1, 0, 1}, weights and bias multiples of 1/4), so its logits carry no rounding; a side
+    that computes in float32 gets general normal values, which a kernel that cast them down
+    would visibly round. The loss is then held to float32 accuracy against the oracle."""
+    inputs = make_inputs(lead=(24,), hs=16, ht=24, vocab=50, seed=seed)
+    g = torch.Generator().manual_seed(seed)
+    for side, (h_dtype, w_dtype) in (("student", student), ("teacher", teacher)):
+        keys = [f"{side}_hidden", f"{side}_weight", f"{side}_bias"]
+        if torch.promote_types(h_dtype, w_dtype) != torch.float32:
+            hidden, weight, bias = (inputs[k] for k in keys)
+            inputs[keys[0]] = torch.randint(-1, 2, hidden.shape, generator=g).float()
+            inputs[keys[1]] = torch.randint(-2, 3, weight.shape, generator=g) * 0.25
+            inputs[keys[2]] = torch.randint(-8, 9, bias.shape, generator=g) * 0.25
+        for key, dtype in zip(keys, (h_dtype, w_dtype, w_dtype)):
+            inputs[key] = inputs[key].to(dtype)
+    return inputs
+
+
+SIDE_CASES = {
+    "student-bf16-teacher-f32": ((torch.bfloat16,) * 2, (torch.float32,) * 2),
+    "student-f32-teacher-bf16": ((torch.float32,) * 2, (torch.bfloat16,) * 2),
+    "hidden-bf16-weight-f32-teacher-f16": ((torch.bfloat16, torch.float32),
+                                           (torch.float16,) * 2),
+    "student-f16-teacher-hidden-f32-weight-bf16": ((torch.float16,) * 2,
+                                                   (torch.float32, torch.bfloat16)),
+}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("case", list(SIDE_CASES))
+def test_mixed_dtypes_per_side(case, reduction, backend):
+    """Each side's matmul in its promoted dtype (nothing cast down), the loss in float32,
+    each gradient in its input's dtype."""
+    student, teacher = SIDE_CASES[case]
+    inputs = mixed_inputs(student, teacher, seed=13)
+    target = random_target(24, vocab=50, ignore_fraction=0.2)
+    kw = dict(temperature=2.0, alpha=0.4, reduction=reduction)
+    loss, grads = run_fused(inputs, target, chunk_size=7, backend=backend, **kw)
+    assert loss.dtype == torch.float32
+    ref_loss, ref_grads = oracle(inputs, target, **kw)
+    # float32 arithmetic on exact logits errs by ~3e-7 here; rounding either side's float32
+    # head to bf16 moves the loss by ~7e-6 (measured), so the bound is tighter than 1e-5.
+    assert_close(loss, ref_loss, 2e-6, what="loss")
+    head = ROUNDING[torch.promote_types(*student)]
+    for name, grad in grads.items():
+        assert grad.dtype == inputs[name].dtype, name
+        rtol = 1e-5 + 2 * head + 2 * ROUNDING[grad.dtype]
+        assert_close(grad, ref_grads[name], rtol, what=name)
+
+
+def test_float64_on_one_side_computes_in_float64():
+    inputs = make_inputs(seed=14)
+    inputs["teacher_weight"] = inputs["teacher_weight"].double()
+    target = random_target(23, vocab=40, ignore_fraction=0.2)
+    loss, grads = run_fused(inputs, target, temperature=2.0, chunk_size=5)
+    assert loss.dtype == torch.float64
+    ref_loss, ref_grads = oracle(inputs, target, temperature=2.0)
+    assert_close(loss, ref_loss, 1e-12, what="loss")
+    for name, grad in grads.items():
+        assert grad.dtype == torch.float32
+        assert_close(grad, ref_grads[name], 2.0**-23, what=name)
+    cpu_built = unavailable_reason("cpu", torch.device("cpu"), torch.float32) is None
+    with pytest.raises(fastkd.BackendUnavailableError, match="float64" if cpu_built else ""):
+        run_fused(inputs, target, backend="cpu")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("with_target", [True, False], ids=["target", "no-target"])
+def test_components(with_target, reduction, backend):
+    """(loss, ce, divergence) equal the dense loss's components on the materialised logits,
+    with the identity loss == alpha * ce + (1 - alpha) * T^2 * divergence."""
+    inputs = make_inputs(seed=15)
+    target = random_target(23, vocab=40, ignore_fraction=0.3) if with_target else None
+    kw = dict(temperature=2.0, alpha=0.3, divergence="tvd", reduction=reduction,
+              backend=backend)
+    hidden = inputs["student_hidden"].clone().requires_grad_(True)
+    loss, ce, div = fastkd.fused_linear_distillation_loss(
+        hidden, inputs["student_weight"], inputs["teacher_hidden"], inputs["teacher_weight"],
+        target, student_bias=inputs["student_bias"], teacher_bias=inputs["teacher_bias"],
+        chunk_size=6, return_components=True, **kw)
+    assert not ce.requires_grad and not div.requires_grad and loss.requires_grad
+    s = inputs["student_hidden"] @ inputs["student_weight"].T + inputs["student_bias"]
+    t = inputs["teacher_hidden"] @ inputs["teacher_weight"].T + inputs["teacher_bias"]
+    dense = fastkd.distillation_loss(s, t, target, return_components=True, **kw)
+    for name, a, b in zip(("loss", "ce", "divergence"), (loss.detach(), ce, div), dense):
+        assert a.shape == b.shape, name
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+    if with_target:
+        torch.testing.assert_close(loss.detach(), 0.3 * ce + 0.7 * 4.0 * div, rtol=1e-6,
+                                   atol=1e-6)
+    else:
+        assert bool((ce == 0).all())
+        torch.testing.assert_close(loss.detach(), 4.0 * div, rtol=1e-6, atol=1e-6)
+    loss.sum().backward()
+    assert hidden.grad is not None
+
+
+def test_components_module_and_no_grad():
+    inputs = make_inputs(seed=16)
+    target = random_target(23, vocab=40)
+    crit = fastkd.FusedLinearDistillationLoss(temperature=2.0, chunk_size=8,
+                                              return_components=True, backend="torch")
+    args = (inputs["student_hidden"], inputs["student_weight"], inputs["teacher_hidden"],
+            inputs["teacher_weight"], target)
+    with torch.no_grad():
+        got = crit(*args)
+    expected = fastkd.fused_linear_distillation_loss(*args, temperature=2.0, chunk_size=8,
+                                                     return_components=True, backend="torch")
+    assert len(got) == 3
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b.detach(), rtol=1e-6, atol=0)
+
+
+def test_autocast_matmuls_like_nn_linear_loss_in_float32():
+    """Under CPU bf16 autocast the lm-head matmuls run in bf16 like nn.Linear's (the inputs
+    are cast), the loss is float32, and the float32 parameters get float32 gradients equal to
+    those of the explicit bf16 cast."""
+    inputs = make_inputs(seed=17)
+    target = random_target(23, vocab=40, ignore_fraction=0.1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, grads = run_fused(inputs, target, temperature=2.0, chunk_size=5, backend="torch")
+    assert loss.dtype == torch.float32
+    assert all(g.dtype == torch.float32 for g in grads.values())
+    leaves = {k: inputs[k].clone().requires_grad_(True) for k in STUDENT_KEYS}
+    cast = {k: (leaves[k] if k in leaves else inputs[k]).bfloat16() for k in inputs}
+    explicit = fastkd.fused_linear_distillation_loss(
+        cast["student_hidden"], cast["student_weight"], cast["teacher_hidden"],
+        cast["teacher_weight"], target, student_bias=cast["student_bias"],
+        teacher_bias=cast["teacher_bias"], temperature=2.0, chunk_size=5, backend="torch")
+    explicit.backward()
+    assert explicit.dtype == torch.float32
+    torch.testing.assert_close(loss, explicit.detach(), rtol=0, atol=0)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, leaves[name].grad, rtol=0, atol=0, msg=name)

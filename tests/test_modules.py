@@ -48,11 +48,39 @@ def test_module_equals_functional(config):
 def test_keywords_are_stored():
     config = dict(temperature=3.0, alpha=0.25, divergence="jsd", beta=0.3, scale_by_t2=False,
                   ignore_index=-1, label_smoothing=0.05, softcap=20.0, reduction="sum",
-                  backend="torch", inplace_backward=True)
+                  backend="torch", inplace_backward=True, return_components=True)
     crit = fastkd.DistillationLoss(**config)
     for key, value in config.items():
         assert crit.options[key] == value, key
         assert f"{key}={value!r}" in repr(crit)
+
+
+@pytest.mark.parametrize("with_target", [True, False], ids=["target", "no-target"])
+def test_return_components_on_every_module(with_target):
+    """The modules return (loss, ce, divergence) like their functional forms."""
+    student, teacher, target = inputs(seed=6)
+    target = target if with_target else None
+    crit = fastkd.DistillationLoss(temperature=2.0, alpha=0.3, backend="torch",
+                                   return_components=True)
+    loss, ce, div = crit(student, teacher, target)
+    expected = fastkd.distillation_loss(student, teacher, target, temperature=2.0, alpha=0.3,
+                                        backend="torch")
+    assert torch.equal(loss, expected)
+    mix = 0.3 * ce + 0.7 * 4 * div if with_target else 4 * div
+    torch.testing.assert_close(loss, mix, rtol=1e-6, atol=1e-7)
+    hidden, weight = random_logits(3, 5, 8, scale=1.0, seed=7), random_logits(17, 8, seed=8)
+    fused = fastkd.FusedLinearDistillationLoss(temperature=2.0, alpha=0.3, backend="torch",
+                                               return_components=True)
+    got = fused(hidden, weight, hidden, weight * 0.5, target)
+    want = fastkd.distillation_loss(hidden @ weight.T, hidden @ (weight * 0.5).T, target,
+                                    temperature=2.0, alpha=0.3, backend="torch",
+                                    return_components=True)
+    assert len(got) == 3
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert "return_components=True" in repr(fused)
+    sparse = fastkd.SparseDistillationLoss(return_components=True, backend="torch")
+    assert sparse.options["return_components"] is True
 
 
 def test_defaults_match_functional_signature():

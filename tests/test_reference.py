@@ -181,7 +181,6 @@ OPTION_CASES = {
     "num_items_int": dict(num_items_in_batch=17),
     "num_items_tensor": dict(num_items_in_batch=torch.tensor(17)),
     "num_items_float_tensor": dict(num_items_in_batch=torch.tensor(9.5)),
-    "num_items_sum": dict(num_items_in_batch=17, reduction="sum"),
     "no_t2": dict(scale_by_t2=False, temperature=4.0),
     "alpha_0": dict(alpha=0.0, temperature=2.0),
     "alpha_1": dict(alpha=1.0, temperature=2.0),
@@ -372,3 +371,75 @@ def test_empty_batch(reduction, with_target):
     else:
         assert loss.item() == 0.0
     assert gs.shape == (0, 9) and gt.shape == (0, 9)
+
+
+MIXED_PAIRS = [(torch.float32, torch.float32), (torch.bfloat16, torch.float32),
+               (torch.float32, torch.float16), (torch.float16, torch.bfloat16)]
+
+
+@pytest.mark.parametrize("with_target", [True, False], ids=["target", "no-target"])
+@pytest.mark.parametrize("divergence,beta", DIVERGENCE_CASES, ids=DIVERGENCE_IDS)
+@pytest.mark.parametrize("dtypes", MIXED_PAIRS, ids=lambda p: f"{p[0]}-{p[1]}"[12:])
+def test_kernel_contract_strided_mixed_dtypes_terms(dtypes, divergence, beta, with_target):
+    """dense_kd_rows on strided rows (student, teacher and both gradient buffers each with
+    its own row stride), each side in its own dtype, with the terms buffer."""
+    student = random_logits(7, 45, dtype=dtypes[0], seed=41)
+    teacher = random_logits(7, 45, dtype=dtypes[1], seed=42)
+    target = random_target(7, vocab=45, ignore_fraction=0.3, seed=43) if with_target else None
+    kernel_checks.check_layout_dtypes_terms(
+        fastkd.reference.dense_kd_rows, student, teacher, target, temperature=2.0, alpha=0.3,
+        divergence=divergence, beta=beta, label_smoothing=0.1)
+
+
+def test_kernel_terms_with_zero_weights():
+    """Both terms are computed even at weight 0, and a zero-weight infinite term (reverse KL
+    against a -inf teacher column, alpha=1) stays out of the rows and gradients."""
+    student, teacher, target = inputs((6, 23), torch.float32, seed=44)
+    teacher[:, 5] = float("-inf")
+    terms = torch.full((6, 2), float("nan"))
+    grad = torch.full_like(student, float("nan"))
+    rows = fastkd.reference.dense_kd_rows(student, teacher, target, grad, None, 2.0, 1.0, 0.0,
+                                          1, 0.5, -100, 0.0, 0.0, terms=terms)
+    valid = target != -100
+    assert bool(torch.isfinite(rows).all()) and bool(torch.isfinite(grad).all())
+    assert torch.equal(rows, terms[:, 0])
+    assert bool(torch.isinf(terms[valid, 1]).all()) and bool((terms[~valid] == 0).all())
+    finite = teacher.masked_fill(torch.isinf(teacher), 0.0)
+    terms_ce0 = torch.full((6, 2), float("nan"))
+    rows = fastkd.reference.dense_kd_rows(student, finite, target, None, None, 2.0, 0.0, 4.0,
+                                          0, 0.5, -100, 0.0, 0.0, terms=terms_ce0)
+    ce = oracle_loss(student, finite, target, alpha=1.0, reduction="none")
+    assert_close(terms_ce0[:, 0], ce, 1e-5, what="ce at weight 0")
+    assert_close(rows, 4.0 * terms_ce0[:, 1], 1e-6, what="rows")
+
+
+def test_reference_float64_with_one_float64_side():
+    """Either side float64: arithmetic and rows in float64, each gradient in its dtype."""
+    student = random_logits(5, 19, dtype=torch.float32, seed=45)
+    teacher = random_logits(5, 19, dtype=torch.float64, seed=46)
+    gs, gt = torch.empty_like(student), torch.empty_like(teacher)
+    rows = fastkd.reference.dense_kd_rows(student, teacher, None, gs, gt, 2.0, 0.0, 4.0, 2,
+                                          0.3, -100, 0.0, 0.0)
+    assert rows.dtype == torch.float64
+    ref = oracle_loss(student, teacher, None, temperature=2.0, divergence="jsd", beta=0.3,
+                      reduction="none")
+    assert_close(rows, ref, 1e-12, what="rows")
+    assert gs.dtype == torch.float32 and gt.dtype == torch.float64
+
+
+@pytest.mark.parametrize("backend_dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_api_slices_and_mixed_dtypes_through_reference(backend_dtype):
+    """distillation_loss(backend="torch") on a causal slice in one dtype against a teacher
+    slice in another: same numbers as contiguous float64 copies of the same values."""
+    full = random_logits(3, 6, 33, dtype=backend_dtype, seed=47)
+    teacher_full = random_logits(3, 6, 33, dtype=torch.float32, seed=48)
+    target = random_target(3, 5, vocab=33, ignore_fraction=0.2, seed=49)
+    kw = dict(temperature=2.0, alpha=0.3, divergence="reverse_kl", reduction="none")
+    loss, gs, gt = run_fastkd(full[:, :-1], teacher_full[:, 1:], target, **kw)
+    ref_loss, ref_gs, ref_gt = oracle_with_grads(full[:, :-1], teacher_full[:, 1:], target,
+                                                 **kw)
+    assert gs.dtype == backend_dtype and gt.dtype == torch.float32
+    assert_close(loss, ref_loss, 1e-5, what="loss")
+    rounding = 0.0 if backend_dtype == torch.float32 else 6 * HALF_ULP[backend_dtype]
+    assert_close(gs, ref_gs, 1e-5 + rounding, what="student grad")
+    assert_close(gt, ref_gt, 1e-5, what="teacher grad")

@@ -307,41 +307,58 @@ def test_torch_compile_fullgraph_forward_only():
 
 
 SM90_COMPILE = r"""
-import sys, triton
+import os, re, subprocess, sys, tempfile, triton
+import triton.backends.nvidia as nvidia
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from fastkd.kernels import dense_kd
 from fastkd.ops.triton_dense import _launch_config
-ptr = {"bf16": "*bf16", "fp32": "*fp32"}
+ptr = {"bf16": "*bf16", "fp16": "*fp16", "fp32": "*fp32"}
 names = ("scale grad_div ce_weight div_weight beta smoothing softcap").split()
-hinton = dict(HAS_TARGET=True, HAS_CE=True, HAS_SMOOTH=True, HAS_DIV=True, DIV=0, CE_POW=2,
-              HAS_SOFTCAP=False, NEED_GS=True, NEED_GT=False)
+hinton = dict(HAS_TARGET=True, EVAL_CE=True, HAS_CE=True, HAS_SMOOTH=True, EVAL_DIV=True,
+              HAS_DIV=True, DIV=0, CE_POW=2, HAS_SOFTCAP=False, NEED_GS=True, NEED_GT=False,
+              TERMS=False)
 jsd = dict(hinton, DIV=2, CE_POW=0, HAS_SOFTCAP=True, NEED_GT=True)
-for dtype, flags, vocab in (("bf16", hinton, 8192), ("bf16", hinton, 128256),
-                            ("fp32", jsd, 1000), ("fp32", jsd, 151936)):
+cuobjdump = os.path.join(os.path.dirname(nvidia.__file__), "bin", "cuobjdump")
+for s_type, t_type, flags, vocab in (
+        ("bf16", "bf16", hinton, 8192), ("bf16", "fp32", dict(hinton, TERMS=True), 128256),
+        ("fp32", "fp32", jsd, 1000), ("fp16", "bf16", dict(jsd, TERMS=True), 151936)):
     single, _, blocks, warps = _launch_config(8, vocab, flags["HAS_SOFTCAP"], 8192, 2048)
     kernel = dense_kd.dense_kd_single_kernel if single else dense_kd.dense_kd_multipass_kernel
     consts = dict(flags, **blocks) if single else dict(flags, PAIR_PASS=flags["DIV"] >= 2,
                                                          **blocks)
-    sig = {n: ptr[dtype] for n in ("s_ptr", "t_ptr", "gs_ptr", "gt_ptr")}
-    sig.update(y_ptr="*i64", rows_ptr="*fp32", N="i32", V="i32", ignore_index="i32")
+    sig = dict(s_ptr=ptr[s_type], gs_ptr=ptr[s_type], t_ptr=ptr[t_type], gt_ptr=ptr[t_type])
+    sig.update(y_ptr="*i64", rows_ptr="*fp32", terms_ptr="*fp32", N="i32", V="i32",
+               ignore_index="i32", **{f"stride_{n}": "i64" for n in ("s", "t", "gs", "gt")})
     sig.update({n: "fp32" for n in names}, **{k: "constexpr" for k in consts})
     sig = {n: sig[n] for n in kernel.arg_names}
     src = ASTSource(kernel, sig, {(kernel.arg_names.index(k),): v for k, v in consts.items()})
-    triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
-    print("compiled", dtype, vocab, "single" if single else "multi", warps, "warps")
+    compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                              options={"num_warps": warps})
+    usage = ""
+    if os.path.exists(cuobjdump):
+        with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
+            cubin.write(compiled.asm["cubin"])
+            cubin.flush()
+            out = subprocess.run([cuobjdump, "-res-usage", cubin.name], capture_output=True,
+                                 text=True).stdout
+        usage = " ".join(re.findall(r"(REG:\d+|STACK:\d+|LOCAL:\d+)", out))
+    print("compiled", s_type, t_type, vocab, "single" if single else "multi", warps, "warps",
+          "terms" if flags["TERMS"] else "", usage)
 """
 
 
 def test_kernels_compile_for_sm90():
     """The interpreter accepts code the compiler rejects: compile both kernels for an H100
-    (sm_90) to cubin with the launcher's sizes; needs Triton's bundled ptxas, not a GPU."""
+    (sm_90) to cubin with the launcher's sizes, mixed dtypes and the terms output; needs
+    Triton's bundled ptxas, not a GPU. Prints registers / stack / local memory per kernel."""
     env = dict(os.environ, TRITON_INTERPRET="0")
     out = subprocess.run([sys.executable, "-c", SM90_COMPILE], env=env, capture_output=True,
                          text=True, timeout=600)
     if out.returncode != 0 and "ptxas" in out.stderr and "not found" in out.stderr:
         pytest.skip("Triton's CUDA backend (ptxas) is not installed")
     assert out.returncode == 0, out.stderr[-3000:]
+    print(out.stdout)
     assert out.stdout.count("compiled") == 4
 
 

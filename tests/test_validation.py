@@ -41,11 +41,33 @@ def test_valid_inputs_pass():
     assert torch.isfinite(call())
 
 
-@pytest.mark.parametrize("teacher_shape", [(2, 3, V + 1), (2, 4, V), (6, V), (2, 3, 1, V)],
-                         ids=["vocab", "tokens", "flattened", "rank"])
-def test_mismatched_shapes(teacher_shape):
-    with raises(ValueError, "teacher_logits"):
+@pytest.mark.parametrize("teacher_shape", [(2, 4, V), (6, V), (2, 3, 1, V), (3, 2, V + 1)],
+                         ids=["tokens", "flattened", "rank", "tokens-and-vocab"])
+def test_mismatched_leading_shapes(teacher_shape):
+    """Leading shapes that differ get their own message (not the vocabulary's)."""
+    with raises(ValueError, "teacher_logits") as info:
         call(teacher=random_logits(*teacher_shape, seed=2))
+    message = str(info.value)
+    assert "leading shape" in message and str(tuple(teacher_shape[:-1])) in message
+    assert "vocabulary" not in message
+
+
+@pytest.mark.parametrize("extra", [1, 64, -3], ids=["teacher+1", "teacher+64", "student+3"])
+def test_mismatched_vocabularies_say_how_to_align(extra):
+    """The advice is to slice off padding columns (or that the tokenizers must match), never
+    to pad with -inf (which makes the loss inf)."""
+    with raises(ValueError, "teacher_logits") as info:
+        call(teacher=random_logits(2, 3, V + extra, seed=2))
+    message = str(info.value)
+    assert "-inf" not in message and "pad the" not in message
+    assert "tokenizer" in message
+    if extra > 0:
+        assert f"teacher_logits[..., :{V}]" in message
+    else:
+        assert f"student_logits[..., :{V + extra}]" in message
+    # Following the advice works.
+    teacher = random_logits(2, 3, V + 64, seed=2)
+    assert torch.isfinite(call(teacher=teacher[..., :V]))
 
 
 @pytest.mark.parametrize("name", ["student_logits", "teacher_logits"])
@@ -67,14 +89,21 @@ def test_scalar_logits():
         fastkd.distillation_loss(torch.tensor(1.0), torch.tensor(2.0), backend="torch")
 
 
-def test_dtype_mismatch():
-    _, teacher, _ = good_inputs()
-    with raises(TypeError, "teacher_logits"):
-        call(teacher=teacher.double())
+@pytest.mark.parametrize("dtypes", [(torch.bfloat16, torch.float32),
+                                    (torch.float32, torch.float16),
+                                    (torch.float32, torch.float64)], ids=str)
+def test_mixed_logit_dtypes_are_accepted(dtypes):
+    student, teacher, target = good_inputs()
+    loss = call(student.to(dtypes[0]), teacher.to(dtypes[1]), target)
+    wide = torch.float64 in dtypes
+    assert loss.dtype == (torch.float64 if wide else torch.float32)
+    same_values = call(student.to(dtypes[0]).double(), teacher.to(dtypes[1]).double(), target)
+    torch.testing.assert_close(loss.double(), same_values, rtol=1e-5 if not wide else 1e-12,
+                               atol=0)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
-def test_float_target(dtype):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.bool])
+def test_float_or_bool_target(dtype):
     _, _, target = good_inputs()
     with raises(TypeError, "target"):
         call(target=target.to(dtype))
@@ -115,9 +144,24 @@ def test_ignore_index_labels_and_custom_ignore_index():
         call(target=target, ignore_index=-1)
 
 
-def test_int32_target_is_accepted():
+@pytest.mark.parametrize("dtype", [torch.int8, torch.int16, torch.int32, torch.int64,
+                                   torch.uint8], ids=str)
+def test_any_integer_target_dtype(dtype):
+    """Labels of every integer dtype give the int64 result (uint8 has no -100: none ignored;
+    int8 labels with a custom ignore_index)."""
     _, _, target = good_inputs()
-    call(target=target.to(torch.int32))
+    if dtype == torch.uint8:
+        target = target.clamp(min=0)
+    expected = call(target=target)
+    torch.testing.assert_close(call(target=target.to(dtype)), expected, rtol=0, atol=0)
+    if dtype != torch.uint8:
+        custom = torch.where(target == -100, -1, target)
+        torch.testing.assert_close(call(target=custom.to(dtype), ignore_index=-1), expected,
+                                   rtol=0, atol=0)
+    with raises(ValueError, "target"):
+        bad = target.clone()
+        bad[0, 0] = V
+        call(target=bad.to(dtype))
 
 
 @pytest.mark.parametrize("value", [0.0, -1.0, math.nan, "2", None, True])
@@ -176,6 +220,17 @@ def test_label_smoothing(value):
 def test_num_items_in_batch(value):
     with raises(ValueError, "num_items_in_batch"):
         call(num_items_in_batch=value)
+
+
+@pytest.mark.parametrize("reduction", ["sum", "none"])
+def test_num_items_in_batch_needs_mean(reduction):
+    with raises(ValueError, "num_items_in_batch") as info:
+        call(num_items_in_batch=7, reduction=reduction)
+    assert reduction in str(info.value)
+    with raises(ValueError, "num_items_in_batch"):
+        fastkd.DistillationLoss(reduction=reduction, backend="torch")(
+            *good_inputs(), num_items_in_batch=torch.tensor(7))
+    call(num_items_in_batch=7, reduction="mean")
 
 
 @pytest.mark.parametrize("value", [1.5, "x", None])

@@ -1,11 +1,14 @@
 """Triton backend of the dense distillation loss: launcher and the `fastkd::dense_kd_triton` op.
 
 `dense_kd_triton` has the kernel contract of `fastkd.reference.dense_kd_rows`: it writes the
-gradients into the given buffers (quack style; `grad_student` may alias `student`) and returns
-the per-row loss `(N,)` float32. The launch sits behind a `torch.library.custom_op` with a fake,
-so `torch.compile(fullgraph=True)` traces through it. The kernels are in `fastkd.kernels.dense_kd`
-(maths, gradient derivation and byte counts in its header). With `TRITON_INTERPRET=1` the same
-launch runs on CPU tensors through Triton's interpreter.
+gradients into the given buffers (quack style; `grad_student` may alias `student`), the
+unweighted (CE, D) of every row into `terms` when given, and returns the per-row loss `(N,)`
+float32. Student and teacher may have different dtypes (fp32 / bf16 / fp16) and any row
+stride (`stride(1) == 1`); nothing is cast or copied on the host. The launch sits behind
+`torch.library.custom_op`s with fakes, so `torch.compile(fullgraph=True)` traces through it.
+The kernels are in `fastkd.kernels.dense_kd` (maths, gradient derivation and byte counts in
+its header). With `TRITON_INTERPRET=1` the same launch runs on CPU tensors through Triton's
+interpreter.
 
 Launch heuristics (from ptxas register counts for sm_90 and the H100's L2 size; NOT yet
 timed on a GPU; docs/triton_kernel.md has the reasoning and what to measure first):
@@ -46,30 +49,53 @@ def _next_pow2(x: int) -> int:
     return 1 << max(0, int(x) - 1).bit_length()
 
 
-def _check_inputs(student, teacher, target, grad_student, grad_teacher) -> None:
-    """Shapes, dtypes and layout only (no data read, no host sync)."""
-    if student.dim() != 2:
-        raise ValueError(f"student must be (N, V), got shape {tuple(student.shape)}")
-    if student.dtype not in KERNEL_DTYPES:
-        raise TypeError(f"student must be float32, bfloat16 or float16, got {student.dtype}")
+def _check_rows(name, tensor, shape, dtype, device, written) -> None:
+    """One (N, V) operand: its shape, dtype, device and a layout the kernels index directly
+    (unit column stride; any row stride, and for a gradient rows that do not overlap)."""
+    if tensor.dim() != 2 or tensor.shape != shape:
+        raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(tensor.shape)}")
+    if tensor.dtype != dtype:
+        raise TypeError(f"{name} must be {dtype}, got {tensor.dtype}")
+    if tensor.device != device:
+        raise ValueError(f"{name} must be on {device}, got {tensor.device}")
+    n, vocab = shape
+    if vocab > 1 and tensor.stride(1) != 1:
+        raise ValueError(f"{name} must have unit stride along the vocabulary (stride(1) == 1), "
+                         f"got strides {tuple(tensor.stride())}")
+    if written and n > 1 and tensor.stride(0) < vocab:
+        raise ValueError(f"{name} rows overlap (row stride {tensor.stride(0)} < V = {vocab}): "
+                         f"a gradient buffer needs one row of storage per row")
+
+
+def _check_inputs(student, teacher, target, grad_student, grad_teacher, terms) -> None:
+    """Shapes, dtypes and layout only (no data read, no host sync, no copy)."""
+    for name, tensor in (("student", student), ("teacher", teacher)):
+        if not isinstance(tensor, torch.Tensor) or tensor.dim() != 2:
+            raise ValueError(f"{name} must be a 2-D (N, V) tensor, got "
+                             f"{getattr(tensor, 'shape', type(tensor))}")
+        if tensor.dtype not in KERNEL_DTYPES:
+            raise TypeError(f"{name} must be float32, bfloat16 or float16, got {tensor.dtype}")
     if student.shape[1] < 1:
         raise ValueError("student must have at least one vocabulary column")
-    named = {"student": student, "teacher": teacher, "grad_student": grad_student,
-             "grad_teacher": grad_teacher}
-    for name, tensor in named.items():
-        if tensor is None:
-            continue
-        if tensor.shape != student.shape or tensor.dtype != student.dtype:
-            raise ValueError(f"{name} must be {tuple(student.shape)} {student.dtype}, got "
-                             f"{tuple(tensor.shape)} {tensor.dtype}")
-        if not tensor.is_contiguous() or tensor.device != student.device:
-            raise ValueError(f"{name} must be contiguous and on {student.device}")
+    shape, device = student.shape, student.device
+    _check_rows("student", student, shape, student.dtype, device, written=False)
+    _check_rows("teacher", teacher, shape, teacher.dtype, device, written=False)
+    if grad_student is not None:
+        _check_rows("grad_student", grad_student, shape, student.dtype, device, written=True)
+    if grad_teacher is not None:
+        _check_rows("grad_teacher", grad_teacher, shape, teacher.dtype, device, written=True)
     if target is not None:
         if target.dtype != torch.int64:
             raise TypeError(f"target must be int64, got {target.dtype}")
-        if target.shape != student.shape[:1] or not target.is_contiguous():
-            raise ValueError(f"target must be contiguous with shape ({student.shape[0]},), "
-                             f"got {tuple(target.shape)}")
+        if target.shape != shape[:1] or not target.is_contiguous() or target.device != device:
+            raise ValueError(f"target must be contiguous with shape ({shape[0]},) on {device}, "
+                             f"got {tuple(target.shape)} on {target.device}")
+    if terms is not None:
+        if terms.dtype != torch.float32:
+            raise TypeError(f"terms must be float32, got {terms.dtype}")
+        if terms.shape != (shape[0], 2) or not terms.is_contiguous() or terms.device != device:
+            raise ValueError(f"terms must be a contiguous ({shape[0]}, 2) buffer on {device}, "
+                             f"got {tuple(terms.shape)} on {terms.device}")
 
 
 def _launch_config(n: int, vocab: int, softcap_on: bool, max_single_v: int,
@@ -88,45 +114,57 @@ def _launch_config(n: int, vocab: int, softcap_on: bool, max_single_v: int,
 
 def launch_dense_kd(student, teacher, target, grad_student, grad_teacher, temperature,
                     ce_weight, div_weight, divergence, beta, ignore_index, label_smoothing,
-                    softcap, *, max_single_v: int = SINGLE_LOAD_MAX_V,
+                    softcap, terms=None, *, max_single_v: int = SINGLE_LOAD_MAX_V,
                     block_v: int = MULTIPASS_BLOCK_V) -> torch.Tensor:
-    """(N, V) x2, (N,) | None, (N, V) | None x2, options -> rows (N,) float32.
+    """(N, V) x2, (N,) | None, (N, V) | None x2, options, (N, 2) | None -> rows (N,) float32.
 
-    Writes the gradients into `grad_student` / `grad_teacher` when given. `max_single_v` and
-    `block_v` (a power of two) choose the kernel; tests lower them to reach the multi-pass path.
+    Every (N, V) tensor is read or written where it is, through its own row stride.
+    Writes the gradients into `grad_student` / `grad_teacher` and the unweighted (CE, D) of
+    each row into `terms` when given. `max_single_v` and `block_v` (a power of two) choose
+    the kernel; tests lower them to reach the multi-pass path.
     """
     from ..kernels import dense_kd as kernels
 
-    _check_inputs(student, teacher, target, grad_student, grad_teacher)
+    _check_inputs(student, teacher, target, grad_student, grad_teacher, terms)
     if divergence not in (0, 1, 2, 3):
         raise ValueError(f"divergence code must be in 0..3, got {divergence}")
     n, vocab = student.shape
     rows = torch.empty(n, dtype=torch.float32, device=student.device)
+    # HAS_*: the term is weighted into rows and gradients; EVAL_*: it is evaluated (for its
+    # weight, or for `terms`, which wants both even at weight 0; CE only with a target).
     has_ce = target is not None and ce_weight != 0.0
     has_div = div_weight != 0.0
+    eval_ce = target is not None and (has_ce or terms is not None)
+    eval_div = has_div or terms is not None
     if n == 0:
         return rows
-    if not (has_ce or has_div):  # nothing to evaluate: every row and gradient is 0
+    if not (eval_ce or eval_div):  # nothing to evaluate: every row and gradient is 0
         for out in (rows, grad_student, grad_teacher):
             if out is not None:
                 out.zero_()
         return rows
     # Without a divergence the only softmax is the CE one, at temperature 1.
-    t_eff = float(temperature) if has_div else 1.0
+    t_eff = float(temperature) if eval_div else 1.0
     ce_pow = 1 if t_eff == 1.0 else (2 if t_eff == 2.0 else 0)
     single, grid, blocks, warps = _launch_config(n, vocab, softcap > 0.0, max_single_v,
                                                   block_v)
-    flags = dict(HAS_TARGET=target is not None, HAS_CE=has_ce,
-                 HAS_SMOOTH=has_ce and label_smoothing > 0.0, HAS_DIV=has_div,
-                 DIV=int(divergence), CE_POW=ce_pow, HAS_SOFTCAP=softcap > 0.0,
-                 NEED_GS=grad_student is not None, NEED_GT=grad_teacher is not None)
+    flags = dict(HAS_TARGET=target is not None, EVAL_CE=eval_ce, HAS_CE=has_ce,
+                 HAS_SMOOTH=eval_ce and label_smoothing > 0.0, EVAL_DIV=eval_div,
+                 HAS_DIV=has_div, DIV=int(divergence), CE_POW=ce_pow,
+                 HAS_SOFTCAP=softcap > 0.0, NEED_GS=grad_student is not None,
+                 NEED_GT=grad_teacher is not None, TERMS=terms is not None)
     if not single:
-        flags["PAIR_PASS"] = has_div and divergence >= 2
+        flags["PAIR_PASS"] = eval_div and divergence >= 2
     kernel = kernels.dense_kd_single_kernel if single else kernels.dense_kd_multipass_kernel
-    placeholder = student  # pointer for absent tensors; the constexpr flags keep it unused
-    args = (student, teacher, placeholder if target is None else target,
-            placeholder if grad_student is None else grad_student,
-            placeholder if grad_teacher is None else grad_teacher, rows, n, vocab,
+
+    def ptr_and_stride(tensor):  # absent tensors: a placeholder the constexpr flags never use
+        return (rows, 0) if tensor is None else (tensor, tensor.stride(0))
+
+    (gs, stride_gs), (gt, stride_gt) = ptr_and_stride(grad_student), ptr_and_stride(grad_teacher)
+    args = (student, teacher, rows if target is None else target, gs, gt, rows,
+            rows if terms is None else terms,
+            n, vocab,
+            student.stride(0), teacher.stride(0), stride_gs, stride_gt,
             LOG2E / t_eff, float(div_weight) / float(temperature), float(ce_weight),
             float(div_weight), float(beta), float(label_smoothing), float(softcap),
             int(ignore_index))
@@ -138,22 +176,23 @@ def launch_dense_kd(student, teacher, target, grad_student, grad_teacher, temper
     return rows
 
 
-@torch.library.custom_op("fastkd::dense_kd_triton", mutates_args=("grad_student", "grad_teacher"))
+@torch.library.custom_op("fastkd::dense_kd_triton",
+                         mutates_args=("grad_student", "grad_teacher", "terms"))
 def _dense_kd_triton_op(student: torch.Tensor, teacher: torch.Tensor,
                         target: Optional[torch.Tensor], grad_student: Optional[torch.Tensor],
                         grad_teacher: Optional[torch.Tensor], temperature: float,
                         ce_weight: float, div_weight: float, divergence: int, beta: float,
-                        ignore_index: int, label_smoothing: float,
-                        softcap: float) -> torch.Tensor:
+                        ignore_index: int, label_smoothing: float, softcap: float,
+                        terms: Optional[torch.Tensor] = None) -> torch.Tensor:
     return launch_dense_kd(student, teacher, target, grad_student, grad_teacher, temperature,
                            ce_weight, div_weight, divergence, beta, ignore_index,
-                           label_smoothing, softcap)
+                           label_smoothing, softcap, terms)
 
 
 @_dense_kd_triton_op.register_fake
 def _dense_kd_triton_fake(student, teacher, target, grad_student, grad_teacher, temperature,
                           ce_weight, div_weight, divergence, beta, ignore_index,
-                          label_smoothing, softcap):
+                          label_smoothing, softcap, terms=None):
     return student.new_empty((student.shape[0],), dtype=torch.float32)
 
 
@@ -161,32 +200,69 @@ def _dense_kd_triton_fake(student, teacher, target, grad_student, grad_teacher, 
 def _dense_kd_triton_loss_op(student: torch.Tensor, teacher: torch.Tensor,
                              target: Optional[torch.Tensor], temperature: float,
                              ce_weight: float, div_weight: float, divergence: int, beta: float,
-                             ignore_index: int, label_smoothing: float,
-                             softcap: float) -> torch.Tensor:
+                             ignore_index: int, label_smoothing: float, softcap: float,
+                             with_terms: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     # Forward only (no gradient buffers): a functional op, because inductor cannot
-    # functionalise the mutating op when every mutable argument is None.
-    return launch_dense_kd(student, teacher, target, None, None, temperature, ce_weight,
-                           div_weight, divergence, beta, ignore_index, label_smoothing, softcap)
+    # functionalise the mutating op when every mutable argument is None. Returns
+    # (rows (N,), terms (N, 2) float32); terms is (N, 0) unless `with_terms`.
+    n = student.shape[0]
+    terms = student.new_empty((n, 2 if with_terms else 0), dtype=torch.float32)
+    rows = launch_dense_kd(student, teacher, target, None, None, temperature, ce_weight,
+                           div_weight, divergence, beta, ignore_index, label_smoothing, softcap,
+                           terms if with_terms else None)
+    return rows, terms
 
 
 @_dense_kd_triton_loss_op.register_fake
-def _dense_kd_triton_loss_fake(student, teacher, target, *options):
-    return student.new_empty((student.shape[0],), dtype=torch.float32)
+def _dense_kd_triton_loss_fake(student, teacher, target, temperature, ce_weight, div_weight,
+                               divergence, beta, ignore_index, label_smoothing, softcap,
+                               with_terms=False):
+    n = student.shape[0]
+    return (student.new_empty((n,), dtype=torch.float32),
+            student.new_empty((n, 2 if with_terms else 0), dtype=torch.float32))
 
 
 def dense_kd_triton(student: torch.Tensor, teacher: torch.Tensor, target: Optional[torch.Tensor],
                     grad_student: Optional[torch.Tensor], grad_teacher: Optional[torch.Tensor],
                     temperature: float, ce_weight: float, div_weight: float, divergence: int,
-                    beta: float, ignore_index: int, label_smoothing: float,
-                    softcap: float) -> torch.Tensor:
+                    beta: float, ignore_index: int, label_smoothing: float, softcap: float,
+                    terms: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The dense-loss kernel contract (see `fastkd.reference.dense_kd_rows`) on Triton.
 
-    student, teacher: (N, V) contiguous fp32/bf16/fp16; target: (N,) int64 or None;
-    grad_student / grad_teacher: (N, V) buffers or None. Returns rows: (N,) float32.
+    Parameters
+    ----------
+    student : torch.Tensor
+        (N, V) float32, bfloat16 or float16 logits; `stride(1) == 1`, any row stride (a row
+        slice of a larger buffer, a row of `logits[:, :-1]`): read in place, never copied.
+    teacher : torch.Tensor
+        (N, V) float32, bfloat16 or float16, its own dtype and row stride, `stride(1) == 1`.
+    target : torch.Tensor or None
+        (N,) int64 contiguous labels, or None (no cross-entropy term).
+    grad_student, grad_teacher : torch.Tensor or None
+        (N, V) buffers in the student's / teacher's dtype, `stride(1) == 1`, own row stride;
+        receive d sum(rows) / d logits. `grad_student` may be `student` itself (in place).
+    temperature, ce_weight, div_weight : float
+        Softmax temperature of the divergence and the weights of CE and D in `rows`.
+    divergence : int
+        0 kl, 1 reverse_kl, 2 jsd, 3 tvd.
+    beta, ignore_index, label_smoothing, softcap : float, int, float, float
+        JSD mixing weight, ignored label, CE label smoothing, logit softcap (0: off).
+    terms : torch.Tensor or None
+        (N, 2) float32 contiguous buffer; receives the unweighted CE (0 without a target) and
+        divergence of every row (0 for ignored rows), evaluated even at weight 0.
+
+    Returns
+    -------
+    torch.Tensor
+        rows: (N,) float32, `ce_weight * CE + div_weight * D` per row (0 for ignored rows).
     """
     options = (float(temperature), float(ce_weight), float(div_weight), int(divergence),
                float(beta), int(ignore_index), float(label_smoothing), float(softcap))
     if grad_student is None and grad_teacher is None:
-        return torch.ops.fastkd.dense_kd_triton_loss(student, teacher, target, *options)
+        rows, new_terms = torch.ops.fastkd.dense_kd_triton_loss(student, teacher, target,
+                                                                *options, terms is not None)
+        if terms is not None:
+            terms.copy_(new_terms)  # (N, 2): keeps the forward-only op functional
+        return rows
     return torch.ops.fastkd.dense_kd_triton(student, teacher, target, grad_student,
-                                            grad_teacher, *options)
+                                            grad_teacher, *options, terms)

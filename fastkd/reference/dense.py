@@ -16,9 +16,11 @@ and the gradient of `row` with respect to `s` (and `t`, when asked) in closed fo
 
 This is the same contract every kernel backend implements (see `fastkd/ops/dense.py`): it
 writes the gradients into preallocated buffers and returns per-row values, so one autograd
-Function serves all backends. Arithmetic is float32 for fp32/bf16/fp16 inputs and float64 for
-float64 inputs; rows are processed in chunks so only a few chunk-sized temporaries exist at
-once, never several `[N, V]` float32 tensors.
+Function serves all backends. Student and teacher are each read in their own dtype and may
+have any row stride; each gradient is written in its input's dtype. Arithmetic is float32 for
+fp32/bf16/fp16 inputs and float64 when either input is float64; rows are processed in chunks
+so only a few chunk-sized temporaries exist at once, never several `[N, V]` float32 tensors.
+With a `terms` buffer the unweighted CE and divergence of each row are written too.
 """
 
 from __future__ import annotations
@@ -115,50 +117,77 @@ def dense_kd_rows(
     ignore_index: int,
     label_smoothing: float,
     softcap: float,
+    terms: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Per-row weighted distillation loss; gradients written into the given buffers.
 
-    student, teacher: (N, V) contiguous, same dtype. target: (N,) int64 or None (no CE term,
-    no ignored rows). grad_student / grad_teacher: (N, V) buffers in the input dtype or None
-    (not computed); grad_student may alias student (in-place backward). softcap <= 0 means off.
-    Returns rows: (N,) float32 (float64 for float64 inputs); ignored rows are 0 with 0 gradient.
+    Parameters
+    ----------
+    student : (N, V) fp32/bf16/fp16/float64 with ``stride(1) == 1`` and any row stride.
+    teacher : (N, V) in its own floating dtype (may differ from the student's) and its own
+        row stride, ``stride(1) == 1``.
+    target : (N,) int64, or None (no CE term, no ignored rows).
+    grad_student, grad_teacher : (N, V) buffers in the student's / teacher's dtype (any row
+        stride), or None (not computed). ``grad_student`` may be ``student`` itself.
+    terms : (N, 2) float32 buffer (float64 when computing in float64), or None. When given,
+        ``terms[:, 0]`` receives the unweighted cross-entropy of each row (0 without a target
+        or for ignored rows) and ``terms[:, 1]`` the unweighted divergence (0 for ignored
+        rows), both computed even where their weight is 0, so that
+        ``rows == ce_weight * terms[:, 0] + div_weight * terms[:, 1]``.
+    Other arguments: the loss options; ``softcap <= 0`` means off.
+
+    Returns
+    -------
+    rows : (N,) float32, or float64 when either input is float64 (arithmetic in that type).
+        Ignored rows are 0 with 0 gradients.
     """
     n, vocab = student.shape
-    compute = torch.float64 if student.dtype == torch.float64 else torch.float32
+    wide = torch.float64 in (student.dtype, teacher.dtype)
+    compute = torch.float64 if wide else torch.float32
     rows = torch.empty(n, dtype=compute, device=student.device)
-    has_ce = target is not None and ce_weight != 0.0
-    has_div = div_weight != 0.0
+    want_ce = target is not None and (ce_weight != 0.0 or terms is not None)
+    want_div = div_weight != 0.0 or terms is not None
     chunk = max(1, CHUNK_ELEMENTS // max(vocab, 1))
     for start in range(0, n, chunk):
         stop = min(n, start + chunk)
         z_s, dcap_s = _capped(student[start:stop].to(compute), softcap)
         loss = torch.zeros(stop - start, 1, dtype=compute, device=student.device)
+        ce_term = div_term = loss
         d_zs = torch.zeros_like(z_s) if grad_student is not None else None
         d_zt = None
-        if has_div:
+        if want_div:
             z_t, dcap_t = _capped(teacher[start:stop].to(compute), softcap)
-            d, g_as, g_at = _divergence_and_grads(divergence, beta, z_s / temperature,
-                                                  z_t / temperature, grad_teacher is not None)
-            loss = loss + div_weight * d
-            if d_zs is not None:
-                d_zs = d_zs + (div_weight / temperature) * g_as
-            if g_at is not None:
-                d_zt = (div_weight / temperature) * g_at
-                if dcap_t is not None:
-                    d_zt = d_zt * dcap_t
+            need_t = grad_teacher is not None and div_weight != 0.0
+            div_term, g_as, g_at = _divergence_and_grads(divergence, beta, z_s / temperature,
+                                                         z_t / temperature, need_t)
+            if div_weight != 0.0:  # a zero-weight (possibly infinite) term stays out
+                loss = loss + div_weight * div_term
+                if d_zs is not None:
+                    d_zs = d_zs + (div_weight / temperature) * g_as
+                if g_at is not None:
+                    d_zt = (div_weight / temperature) * g_at
+                    if dcap_t is not None:
+                        d_zt = d_zt * dcap_t
         valid = None
         if target is not None:
             y = target[start:stop]
             valid = (y != ignore_index).unsqueeze(-1)
-            if has_ce:
-                ce, g_ce = _cross_entropy_and_grad(z_s, torch.where(valid[:, 0], y, 0),
-                                                   label_smoothing)
-                loss = loss + ce_weight * ce
-                if d_zs is not None:
-                    d_zs = d_zs + ce_weight * g_ce
+            if want_ce:
+                ce_term, g_ce = _cross_entropy_and_grad(z_s, torch.where(valid[:, 0], y, 0),
+                                                        label_smoothing)
+                if ce_weight != 0.0:
+                    loss = loss + ce_weight * ce_term
+                    if d_zs is not None:
+                        d_zs = d_zs + ce_weight * g_ce
         if valid is not None:
             loss = torch.where(valid, loss, 0.0)
         rows[start:stop] = loss[:, 0]
+        if terms is not None:
+            if valid is not None:
+                ce_term = torch.where(valid, ce_term, 0.0)
+                div_term = torch.where(valid, div_term, 0.0)
+            terms[start:stop, 0] = ce_term[:, 0]
+            terms[start:stop, 1] = div_term[:, 0]
         if grad_student is not None:
             if dcap_s is not None:
                 d_zs = d_zs * dcap_s

@@ -30,17 +30,62 @@ def hint_loss(student_features: torch.Tensor, teacher_features: torch.Tensor) ->
     return F.mse_loss(student_features, teacher_features)
 
 
+COSINE_EPS = 1e-12     # added to each squared norm, as torch's CosineEmbeddingLoss does
+RKD_DISTANCE_EPS = 1e-12   # floor of a squared pairwise distance, as lenscloth/RKD's pdist
+
+
+def cosine_similarity_eps(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Cosine similarity along the last dimension with eps on the squared norms.
+
+    Parameters
+    ----------
+    a, b : torch.Tensor
+        (..., H), same shape, floating point.
+
+    Returns
+    -------
+    torch.Tensor
+        (...), in float32 for half-precision inputs (else their dtype):
+        ``<a, b> / sqrt((|a|^2 + 1e-12) * (|b|^2 + 1e-12))``.
+
+    This is the formula of ``torch.nn.CosineEmbeddingLoss`` (the loss DistilBERT's hidden-state
+    term uses), not that of ``F.cosine_similarity`` (which divides by ``max(|a|, 1e-8)``).
+    The two agree for non-zero vectors; at an exactly zero vector the value is 0 for both, but
+    the gradient of this form is ``b / sqrt(1e-12 * (|b|^2 + 1e-12))``, about ``b / (1e-6 |b|)``,
+    where ``F.cosine_similarity``'s is 100 times larger.
+    """
+    dtype = torch.promote_types(a.dtype, torch.float32)
+    a, b = a.to(dtype), b.to(dtype)
+    dot = (a * b).sum(-1)
+    squares = ((a * a).sum(-1) + COSINE_EPS) * ((b * b).sum(-1) + COSINE_EPS)
+    return dot / squares.sqrt()
+
+
 def hidden_state_loss(student_hidden: torch.Tensor, teacher_hidden: torch.Tensor,
                       metric: str = "cosine",
                       mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Per-token hidden-state matching for transformers.
+    """Per-token hidden-state matching for transformers, averaged over the counted tokens.
 
-    student_hidden, teacher_hidden: (..., H) (student already projected to H). mask: (...)
-    bool, True for tokens that count. metric "cosine": mean of 1 - cos(h_s, h_t);
-    "mse": mean over tokens of the mean squared difference over H.
+    Parameters
+    ----------
+    student_hidden, teacher_hidden : torch.Tensor
+        (..., H), same shape, floating point (the student already projected to H).
+    metric : {"cosine", "mse"}
+        "cosine": ``1 - cos(h_s, h_t)`` per token, with `cosine_similarity_eps` (eps 1e-12 on
+        the squared norms, as DistilBERT's ``CosineEmbeddingLoss``: the same value and
+        gradient, also at an exactly zero vector). "mse": the mean over H of the squared
+        difference per token.
+    mask : torch.Tensor, optional
+        (...) bool, True for the tokens that count; None counts every token.
+
+    Returns
+    -------
+    torch.Tensor
+        Scalar: the mean over counted tokens (0 when none counts), float32 for half-precision
+        inputs with the cosine metric, else the inputs' dtype.
     """
     if metric == "cosine":
-        per_token = 1.0 - F.cosine_similarity(student_hidden, teacher_hidden, dim=-1)
+        per_token = 1.0 - cosine_similarity_eps(student_hidden, teacher_hidden)
     elif metric == "mse":
         per_token = (student_hidden - teacher_hidden).pow(2).mean(-1)
     else:
@@ -85,18 +130,60 @@ def attention_probs_kl(student_probs: torch.Tensor, teacher_probs: torch.Tensor,
     return _masked_mean(per_row, mask)
 
 
+def pairwise_distances(embeddings: torch.Tensor) -> torch.Tensor:
+    """Euclidean distances between the rows of `embeddings`, floored as in lenscloth/RKD.
+
+    Parameters
+    ----------
+    embeddings : torch.Tensor
+        (B, D) floating point.
+
+    Returns
+    -------
+    torch.Tensor
+        (B, B), the inputs' dtype: ``sqrt(max(|e_i - e_j|^2, 1e-12))`` off the diagonal and 0
+        on it. The floor is the one of lenscloth/RKD's ``pdist`` (also used by mdistiller,
+        RepDistiller and torchdistill): two coinciding embeddings are 1e-6 apart, and a
+        distance below the floor passes no gradient. The differences are formed directly (not
+        through ``|a|^2 + |b|^2 - 2<a, b>``), so coinciding rows give exactly the floor.
+    """
+    d = torch.cdist(embeddings, embeddings, compute_mode="donot_use_mm_for_euclid_dist")
+    d = d.clamp(min=RKD_DISTANCE_EPS ** 0.5)
+    off_diagonal = ~torch.eye(embeddings.shape[0], dtype=torch.bool, device=embeddings.device)
+    return d * off_diagonal
+
+
 def _normalised_distances(embeddings: torch.Tensor) -> torch.Tensor:
-    """Pairwise Euclidean distances (B, B) divided by their mean over distinct pairs."""
-    d = torch.cdist(embeddings, embeddings)
+    """`pairwise_distances` (B, B) divided by their mean over the B*(B-1) distinct pairs.
+
+    Every off-diagonal distance is at least the floor 1e-6, so that mean is the mean over the
+    positive entries that lenscloth/RKD divides by, and it is never 0: when all B embeddings
+    coincide, every off-diagonal entry becomes exactly 1 (and passes no gradient).
+    """
+    d = pairwise_distances(embeddings)
     b = embeddings.shape[0]
-    off_diagonal = ~torch.eye(b, dtype=torch.bool, device=embeddings.device)
-    return d / d[off_diagonal].mean().clamp(min=torch.finfo(d.dtype).tiny)
+    return d / (d.sum() / (b * (b - 1)))
 
 
 def rkd_distance_loss(student_embeddings: torch.Tensor,
                       teacher_embeddings: torch.Tensor) -> torch.Tensor:
-    """Relational KD, distance-wise (Park et al. 2019): Huber loss between the mean-normalised
-    pairwise distance matrices. embeddings: (B, Ds) and (B, Dt), B >= 2."""
+    """Relational KD, distance-wise (Park et al. 2019).
+
+    Parameters
+    ----------
+    student_embeddings : torch.Tensor
+        (B, Ds) floating point, B >= 2.
+    teacher_embeddings : torch.Tensor
+        (B, Dt) floating point; treated as a constant (no gradient).
+
+    Returns
+    -------
+    torch.Tensor
+        Scalar, the inputs' dtype: the Huber (smooth L1, beta 1) loss averaged over all B*B
+        entries between the two mean-normalised distance matrices of `_normalised_distances`.
+        It equals lenscloth/RKD's ``RkdDistance`` in value and gradient, including when all
+        embeddings of one side coincide (that side's matrix is then 1 off the diagonal).
+    """
     with torch.no_grad():
         target = _normalised_distances(teacher_embeddings.detach())
     return F.smooth_l1_loss(_normalised_distances(student_embeddings), target)

@@ -11,7 +11,8 @@ weight beta, no KD term); none was tuned, per seed or otherwise.
 "hidden" is the student's only hidden layer after its ReLU (16 units), matched to the
 teacher's last hidden layer after its ReLU (256 units): `penultimate_and_logits`.
 
-- response [response]: the `student_kd` row, Hinton: 0.1 CE + 0.9 T^2 KL, T=4 (see demo.py).
+- response [response]: the `student_kd` row, Hinton: 0.1 CE + 0.9 T^2 KL, T=4
+  (see fastkd.demo.digits).
 - dkd [response]: CE + fastkd.decoupled_kd_loss(T=4, alpha=1, beta=8), Zhao et al. 2022's
   CIFAR-100 setting; their 20-epoch linear warm-up of the DKD term is not used.
 - hint [feature]: CE + 100 * fastkd.HintLoss(16 -> 256, linear regressor), FitNets trained in
@@ -54,7 +55,9 @@ from torch import nn
 from torch.nn import functional as torch_F
 
 import fastkd
-from fastkd.demo import (
+
+from ..training import EMATeacher, mutual_distillation_loss
+from .digits import (
     UNLABELLED,
     DemoConfig,
     Split,
@@ -66,7 +69,6 @@ from fastkd.demo import (
     steps_for,
     train,
 )
-from fastkd.training import EMATeacher, mutual_distillation_loss
 
 # A method's runner returns the trained student, or {row name: model} with the student under
 # the method's own name and any auxiliary models (extra teachers) beside it.

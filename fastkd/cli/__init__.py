@@ -1,0 +1,1 @@
+"""Modules of `fastkd` subcommands that belong to no other package (see `fastkd.__main__`)."""
