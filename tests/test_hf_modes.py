@@ -102,3 +102,18 @@ def test_offline_store_top8_equals_sparse_loss_on_full_logits(tmp_path, data_mod
         s_logits.double(), b["teacher_topk_logprobs"].double(), b["teacher_topk_indices"],
         b["shift_labels"], tail="renormalize", backend="torch", **KW)
     torch.testing.assert_close(loss.double(), ref, rtol=1e-5, atol=0)
+
+
+def test_offline_store_checks(tmp_path, data_module):
+    teacher = llama(hidden=48, seed=1)
+    exs = examples(2)
+    write_store(data_module, tmp_path / "store", teacher, exs, 4)
+    store = str(tmp_path / "store")
+    with pytest.raises(ValueError, match="student's head has"):
+        DistillationTrainer(model=llama(vocab=VOCAB + 3), teacher_model=None,
+                            args=arguments(tmp_path, teacher_topk_store=store))
+    with pytest.raises(ValueError, match="not both"):
+        DistillationTrainer(model=llama(), teacher_model=teacher,
+                            args=arguments(tmp_path, teacher_topk_store=store))
+    with pytest.raises(ValueError, match="on-policy"):
+        arguments(tmp_path, teacher_topk_store=store, lmbda=0.5)

@@ -232,10 +232,23 @@ def _teacher_pass(teacher, input_ids, attention_mask, raise_on_dense) -> _Side:
                     raise_on_dense, "teacher")
 
 
+_NO_TERMS: set = set()
+
+
 def _call(fn, *args, return_components: bool, **keywords):
     """fn(..., return_components=...) where supported; else (loss, None, None)."""
-    if _accepts(fn, "return_components"):
-        return fn(*args, return_components=return_components, **keywords)
+    if _accepts(fn, "return_components") and (return_components, fn) not in _NO_TERMS:
+        try:
+            return fn(*args, return_components=return_components, **keywords)
+        except TypeError as exc:
+            # a kernel backend of this build that predates the loss components (its
+            # signature has no `terms`): compute the loss alone (nothing ran yet)
+            if not return_components or "'terms'" not in str(exc):
+                raise
+            _NO_TERMS.add((return_components, fn))
+            warn_once(("no-terms", fn.__name__),
+                      f"fastkd: {fn.__name__} cannot return loss components with this "
+                      f"backend ({exc}); ce / kd are not logged")
     loss = fn(*args, **keywords)
     return (loss, None, None) if return_components else loss
 

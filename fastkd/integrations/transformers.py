@@ -12,6 +12,7 @@ loss: docs/semantics.md.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import random
 from dataclasses import dataclass, field
@@ -20,7 +21,7 @@ from typing import Optional
 import torch
 from transformers import Trainer, TrainingArguments
 
-from ._hf_heads import unwrap_model
+from ._hf_heads import head_plan, unwrap_model
 from ._hf_loss import causal_lm_distillation_loss, shift_labels
 
 __all__ = ["DistillationArguments", "DistillationTrainer", "causal_lm_distillation_loss",
@@ -164,6 +165,8 @@ class DistillationTrainer(Trainer):
         if hasattr(self, "_loss_shifts_labels"):
             self._loss_shifts_labels = True
         self.teacher_model = self._prepare_teacher(teacher_model)
+        if self.store is not None:
+            self._check_store()
         self.teacher_tokenizer = teacher_tokenizer
         self._policy_rng = random.Random(args.seed)
         self._train_terms = None
@@ -211,10 +214,33 @@ class DistillationTrainer(Trainer):
             student_tokenizer=tokenizer, teacher_tokenizer=self.teacher_tokenizer, **common)
 
     def _topk_temperature(self) -> dict:
+        """{} when the store was written at the distillation temperature, else the stored
+        temperature for re-tempering (needs a fastkd with ``teacher_temperature``)."""
         stored = float(self.store.metadata["temperature"])
         if stored == float(self.args.temperature):
             return {}
+        import fastkd
+
+        if "teacher_temperature" not in inspect.signature(
+                fastkd.fused_linear_sparse_distillation_loss).parameters:
+            raise ValueError(f"the top-k store was written at temperature {stored} but "
+                             f"args.temperature is {self.args.temperature}: this fastkd "
+                             "cannot re-temper stored log-probabilities; use the store's "
+                             "temperature")
         return {"teacher_temperature": stored}
+
+    def _check_store(self) -> None:
+        """The store's vocabulary against the student's head (its top-k indices are ids)."""
+        rows = head_plan(self.model).vocab_size
+        stored = int(self.store.metadata["vocab_size"])
+        if stored < rows:
+            raise ValueError(f"the top-k store's vocabulary has {stored} ids but the "
+                             f"student's head has {rows} rows: a different tokenizer?")
+        if stored > rows:
+            logger.info("fastkd: the top-k store's teacher had %d vocabulary rows, the "
+                        "student %d: the extra rows are taken as padding (an index beyond "
+                        "the student's vocabulary raises)", stored, rows)
+        self._topk_temperature()
 
     def _dp_scale(self, num_items_in_batch) -> int:
         """Factor undoing DDP's gradient averaging when the loss is divided by the count of
