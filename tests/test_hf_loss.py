@@ -176,3 +176,16 @@ def test_bf16_teacher_fp32_student():
         ref = textbook(full_logits(s, b).double(), t_logits, b["labels"], **KW)
     # the teacher's bf16 hidden states and head give its logits up to bf16 rounding
     torch.testing.assert_close(loss.double(), ref, rtol=2e-2, atol=0)
+
+
+def test_granite_logits_scaling_divides():
+    torch.manual_seed(0)
+    config = transformers.GraniteConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=2, logits_scaling=4.0, pad_token_id=0,
+        bos_token_id=1, eos_token_id=2)
+    student = transformers.GraniteForCausalLM(config).eval()
+    check_value_and_grads(student, llama(hidden=48, seed=1), batch())
+    from fastkd.integrations._hf_heads import head_plan
+
+    assert head_plan(student).scale == 0.25 and not head_plan(student).dense
