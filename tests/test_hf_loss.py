@@ -189,3 +189,16 @@ def test_granite_logits_scaling_divides():
     from fastkd.integrations._hf_heads import head_plan
 
     assert head_plan(student).scale == 0.25 and not head_plan(student).dense
+
+
+def test_position_ids_reach_both_models():
+    s, t, b = llama(seed=0), llama(hidden=48, seed=1), batch(b=2, t=9)
+    b["attention_mask"] = torch.ones_like(b["attention_mask"])
+    pos = torch.tensor([[0, 1, 2, 3, 0, 1, 2, 3, 4]] * 2)  # two packed sequences per row
+    loss = causal_lm_distillation_loss(s, t, **b, model_kwargs={"position_ids": pos}, **KW)
+    with torch.no_grad():
+        s_logits = s(b["input_ids"], position_ids=pos).logits.double()
+        t_logits = t(b["input_ids"], position_ids=pos).logits.double()
+    ref = textbook(s_logits, t_logits, b["labels"], **KW)
+    torch.testing.assert_close(loss.double(), ref, rtol=1e-5, atol=0)
+    assert abs(causal_lm_distillation_loss(s, t, **b, **KW).item() - ref.item()) > 1e-4

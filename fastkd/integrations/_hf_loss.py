@@ -63,11 +63,12 @@ class _Side:
         return self.plan.logits(self.hidden, rows)
 
 
-def _run(model, input_ids, attention_mask, raise_on_dense: bool, role: str) -> _Side:
+def _run(model, input_ids, attention_mask, raise_on_dense: bool, role: str,
+         extra: dict) -> _Side:
     plan = head_plan(model)
     name = type(unwrap_model(model)).__name__
     if not plan.dense:
-        out = model(input_ids=input_ids, attention_mask=attention_mask,
+        out = model(input_ids=input_ids, attention_mask=attention_mask, **extra,
                     **forward_options(model, keep_last=True))
         hidden = final_hidden(out)
         decided = plan.verified or verify_plan(model, plan, hidden[:, -1], out.logits[:, -1])
@@ -82,7 +83,7 @@ def _run(model, input_ids, attention_mask, raise_on_dense: bool, role: str) -> _
                   f"fastkd: the {role} ({name}) uses its full [B, T, V] logits (dense "
                   f"fallback, more memory; the loss is the same): {plan.reason}")
     options = forward_options(model, keep_last=False)
-    out = model(input_ids=input_ids, attention_mask=attention_mask, **options)
+    out = model(input_ids=input_ids, attention_mask=attention_mask, **extra, **options)
     return _Side(plan, logits=out.logits)
 
 
@@ -122,6 +123,7 @@ def causal_lm_distillation_loss(student: nn.Module, teacher: Optional[nn.Module]
                                 return_components: bool = False,
                                 logits_fallback: str = "dense",
                                 student_tokenizer=None, teacher_tokenizer=None,
+                                model_kwargs: Optional[dict] = None,
                                 **loss_keywords):
     """Distillation loss of a causal LM `student` from `teacher` on one batch, fused lm-head.
 
@@ -147,6 +149,8 @@ def causal_lm_distillation_loss(student: nn.Module, teacher: Optional[nn.Module]
     logits_fallback : "dense" | "raise". A model whose head is not a plain linear layer up to
         a known softcap / logit scale uses its full logits ("dense", logged) or raises.
     student_tokenizer, teacher_tokenizer : optional, to check the vocabularies match.
+    model_kwargs : dict or None. More inputs of both models' forward (e.g. ``position_ids``
+        of packed sequences), tensors of shape (B, T).
     **loss_keywords : temperature, alpha, divergence, beta, scale_by_t2, ignore_index,
         label_smoothing, reduction, num_items_in_batch, chunk_size, backend (and tail,
         teacher_temperature offline), as in `fastkd.fused_linear_distillation_loss`.
@@ -189,11 +193,12 @@ def causal_lm_distillation_loss(student: nn.Module, teacher: Optional[nn.Module]
                 input_ids.masked_fill(attention_mask == 0, ignore_index)
         shifted_labels = shift_labels(labels, ignore_index)
     raise_on_dense = logits_fallback == "raise"
-    student_side = _run(student, input_ids, attention_mask, raise_on_dense, "student")
+    extra = dict(model_kwargs or {})
+    student_side = _run(student, input_ids, attention_mask, raise_on_dense, "student", extra)
     if offline:
         return _offline_loss(student_side, shifted_labels, teacher_topk_logprobs,
                              teacher_topk_indices, return_components, loss_keywords)
-    teacher_side = _teacher_pass(teacher, input_ids, attention_mask, raise_on_dense)
+    teacher_side = _teacher_pass(teacher, input_ids, attention_mask, raise_on_dense, extra)
     splan, tplan = student_side.plan, teacher_side.plan
     rows = check_vocabularies(splan, tplan.vocab_size, student,
                               student_tokenizer=student_tokenizer,
@@ -219,7 +224,7 @@ def causal_lm_distillation_loss(student: nn.Module, teacher: Optional[nn.Module]
                  return_components=return_components, **keywords)
 
 
-def _teacher_pass(teacher, input_ids, attention_mask, raise_on_dense) -> _Side:
+def _teacher_pass(teacher, input_ids, attention_mask, raise_on_dense, extra) -> _Side:
     if teacher.training:
         warn_once(("teacher-train", id(teacher)),
                   "fastkd: the teacher was in training mode: switched to eval mode",
@@ -227,9 +232,11 @@ def _teacher_pass(teacher, input_ids, attention_mask, raise_on_dense) -> _Side:
         teacher.eval()
     device = _device_of(teacher)
     with torch.no_grad():
+        extra = {k: v.to(device) if isinstance(v, torch.Tensor) else v
+                 for k, v in extra.items()}
         return _run(teacher, input_ids.to(device),
                     None if attention_mask is None else attention_mask.to(device),
-                    raise_on_dense, "teacher")
+                    raise_on_dense, "teacher", extra)
 
 
 _NO_TERMS: set = set()

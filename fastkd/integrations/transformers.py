@@ -30,6 +30,8 @@ __all__ = ["DistillationArguments", "DistillationTrainer", "causal_lm_distillati
 logger = logging.getLogger("fastkd.integrations.transformers")
 
 _DIVERGENCES = ("kl", "reverse_kl", "jsd", "tvd")
+#: Batch entries passed to both models' forward besides input_ids and attention_mask.
+MODEL_INPUTS = ("position_ids", "token_type_ids")
 
 
 @dataclass
@@ -126,7 +128,8 @@ class DistillationTrainer(Trainer):
         data_collator, a `fastkd.data.TopKCollator` over the store is used.
 
     The batch holds ``input_ids``, ``attention_mask`` and ``labels`` (unshifted, -100 =
-    ignored; ``shift_labels`` is used when present). The loss of a micro-batch is divided by
+    ignored; ``shift_labels`` is used when present; ``position_ids`` and ``token_type_ids``
+    are passed to both models). The loss of a micro-batch is divided by
     the Trainer's ``num_items_in_batch`` (all target tokens of the optimizer step, over all
     processes), so gradient accumulation and data parallelism equal one large batch. Logs
     carry ``loss``, ``ce`` and ``kd`` (the unweighted divergence); evaluation reports
@@ -198,7 +201,9 @@ class DistillationTrainer(Trainer):
         keywords = self.args.loss_keywords()
         if num_items_in_batch is not None:
             keywords["num_items_in_batch"] = num_items_in_batch
+        extra = {k: inputs[k] for k in MODEL_INPUTS if inputs.get(k) is not None}
         common = dict(labels=inputs.get("labels"), shifted_labels=inputs.get("shift_labels"),
+                      model_kwargs=extra,
                       return_components=True, logits_fallback=self.args.logits_fallback,
                       **keywords)
         if self.teacher_model is None:
