@@ -314,10 +314,20 @@ class DistillationTrainer(Trainer):
         """The batch with its completions replaced by samples of the student.
 
         A sequence's prompt is its tokens before its first target (label != -100 at a
-        position >= 1); the
-        student samples up to ``max_new_tokens`` tokens at ``generation_temperature`` (full
-        distribution: no top-k / top-p), stopping at its EOS. Returns right-padded
-        ``input_ids``, ``attention_mask`` and ``labels`` (-100 on the prompt and padding).
+        position >= 1); the student samples up to ``max_new_tokens`` tokens at
+        ``generation_temperature`` (full distribution: no top-k / top-p), stopping at its
+        EOS.
+
+        Parameters
+        ----------
+        model : the student as the Trainer holds it (wrappers are removed for `generate`).
+        inputs : dict with (B, T) ``input_ids``, ``attention_mask``, ``labels``.
+
+        Returns
+        -------
+        dict
+            Right-padded (B, L) int64 ``input_ids``, ``attention_mask`` and ``labels``
+            (-100 on the prompt and padding).
         """
         from ._hf_generate import sample_completions
         return sample_completions(unwrap_model_for_generation(self, model), inputs,
