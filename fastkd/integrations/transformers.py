@@ -196,8 +196,23 @@ class DistillationTrainer(Trainer):
 
     # --- loss ----------------------------------------------------------------------------
     def distillation_terms(self, model, inputs, num_items_in_batch=None):
-        """(loss, ce, kd) of one batch, as `compute_loss` computes it (before the scaling
-        for data parallelism)."""
+        """The loss of one batch and its two terms, before the data-parallel scaling.
+
+        Parameters
+        ----------
+        model : the student (possibly wrapped).
+        inputs : dict of (B, T) tensors: ``input_ids``, optional ``attention_mask``,
+            ``labels``, ``shift_labels``, ``position_ids``; offline also
+            ``teacher_topk_logprobs`` (B, T, k) and ``teacher_topk_indices`` (B, T, k).
+        num_items_in_batch : int | 0-d tensor | None. Divisor of the summed loss (the
+            Trainer's count of target tokens of the optimizer step); None: token mean.
+
+        Returns
+        -------
+        tuple
+            ``(loss, ce, kd)``: float32 scalars; ``ce`` and ``kd`` are detached and
+            unweighted, or None on a kernel backend without loss components.
+        """
         keywords = self.args.loss_keywords()
         if num_items_in_batch is not None:
             keywords["num_items_in_batch"] = num_items_in_batch
@@ -256,6 +271,15 @@ class DistillationTrainer(Trainer):
         return self.accelerator.num_processes
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """The Trainer's loss: `distillation_terms`, times the number of processes when it
+        is divided by all processes' token count (DDP then averages the gradients).
+
+        Returns
+        -------
+        torch.Tensor or tuple
+            The float32 scalar loss, or ``(loss, {"loss", "ce", "kd"})`` with
+            `return_outputs`.
+        """
         loss, ce, kd = self.distillation_terms(model, inputs, num_items_in_batch)
         scale = self._dp_scale(num_items_in_batch)
         if scale != 1:
