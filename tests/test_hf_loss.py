@@ -202,3 +202,16 @@ def test_position_ids_reach_both_models():
     ref = textbook(s_logits, t_logits, b["labels"], **KW)
     torch.testing.assert_close(loss.double(), ref, rtol=1e-5, atol=0)
     assert abs(causal_lm_distillation_loss(s, t, **b, **KW).item() - ref.item()) > 1e-4
+
+
+def test_lora_on_the_head_uses_dense_logits(caplog):
+    peft = pytest.importorskip("peft")
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "lm_head"],
+                             init_lora_weights=False)
+    student = peft.get_peft_model(llama(seed=0), config)
+    with caplog.at_level(logging.WARNING, logger="fastkd.integrations.transformers"):
+        check_value_and_grads(student, llama(hidden=48, seed=1), batch())
+    assert "not a plain nn.Linear" in caplog.text
+    with pytest.raises(ValueError, match="fused lm-head"):
+        causal_lm_distillation_loss(student, llama(hidden=48), **batch(),
+                                    logits_fallback="raise")
