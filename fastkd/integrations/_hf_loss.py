@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import inspect
 import logging
 import weakref
@@ -108,9 +109,21 @@ def _teacher_head(plan: HeadPlan, rows: int, device, dtype):
     return cached[1]
 
 
-#: fastkd versions whose fused-linear loss needs one dtype for student and teacher (shim:
-#: the teacher's hidden states and head are cast to the student's dtype).
-_MIXED_DTYPES = False
+@functools.cache
+def _mixed_dtypes(backend: str, device_type: str) -> bool:
+    """Whether this build's kernel for `backend` reads a bf16 teacher with an fp32 student.
+
+    Builds whose kernels need one dtype get the teacher's hidden states and head (or
+    logits) cast to the student's dtype instead (the teacher then loses nothing when it is
+    the wider dtype; a wider student reads a rounded teacher either way).
+    """
+    s = torch.zeros(1, 4, device=device_type)
+    t = torch.zeros(1, 4, dtype=torch.bfloat16, device=device_type)
+    try:
+        fastkd.distillation_loss(s, t, backend=backend)
+    except (TypeError, ValueError, RuntimeError):
+        return False
+    return True
 
 
 def causal_lm_distillation_loss(student: nn.Module, teacher: Optional[nn.Module],
@@ -217,7 +230,8 @@ def causal_lm_distillation_loss(student: nn.Module, teacher: Optional[nn.Module]
     with torch.no_grad():
         t_logits = teacher_side.full_logits(rows).to(device)
     s_logits = student_side.full_logits()
-    if not _MIXED_DTYPES and t_logits.dtype != s_logits.dtype:
+    backend = loss_keywords.get("backend", "auto")
+    if t_logits.dtype != s_logits.dtype and not _mixed_dtypes(backend, device.type):
         t_logits = t_logits.to(s_logits.dtype)
     keywords = {k: v for k, v in loss_keywords.items() if k != "chunk_size"}
     return _call(fastkd.distillation_loss, s_logits, t_logits, shifted_labels,
@@ -275,7 +289,8 @@ def _fused_loss(student_side, teacher_side, rows, device, target, return_compone
     splan, tplan = student_side.plan, teacher_side.plan
     s_weight = splan.weight
     s_hidden, s_bias = _scaled(splan, student_side.hidden, s_weight, splan.bias)
-    dtype = None if _MIXED_DTYPES else s_weight.dtype
+    mixed = _mixed_dtypes(keywords.get("backend", "auto"), device.type)
+    dtype = None if mixed else s_weight.dtype
     t_weight, t_bias = _teacher_head(tplan, rows, device, dtype)
     with torch.no_grad():
         t_hidden = teacher_side.hidden.to(device)
