@@ -45,15 +45,14 @@ def markov_chain(seed: int = 0):
 
 
 def sentences(n: int, chain, seed: int) -> list:
+    """n sentences of LENGTH words drawn from the chain."""
     start, trans = chain
     g = torch.Generator().manual_seed(seed)
-    out = []
-    for _ in range(n):
-        w = [int(torch.multinomial(start, 1, generator=g))]
-        for _ in range(LENGTH - 1):
-            w.append(int(torch.multinomial(trans[w[-1]], 1, generator=g)))
-        out.append(" ".join(f"w{i}" for i in w))
-    return out
+    words = [torch.multinomial(start.expand(n, -1), 1, generator=g)[:, 0]]
+    for _ in range(LENGTH - 1):
+        words.append(torch.multinomial(trans[words[-1]], 1, generator=g)[:, 0])
+    rows = torch.stack(words, 1).tolist()
+    return [" ".join(f"w{i}" for i in row) for row in rows]
 
 
 def entropy_rate(chain) -> float:
