@@ -47,6 +47,12 @@ def shift_labels(labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor
 
 
 def _device_of(model: nn.Module) -> torch.device:
+    """Where the model's inputs go: its input embeddings' device (models spread over
+    devices with a device_map included), else its first parameter's."""
+    get = getattr(unwrap_model(model), "get_input_embeddings", None)
+    embeddings = get() if callable(get) else None
+    if embeddings is not None and getattr(embeddings, "weight", None) is not None:
+        return embeddings.weight.device
     for p in model.parameters():
         return p.device
     return torch.device("cpu")

@@ -184,7 +184,9 @@ class DistillationTrainer(Trainer):
         teacher.eval()
         target = self.args.teacher_device
         params = list(teacher.parameters())
-        if target is None and params and all(p.device.type == "cpu" for p in params) \
+        spread = getattr(teacher, "hf_device_map", None)  # placed by accelerate: keep it
+        if target is None and not spread and params \
+                and all(p.device.type == "cpu" for p in params) \
                 and self.args.device.type != "cpu":
             target = self.args.device
         if target is not None:
