@@ -216,7 +216,7 @@ def final_hidden(output) -> torch.Tensor:
     return states[-1]
 
 
-def check_vocabularies(student_plan: HeadPlan, teacher_vocab: int, student_model, *,
+def check_vocabularies(student_plan: HeadPlan, teacher_vocab: int, *,
                        student_tokenizer=None, teacher_tokenizer=None) -> int:
     """Number of teacher head rows to use (= the student's vocabulary size).
 

@@ -98,9 +98,8 @@ _TEACHER_HEADS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _teacher_head(plan: HeadPlan, rows: int, device, dtype):
-    """Teacher weight/bias rows [:rows] on the student's device, with its scale folded into
-    the bias; copies (when the device or dtype differs) are cached while the weight is
-    unchanged."""
+    """Teacher weight / bias rows [:rows] on the student's device (in `dtype` unless None);
+    copies (when the device or dtype differs) are cached while the weight is unchanged."""
     weight, bias = plan.weight.detach()[:rows], plan.bias
     bias = None if bias is None else bias.detach()[:rows]
     if weight.device == device and (dtype is None or weight.dtype == dtype):
@@ -219,8 +218,7 @@ def causal_lm_distillation_loss(student: nn.Module, teacher: Optional[nn.Module]
                              teacher_topk_indices, return_components, loss_keywords)
     teacher_side = _teacher_pass(teacher, input_ids, attention_mask, raise_on_dense, extra)
     splan, tplan = student_side.plan, teacher_side.plan
-    rows = check_vocabularies(splan, tplan.vocab_size, student,
-                              student_tokenizer=student_tokenizer,
+    rows = check_vocabularies(splan, tplan.vocab_size, student_tokenizer=student_tokenizer,
                               teacher_tokenizer=teacher_tokenizer)
     device = (student_side.hidden if student_side.hidden is not None
               else student_side.logits).device
