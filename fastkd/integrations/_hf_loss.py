@@ -262,7 +262,8 @@ _NO_TERMS: set = set()
 
 def _call(fn, *args, return_components: bool, **keywords):
     """fn(..., return_components=...) where supported; else (loss, None, None)."""
-    if _accepts(fn, "return_components") and (return_components, fn) not in _NO_TERMS:
+    key = (fn, keywords.get("backend", "auto"), args[0].device.type)
+    if _accepts(fn, "return_components") and key not in _NO_TERMS:
         try:
             return fn(*args, return_components=return_components, **keywords)
         except TypeError as exc:
@@ -270,7 +271,7 @@ def _call(fn, *args, return_components: bool, **keywords):
             # signature has no `terms`): compute the loss alone (nothing ran yet)
             if not return_components or "'terms'" not in str(exc):
                 raise
-            _NO_TERMS.add((return_components, fn))
+            _NO_TERMS.add(key)
             warn_once(("no-terms", fn.__name__),
                       f"fastkd: {fn.__name__} cannot return loss components with this "
                       f"backend ({exc}); ce / kd are not logged")
