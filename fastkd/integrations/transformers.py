@@ -55,6 +55,8 @@ class DistillationArguments(TrainingArguments):
     teacher_device : str | None. None: the teacher stays where it is, except that a CPU
         teacher moves to the training device when that is an accelerator.
     kd_backend : fastkd backend ("auto", "cpu", "triton", "cuda", "torch").
+    average_tokens_across_devices : bool, default True here on every transformers version
+        (so that data parallelism equals one large batch).
     """
 
     temperature: float = field(default=1.0, metadata={"help": "Distillation temperature T."})
@@ -79,6 +81,10 @@ class DistillationArguments(TrainingArguments):
     teacher_device: Optional[str] = field(default=None,
                                           metadata={"help": "Device of the teacher."})
     kd_backend: str = field(default="auto", metadata={"help": "fastkd backend."})
+    # transformers < 4.50 defaults this to False: each process then divides by its own
+    # token count and data parallelism no longer equals one large batch
+    average_tokens_across_devices: bool = field(
+        default=True, metadata={"help": "Divide the loss by all processes' token count."})
 
     def __post_init__(self):
         checks = [
