@@ -108,3 +108,22 @@ def test_arguments_are_validated(tmp_path):
         DistillationTrainer(model=llama(), teacher_model=llama(hidden=48))
     with pytest.raises(ValueError, match="teacher_topk_store"):
         DistillationTrainer(model=llama(), teacher_model=None, args=arguments(tmp_path))
+
+
+def test_bf16_mixed_precision_keeps_the_fused_head(tmp_path):
+    from fastkd.integrations._hf_heads import head_plan
+
+    student, teacher = gemma2(seed=0), gemma2(hidden=48, seed=1)
+    tr = trainer(student, teacher, tmp_path, data=examples(4), max_steps=1,
+                 per_device_train_batch_size=2, bf16=True)
+    tr.train()  # the model's forward runs under CPU autocast (accelerate)
+    plan = head_plan(student)
+    assert plan.verified and not plan.dense and plan.softcap == 0.5
+    b = batch()
+    loss = tr.compute_loss(tr.model, b)
+    with torch.no_grad():
+        t_logits = teacher(b["input_ids"], attention_mask=b["attention_mask"]).logits
+        s_logits = student(b["input_ids"], attention_mask=b["attention_mask"]).logits
+    ref = textbook(s_logits.double(), t_logits.double(), b["labels"], **KW)
+    assert loss.dtype == torch.float32
+    torch.testing.assert_close(loss.double(), ref, rtol=2e-2, atol=0)

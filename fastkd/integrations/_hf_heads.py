@@ -145,6 +145,14 @@ def head_plan(model: nn.Module) -> HeadPlan:
     return plan
 
 
+def _autocast(device_type: str) -> bool:
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except TypeError:  # torch < 2.4
+        return torch.is_autocast_cpu_enabled() if device_type == "cpu" else \
+            torch.is_autocast_enabled()
+
+
 def verify_plan(model: nn.Module, plan: HeadPlan, hidden_last: torch.Tensor,
                 logits_last: torch.Tensor) -> bool:
     """Finds the transform reproducing the model's own logits at one position per sequence.
@@ -156,8 +164,10 @@ def verify_plan(model: nn.Module, plan: HeadPlan, hidden_last: torch.Tensor,
     with torch.no_grad():
         y = logits_last.float()
         z = F.linear(hidden_last.to(plan.weight.dtype), plan.weight, plan.bias).float()
-        half = torch.float32 not in (plan.weight.dtype, logits_last.dtype)
-        rtol = 3e-2 if half or plan.weight.dtype != torch.float32 else 1e-4
+        wide = (torch.float32, torch.float64)
+        exact = plan.weight.dtype in wide and logits_last.dtype in wide \
+            and not _autocast(logits_last.device.type)
+        rtol = 1e-4 if exact else 3e-2  # bf16 / fp16 heads (or autocast) round to ~1e-2
         bound = rtol * float(y.abs().max()) + 1e-6
         matches = []
         for scale, cap in _candidates(model):

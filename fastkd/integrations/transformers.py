@@ -288,7 +288,10 @@ class DistillationTrainer(Trainer):
             The float32 scalar loss, or ``(loss, {"loss", "ce", "kd"})`` with
             `return_outputs`.
         """
-        loss, ce, kd = self.distillation_terms(model, inputs, num_items_in_batch)
+        # the head runs in the mixed precision the model's forward runs in (accelerate wraps
+        # only the forward of the prepared model in autocast)
+        with self.accelerator.autocast():
+            loss, ce, kd = self.distillation_terms(model, inputs, num_items_in_batch)
         scale = self._dp_scale(num_items_in_batch)
         if scale != 1:
             loss = loss * scale
@@ -315,7 +318,7 @@ class DistillationTrainer(Trainer):
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         """The distillation loss of an eval batch (token mean); no logits are returned."""
         inputs = self._prepare_inputs(inputs)
-        with torch.no_grad():
+        with torch.no_grad(), self.accelerator.autocast():
             loss, ce, kd = self.distillation_terms(model, inputs)
         if ce is not None:
             n = inputs["input_ids"].shape[0]
