@@ -110,7 +110,19 @@ def test_arguments_are_validated(tmp_path):
         DistillationTrainer(model=llama(), teacher_model=None, args=arguments(tmp_path))
 
 
-def test_bf16_mixed_precision_keeps_the_fused_head(tmp_path):
+@pytest.fixture
+def fresh_accelerate_state(monkeypatch):
+    """transformers 4.x records bf16 in the environment (ACCELERATE_MIXED_PRECISION) and
+    accelerate in a process-wide singleton: later Trainers of this test process must not
+    inherit it."""
+    from accelerate.state import AcceleratorState
+
+    monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)  # restored afterwards
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def test_bf16_mixed_precision_keeps_the_fused_head(tmp_path, fresh_accelerate_state):
     from fastkd.integrations._hf_heads import head_plan
 
     student, teacher = gemma2(seed=0), gemma2(hidden=48, seed=1)
