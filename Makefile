@@ -9,7 +9,7 @@ TOOLS  := numpy triton pytest hypothesis pytest-benchmark scikit-learn tqdm ruff
           accelerate peft safetensors tokenizers
 NATIVE := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cpu/*.h)
 
-.PHONY: test demo bench lint cuda-check clean
+.PHONY: test demo bench lint cuda-check gpu-check gpu-wheels clean
 
 $(VENV)/.tools:
 	test -x $(VPY) || $(PYTHON) -m venv $(VENV)
@@ -35,11 +35,26 @@ bench: $(VENV)/.built
 	$(VPY) -m fastkd bench --out bench/results $(BENCH_ARGS)
 
 lint: $(VENV)/.tools
-	$(VENV)/bin/ruff check fastkd kernels tests bench
+	$(VENV)/bin/ruff check fastkd kernels tests bench scripts
 
 # Compiles every .cu file standalone for Hopper (no GPU needed) and prints ptxas usage.
 cuda-check:
 	bash csrc/cuda/check_compile.sh
+
+# One-shot GPU validation (scripts/gpu_check.py): builds the CUDA extension offline with the
+# machine's own torch, runs the GPU tests and `fastkd bench --preset gpu-goals` with the peers,
+# and writes CSV, plots and gpu-check.md into $$OUT (else bench/results/). It uses python3 (the
+# GPU image's torch), or GPU_PYTHON. `make gpu-check DRY_RUN=1` needs no GPU: it prints the
+# plan and checks every import, file and option of the real run (CI runs it).
+# `make gpu-wheels` (where a package index is reachable) downloads the pinned Liger-Kernel and
+# Cut Cross-Entropy wheels into .gpu-wheels/ (git-ignored; carry it to the GPU machine).
+DRY_RUN ?= 0
+GPU_PYTHON ?= $(if $(filter 1,$(DRY_RUN)),$(VPY),python3)
+gpu-check: $(if $(filter 1,$(DRY_RUN)),$(VENV)/.built,)
+	DRY_RUN=$(DRY_RUN) GPU_PYTHON=$(GPU_PYTHON) bash scripts/gpu_check.sh
+
+gpu-wheels:
+	WHEELS=1 GPU_PYTHON=$(if $(wildcard $(VPY)),$(VPY),$(PYTHON)) bash scripts/gpu_check.sh
 
 clean:
 	rm -rf build *.egg-info fastkd/*.so $(VENV)

@@ -98,13 +98,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run a predefined set of measurements: cpu-goals (float32, V=32000) "
                         "or gpu-goals (bf16, V=128256, one CUDA GPU); shape options are "
                         "ignored, --loss and --providers filter it")
-    p.add_argument("--loss", type=parse_losses,
+    p.add_argument("--loss", type=parse_losses, metavar="LOSS[,LOSS...]",
                    help="which loss: dense (distillation_loss), sparse (top-k teacher, "
                         "sparse_distillation_loss), fused-linear (lm-head fused in, "
                         "fused_linear_distillation_loss), comma-separated, or all "
                         "(default dense)")
-    p.add_argument("--providers", type=lambda s: _choice_list(s, providers.PROVIDERS,
-                                                              "--providers"),
+    p.add_argument("--providers", metavar="NAME[,NAME...]",
+                   type=lambda s: _choice_list(s, providers.PROVIDERS, "--providers"),
                    help="who computes the loss, comma-separated: fastkd backends torch, cpu, "
                         "triton, cuda; peers eager (plain PyTorch), compile (torch.compile), "
                         "liger (Liger-Kernel), cce (Cut Cross-Entropy); default: all that "

@@ -1,7 +1,7 @@
 """Cost models (bytes, FLOPs) per benchmark row and the device's measured ceilings.
 
 Byte floors, dense loss (student / teacher logits (N, V) of `b` bytes each, teacher not
-differentiated; DESIGN.md §5):
+differentiated):
     fwd      2*N*V*b   read student and teacher once
     bwd      2*N*V*b   read one saved (N, V) tensor (the fused gradient, or the logits to
                        recompute from), write the gradient once

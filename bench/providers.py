@@ -89,7 +89,26 @@ def _randn(shape, generator, device, dtype, scale=1.0) -> torch.Tensor:
 
 def make_inputs(loss: str, shape: Shape, dtype: torch.dtype, device: torch.device,
                 options: LossOptions, seed: int = 0) -> Dict[str, torch.Tensor]:
-    """Fresh random inputs for `loss`; the tensors of GRAD_LEAVES[loss] require grad."""
+    """Fresh random inputs for `loss` (normal logits of scale LOGIT_SCALE, never zeros).
+
+    Parameters
+    ----------
+    loss : str
+        One of `LOSSES`.
+    shape : Shape
+        n tokens, v vocabulary; hs / ht hidden sizes (fused-linear) or k (sparse).
+    dtype : torch.dtype
+        Of the logits / hidden states / weights / top-k values (labels are int64).
+    device : torch.device
+    options : LossOptions
+        The temperature the sparse loss's top-k log-probabilities are taken at.
+    seed : int
+
+    Returns
+    -------
+    dict of str to Tensor
+        Keyed by `ARGUMENTS[loss]`; the tensors of `GRAD_LEAVES[loss]` require grad.
+    """
     g = torch.Generator(device=device).manual_seed(seed)
     n, v = shape.n, shape.v
     target = torch.randint(0, v, (n,), generator=g, device=device)
@@ -190,12 +209,29 @@ def _fastkd_skip_reason(loss, backend, device, dtype) -> Optional[str]:
 
 def skip_reason(loss: str, provider: str, device: torch.device,
                 dtype: torch.dtype) -> Optional[str]:
-    """Why `provider` cannot run `loss` here; None when it can."""
+    """Why `provider` cannot run `loss` on `device` in `dtype`.
+
+    Parameters
+    ----------
+    loss : str
+        One of `LOSSES`.
+    provider : str
+        One of `PROVIDERS`.
+    device : torch.device
+    dtype : torch.dtype
+
+    Returns
+    -------
+    str or None
+        A sentence for the user (shown as "skipped ..."), or None when it can run.
+    """
     if loss not in LOSSES:
         raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
     if provider not in PROVIDERS:
         raise ValueError(f"provider must be one of {PROVIDERS}, got {provider!r}")
     if provider in FASTKD_BACKENDS:
+        if loss == "sparse_distillation" and provider == "cuda":
+            return "fastkd's top-k teacher loss has no CUDA C++ kernel (its GPU kernel is triton)"
         return _fastkd_skip_reason(loss, provider, device, dtype)
     if provider in ("eager", "compile"):
         return None
@@ -262,7 +298,20 @@ def _cce_provider() -> Callable:
 
 
 def build_provider(loss: str, provider: str, options: LossOptions) -> Callable:
-    """The callable `fn(inputs) -> scalar loss` of `provider` for `loss`."""
+    """The callable that computes `loss` the way `provider` does.
+
+    Parameters
+    ----------
+    loss, provider : str
+    options : LossOptions
+        Temperature and alpha of the Hinton loss.
+
+    Returns
+    -------
+    callable
+        ``fn(inputs) -> scalar loss`` over a `make_inputs` dict (torch.compile providers are
+        compiled on their first call).
+    """
     if provider in FASTKD_BACKENDS:
         return _fastkd_provider(loss, provider, options)
     if provider == "liger":
@@ -278,7 +327,21 @@ def build_provider(loss: str, provider: str, options: LossOptions) -> Callable:
 
 
 def make_prepare(loss: str, mode: str, fn: Callable) -> Callable:
-    """`prepare(inputs) -> call` for timing.py: the untimed part of a step, then the timed."""
+    """One timed step of `mode` for the timers of `fastkd.bench.timing`.
+
+    Parameters
+    ----------
+    loss : str
+    mode : {"fwd", "bwd", "fwd+bwd"}
+    fn : callable
+        From `build_provider`.
+
+    Returns
+    -------
+    callable
+        ``prepare(inputs) -> call``: runs the untimed part (clears gradients; for "bwd" the
+        forward) and returns the zero-argument callable whose run is timed.
+    """
     def prepare(inputs):
         clear_grads(loss, inputs)
         if mode == "fwd":

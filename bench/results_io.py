@@ -90,11 +90,16 @@ def installed_version() -> str:
 def git_rev(root: str = REPO_ROOT) -> str:
     """The revision of the benchmarked code.
 
-    In a git checkout of fastkd (an editable install): the short HEAD revision, with '+dirty'
-    when the benchmarked sources differ from it. Otherwise (an installed package, or no git):
+    The environment variable FASTKD_GIT_REV when set (a copy of the tree without .git, e.g.
+    on a lent GPU machine). In a git checkout of fastkd (an editable install): the short HEAD
+    revision, with '+dirty' when the benchmarked sources differ from it. Otherwise (an
+    installed package, or no git):
     'v' + the version recorded at build time, e.g. 'v0.1.0'. A git repository that merely
     encloses an installed package (a virtual environment inside some project) is not used.
     """
+    recorded = os.environ.get("FASTKD_GIT_REV")   # set by scripts/gpu_check.py (no .git there)
+    if recorded:
+        return recorded
     try:
         top = _git(root, "rev-parse", "--show-toplevel")
         if os.path.realpath(top) != os.path.realpath(root):

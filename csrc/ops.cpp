@@ -19,10 +19,13 @@ TORCH_LIBRARY(fastkd, m) {
   // Dense fused distillation: per-row weighted loss (float32), gradient of that loss written
   // into grad_student / grad_teacher when given (grad_student may alias student).
   // divergence: 0 kl, 1 reverse_kl, 2 jsd, 3 tvd. softcap <= 0 means off. target may be
-  // absent (no cross-entropy term, no ignored rows).
+  // absent (no cross-entropy term, no ignored rows). student and teacher: (N, V), each
+  // fp32 / bf16 / fp16 with unit column stride and any row stride; each gradient in its
+  // input's dtype. terms: optional (N, 2) float32 receiving the unweighted CE and divergence
+  // of every row (both evaluated even when a weight is 0; CE only with a target).
   m.def(
       "dense_kd(Tensor student, Tensor teacher, Tensor? target, Tensor(a!)? grad_student, "
       "Tensor(b!)? grad_teacher, float temperature, float ce_weight, float div_weight, "
-      "int divergence, float beta, int ignore_index, float label_smoothing, float softcap) "
-      "-> Tensor");
+      "int divergence, float beta, int ignore_index, float label_smoothing, float softcap, "
+      "Tensor(c!)? terms=None) -> Tensor");
 }

@@ -6,13 +6,25 @@ documented in docs/semantics.md.
 
 from __future__ import annotations
 
-import sys
+import math
 from typing import Optional
 
 import torch
 
 from ._dispatch import BackendUnavailableError, dense_kernel, resolve_backend
 from ._docs import fill_doc
+from ._glue import (
+    _autocast_head,
+    _check_inplace,
+    _flat_target,
+    _head_dtype,
+    _is_dtensor,
+    _to_float64_if_any,
+    _valid_count,
+    _with_components,
+    kernel_options,
+    loss_weights,  # noqa: F401  (part of this module's namespace for other modules)
+)
 from ._validation import check_chunk_size as _check_chunk_size
 from ._validation import (
     check_floating,
@@ -27,66 +39,11 @@ from ._validation import check_linear_head as _check_linear_head
 from .ops import dense_distillation_rows
 from .ops.dense import autocast_off, rows_layout
 from .ops.fused_linear import default_chunk_rows, fused_linear_rows
-from .ops.sparse import sparse_distillation_rows
-from .reference import DIVERGENCES
+from .ops.sparse import sparse_distillation_rows, student_rows
 from .reference.sparse import TAILS, sparse_kd_rows
 
 __all__ = ["distillation_loss", "fused_linear_distillation_loss",
            "fused_linear_sparse_distillation_loss", "sparse_distillation_loss"]
-
-
-def loss_weights(target_given: bool, alpha: float, temperature: float,
-                 scale_by_t2: bool) -> tuple:
-    """(ce_weight, div_weight) of `alpha * CE + (1 - alpha) * k * D`, k = T^2 or 1.
-
-    With no target there is no hard term and the loss is `k * D` (alpha unused).
-    """
-    k = float(temperature) ** 2 if scale_by_t2 else 1.0
-    if not target_given:
-        return 0.0, k
-    return float(alpha), (1.0 - float(alpha)) * k
-
-
-def kernel_options(target_given: bool, *, temperature, alpha, divergence, beta, scale_by_t2,
-                   ignore_index, label_smoothing, softcap) -> tuple:
-    """The kernel's scalar arguments (temperature, ce_weight, div_weight, divergence code,
-    beta, ignore_index, label_smoothing, softcap with 0 = off)."""
-    ce_weight, div_weight = loss_weights(target_given, alpha, temperature, scale_by_t2)
-    return (float(temperature), ce_weight, div_weight, DIVERGENCES.index(divergence),
-            float(beta), int(ignore_index), float(label_smoothing),
-            float(softcap) if softcap is not None else 0.0)
-
-
-def _is_dtensor(*tensors) -> bool:
-    """Whether any tensor is a DTensor; free (no import) when torch.distributed.tensor was
-    never imported, since no DTensor can exist then (False while compiling)."""
-    if torch.compiler.is_compiling():
-        return False
-    module = sys.modules.get("torch.distributed.tensor")
-    cls = getattr(module, "DTensor", None) if module is not None else None
-    return cls is not None and any(isinstance(t, cls) for t in tensors)
-
-
-def _flat_target(target):
-    return None if target is None else target.reshape(-1).to(torch.int64).contiguous()
-
-
-def _valid_count(flat_target, ignore_index):
-    return None if flat_target is None else (flat_target != ignore_index).sum()
-
-
-def _with_components(loss, terms, valid, reduction, num_items_in_batch, lead_shape):
-    """(loss, ce, divergence): the per-row terms (N, 2) reduced exactly like the loss."""
-    ce, div = (reduce_rows(terms[:, i].detach(), valid, reduction, num_items_in_batch,
-                           lead_shape) for i in (0, 1))
-    return loss, ce, div
-
-
-def _to_float64_if_any(*tensors):
-    """float64 on either side: every tensor in float64 (autograd casts the gradients back)."""
-    if not any(t is not None and t.dtype == torch.float64 for t in tensors):
-        return tensors
-    return tuple(None if t is None else t.to(torch.float64) for t in tensors)
 
 
 @fill_doc
@@ -163,14 +120,8 @@ def distillation_loss(
     student, teacher = _to_float64_if_any(student_logits, teacher_logits)
     upcast = student is not student_logits
     student, teacher, copied = rows_layout(student, teacher)
-    if inplace_backward and (copied or upcast):
-        why = ("its dtype is raised to float64 to match the float64 teacher" if upcast else
-               f"its strides {tuple(student_logits.stride())} have no view as rows with a "
-               "contiguous last dimension")
-        raise ValueError("inplace_backward=True cannot write the gradient into "
-                         f"student_logits: {why}, so the kernel would read a copy. Pass "
-                         "inplace_backward=False (or logits whose last dimension is "
-                         "contiguous, in the teacher's precision).")
+    if inplace_backward:
+        _check_inplace(student_logits, copied, upcast)
     flat_target = _flat_target(target)
     options = kernel_options(target is not None, temperature=temperature, alpha=alpha,
                              divergence=divergence, beta=beta, scale_by_t2=scale_by_t2,
@@ -201,11 +152,12 @@ def _check_tail(tail) -> None:
 
 
 def _check_topk(logprobs, indices, lead_shape, vocab: int, valid_rows) -> None:
-    """Shapes and dtypes; in eager mode also index range, uniqueness and mass <= 1."""
+    """Shapes and dtypes; in eager mode also, on the rows that are not ignored, index range,
+    uniqueness and mass <= 1 (vectorised). Ignored rows may hold anything."""
     check_floating("teacher_topk_logprobs", logprobs)
     if not isinstance(indices, torch.Tensor) or indices.dtype not in (torch.int64, torch.int32):
-        raise TypeError("teacher_topk_indices must be an int64 tensor of vocabulary indices, "
-                        f"got {getattr(indices, 'dtype', type(indices).__name__)}")
+        raise TypeError("teacher_topk_indices must be an int64 or int32 tensor of vocabulary "
+                        f"indices, got {getattr(indices, 'dtype', type(indices).__name__)}")
     if logprobs.dim() != len(lead_shape) + 1 or logprobs.shape[:-1] != lead_shape:
         raise ValueError(f"teacher_topk_logprobs must have shape {tuple(lead_shape)} + (k,) "
                          f"(the student's leading dimensions), got {tuple(logprobs.shape)}")
@@ -219,50 +171,89 @@ def _check_topk(logprobs, indices, lead_shape, vocab: int, valid_rows) -> None:
     # Data checks read values on the host: eager mode only (see check_target).
     if torch.compiler.is_compiling() or indices.numel() == 0:
         return
-    if bool(((indices < 0) | (indices >= vocab)).any()):
-        raise ValueError(f"teacher_topk_indices must lie in [0, {vocab}), got "
-                         f"min {indices.min().item()}, max {indices.max().item()}")
+    indices, logprobs = indices.reshape(-1, k), logprobs.reshape(-1, k)
+    # Per row: index out of range, repeated index, mass > 1; one host sync for all three.
     ordered = indices.sort(dim=-1).values
-    if bool((ordered[..., 1:] == ordered[..., :-1]).any()):
-        raise ValueError("teacher_topk_indices must be unique within each row")
     lse = torch.logsumexp(logprobs.float(), dim=-1)
-    bad = ~(lse <= TOPK_MASS_TOLERANCE)
-    if valid_rows is not None:
-        bad = bad & valid_rows
-    if bool(bad.any()):
-        raise ValueError("teacher_topk_logprobs must be log-probabilities (at the "
-                         "distillation temperature) whose exp sums to <= 1 per row; got a "
-                         f"row with log-sum-exp {lse[bad][0].item():.4g}")
+    flags = torch.stack([((indices < 0) | (indices >= vocab)).any(-1),
+                         (ordered[:, 1:] == ordered[:, :-1]).any(-1),
+                         ~(lse <= TOPK_MASS_TOLERANCE)])
+    if valid_rows is not None:  # only the rows that are read
+        flags &= valid_rows.reshape(1, -1)
+    out_of_range, repeated, too_much = flags.any(-1).tolist()
+    if out_of_range:
+        bad = indices[flags[0]]
+        raise ValueError(f"teacher_topk_indices must lie in [0, {vocab}) on rows that are not "
+                         f"ignored, got min {bad.min().item()}, max {bad.max().item()}")
+    if repeated:
+        raise ValueError("teacher_topk_indices must be unique within each row that is not "
+                         "ignored")
+    if too_much:
+        raise ValueError("teacher_topk_logprobs must be log-probabilities (at "
+                         "teacher_temperature) whose exp sums to <= 1 per row; got a row with "
+                         f"log-sum-exp {lse[flags[2]][0].item():.4g}")
 
 
-def _sparse_kernel(backend: str, tensor: torch.Tensor):
-    """The top-k teacher loss is implemented by the reference only (any device)."""
+def _teacher_scale(teacher_temperature, temperature: float, tail: str) -> float:
+    """T_stored / T: the factor that re-tempers stored log-probs (1 when not re-tempered)."""
+    if teacher_temperature is None:
+        return 1.0
+    if (isinstance(teacher_temperature, bool)
+            or not isinstance(teacher_temperature, (int, float))
+            or not math.isfinite(teacher_temperature) or teacher_temperature <= 0):
+        raise ValueError("teacher_temperature must be None or a finite number > 0, got "
+                         f"{teacher_temperature!r}")
+    scale = float(teacher_temperature) / float(temperature)
+    if scale != 1.0 and tail == "bucket":
+        raise ValueError(f"teacher_temperature={teacher_temperature} differs from "
+                         f"temperature={temperature}: re-tempering needs tail='renormalize' "
+                         "(the bucket's tail mass at the new temperature is unknown)")
+    return scale
+
+
+def _sparse_kernel(backend: str, tensor: torch.Tensor, teacher_scale: float = 1.0):
+    """The top-k teacher kernel of a backend: the fused C++ op (`cpu`), the Triton op
+    (`triton`), or the reference (`torch`, and `auto` where no fused kernel applies)."""
+    import functools
+    import os
+
     name = resolve_backend(backend, tensor)  # validates the name (and FASTKD_BACKEND)
-    if backend != "auto" and name != "torch":
-        raise BackendUnavailableError(f"backend {backend!r} has no top-k teacher kernel; use "
-                                      "backend='torch' or 'auto' (the reference, any device)")
-    return sparse_kd_rows
+    requested = backend if backend != "auto" else os.environ.get("FASTKD_BACKEND", "auto")
+    if name == "cpu":
+        try:
+            from .ops.sparse_native import HAS_CPU, MISSING_REASON, sparse_kd_native
+        except Exception as exc:  # an extension built without the top-k op
+            HAS_CPU, MISSING_REASON = False, f"fastkd._C is not importable ({exc})"
+        if HAS_CPU:
+            kernel = sparse_kd_native
+        elif requested != "auto":
+            raise BackendUnavailableError("backend 'cpu' is unavailable for the top-k "
+                                          f"teacher loss: {MISSING_REASON}")
+        else:
+            name = "torch"
+    if name == "cuda":
+        if requested != "auto":
+            raise BackendUnavailableError("backend 'cuda' has no top-k teacher kernel; use "
+                                          "'triton', 'torch' or 'auto'")
+        name = "torch"
+    if name == "triton":
+        from .ops.sparse_triton import sparse_kd_triton as kernel
+    elif name == "torch":
+        kernel = sparse_kd_rows
+    if teacher_scale != 1.0:
+        kernel = functools.partial(kernel, teacher_scale=teacher_scale)
+    return kernel
 
 
-def _autocast_head(hidden, weight, bias):
-    """Under torch.autocast the lm-head matmul behaves like nn.Linear's: fp32/bf16/fp16
-    hidden, weight and bias are cast to the autocast dtype (float64 is left alone); the
-    loss itself is still computed in float32."""
-    device = hidden.device.type
-    if device not in ("cpu", "cuda") or not torch.is_autocast_enabled(device):
-        return hidden, weight, bias
-    dtype = torch.get_autocast_dtype(device)
-    return tuple(None if x is None or x.dtype == torch.float64 else x.to(dtype)
-                 for x in (hidden, weight, bias))
-
-
-def _head_dtype(*tensors) -> torch.dtype:
-    """The promoted dtype of one side's (hidden, weight, bias): the lm-head matmul's."""
-    dtype = tensors[0].dtype
-    for t in tensors[1:]:
-        if t is not None:
-            dtype = torch.promote_types(dtype, t.dtype)
-    return dtype
+def _topk_rows(tensor: torch.Tensor, width: int, kernel) -> torch.Tensor:
+    """(..., width) -> (N, width) without a copy where a view suffices (fused kernels read any
+    row stride with contiguous columns); float64 log-probs become float32 for a fused kernel."""
+    rows = tensor.reshape(-1, width)
+    if rows.stride(-1) != 1 and width > 1:
+        rows = rows.contiguous()
+    if rows.dtype == torch.float64 and getattr(kernel, "func", kernel) is not sparse_kd_rows:
+        rows = rows.float()
+    return rows
 
 
 def _fused_linear_loss(student_hidden, student_weight, student_bias, target, teacher, kernel,
@@ -424,6 +415,7 @@ def sparse_distillation_loss(
     *,
     tail: str = "bucket",
     temperature: float = 1.0,
+    teacher_temperature: Optional[float] = None,
     alpha: float = 0.5,
     divergence: str = "kl",
     beta: float = 0.5,
@@ -434,6 +426,7 @@ def sparse_distillation_loss(
     reduction: str = "mean",
     num_items_in_batch=None,
     backend: str = "auto",
+    inplace_backward: bool = False,
     return_components: bool = False,
 ):
     """Distillation from a stored top-k teacher: ``alpha * CE + (1 - alpha) * k * D_topk``.
@@ -453,7 +446,16 @@ def sparse_distillation_loss(
         "bucket": the k entries plus one bucket holding the missing mass on both sides (a
         lower bound of the dense divergence, equal when k = V); "renormalize": the teacher
         renormalised over its k entries.
+    teacher_temperature : float or None, default None
+        The temperature the log-probabilities were taken at (None: ``temperature``). When it
+        differs they are re-tempered, ``(T_stored / T) * log p`` renormalised over the k
+        entries: exact for ``tail="renormalize"``; ``tail="bucket"`` raises ValueError (the
+        tail mass at the new temperature is unknown). Rows whose target is ``ignore_index``
+        are neither validated nor read (padding may hold anything).
     %(options)s
+    inplace_backward : bool, default False
+        Write the student gradient into ``student_logits``' own storage (as in
+        `distillation_loss`); raises ValueError when the rows have no (N, V) view.
 
     Returns
     -------
@@ -475,22 +477,30 @@ def sparse_distillation_loss(
     check_same_device(student_logits=student_logits,
                       teacher_topk_logprobs=teacher_topk_logprobs,
                       teacher_topk_indices=teacher_topk_indices, target=target)
-    kernel = _sparse_kernel(backend, student_logits)
+    scale = _teacher_scale(teacher_temperature, temperature, tail)
+    kernel = _sparse_kernel(backend, student_logits, scale)
     k = teacher_topk_logprobs.shape[-1]
     flat_target = _flat_target(target)
     options = _sparse_options(target, tail, temperature, alpha, divergence, beta, scale_by_t2,
                               ignore_index, label_smoothing, softcap)
-    rows = sparse_distillation_rows(
-        student_logits.reshape(-1, vocab).contiguous(),
-        teacher_topk_logprobs.reshape(-1, k).contiguous(),
-        teacher_topk_indices.reshape(-1, k).to(torch.int64).contiguous(), flat_target, kernel,
-        options, **({"return_terms": True} if return_components else {}))
-    rows, terms = rows if return_components else (rows, None)
-    valid = None if flat_target is None else (flat_target != ignore_index).sum()
-    loss = reduce_rows(rows, valid, reduction, num_items_in_batch, lead_shape)
-    if not return_components:
-        return loss
-    return _with_components(loss, terms, valid, reduction, num_items_in_batch, lead_shape)
+    student, copied = student_rows(student_logits)  # a view wherever one exists
+    if inplace_backward and copied:
+        raise ValueError("inplace_backward=True cannot write the gradient into "
+                         f"student_logits: its strides {tuple(student_logits.stride())} have "
+                         "no view as rows with a contiguous last dimension, so the kernel "
+                         "would read a copy. Pass inplace_backward=False.")
+    with autocast_off(student.device):  # float32 arithmetic and result under autocast too
+        rows = sparse_distillation_rows(
+            student, _topk_rows(teacher_topk_logprobs, k, kernel),
+            _topk_rows(teacher_topk_indices, k, kernel), flat_target, kernel, options,
+            inplace_backward=inplace_backward, return_terms=return_components)
+        rows, terms = rows if return_components else (rows, None)
+        valid = None if flat_target is None else (flat_target != ignore_index).sum()
+        loss = reduce_rows(rows, valid, reduction, num_items_in_batch, lead_shape)
+        if not return_components:
+            return loss
+        return _with_components(loss, terms, valid, reduction, num_items_in_batch,
+                                lead_shape)
 
 
 @fill_doc
@@ -505,6 +515,7 @@ def fused_linear_sparse_distillation_loss(
     tail: str = "bucket",
     chunk_size: Optional[int] = None,
     temperature: float = 1.0,
+    teacher_temperature: Optional[float] = None,
     alpha: float = 0.5,
     divergence: str = "kl",
     beta: float = 0.5,
@@ -527,7 +538,9 @@ def fused_linear_sparse_distillation_loss(
         As ``nn.Linear.weight``; the matmul runs in the promoted dtype of hidden, weight
         and bias (like nn.Linear under ``torch.autocast``).
     teacher_topk_logprobs, teacher_topk_indices : Tensor, shape (..., k)
-        The top-k teacher, as in `sparse_distillation_loss`.
+        The top-k teacher, as in `sparse_distillation_loss` (``teacher_temperature`` too);
+        each chunk runs the backend's top-k kernel, its gradient written over the chunk's
+        logits.
     target : Tensor or None, shape (...), any integer dtype
     student_bias : Tensor or None, shape (V,), floating
     tail : {"bucket", "renormalize"}, default "bucket"
@@ -554,12 +567,13 @@ def fused_linear_sparse_distillation_loss(
                       student_bias=student_bias, teacher_topk_logprobs=teacher_topk_logprobs,
                       teacher_topk_indices=teacher_topk_indices, target=target)
     _check_chunk_size(chunk_size)
-    kernel = _sparse_kernel(backend, student_hidden)
+    scale = _teacher_scale(teacher_temperature, temperature, tail)
+    kernel = _sparse_kernel(backend, student_hidden, scale)
     student_hidden, student_weight, student_bias = _autocast_head(student_hidden,
                                                                   student_weight, student_bias)
     k = teacher_topk_logprobs.shape[-1]
-    teacher = (teacher_topk_logprobs.reshape(-1, k).contiguous(),
-               teacher_topk_indices.reshape(-1, k).to(torch.int64).contiguous(), None)
+    teacher = (_topk_rows(teacher_topk_logprobs, k, kernel),
+               _topk_rows(teacher_topk_indices, k, kernel), None)
     options = _sparse_options(target, tail, temperature, alpha, divergence, beta, scale_by_t2,
                               ignore_index, label_smoothing, softcap)
     return _fused_linear_loss(student_hidden, student_weight, student_bias, target, teacher,

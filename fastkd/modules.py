@@ -47,8 +47,8 @@ class DistillationLoss(_LossModule):
     inplace_backward : bool, default False
         Write the student gradient into the logits' storage (see `distillation_loss`).
 
-    Returns (of ``forward``)
-    ------------------------
+    Returns
+    -------
     %(returns)s
 
     Raises
@@ -101,8 +101,8 @@ class FusedLinearDistillationLoss(_LossModule):
     chunk_size : int or None, default None
         Rows of logits per chunk (None: a memory budget, see the functional form).
 
-    Returns (of ``forward``)
-    ------------------------
+    Returns
+    -------
     %(returns)s
 
     Raises
@@ -155,9 +155,12 @@ class SparseDistillationLoss(_LossModule):
     tail : {"bucket", "renormalize"}, default "bucket"
         How the teacher's mass outside its top-k is treated (see the functional form).
     %(options)s
+    teacher_temperature : float or None, default None
+        The temperature the stored log-probabilities were taken at (None: ``temperature``);
+        re-tempering needs ``tail="renormalize"`` (see the functional form).
 
-    Returns (of ``forward``)
-    ------------------------
+    Returns
+    -------
     %(returns)s
 
     Raises
@@ -169,13 +172,16 @@ class SparseDistillationLoss(_LossModule):
                  divergence: str = "kl", beta: float = 0.5, scale_by_t2: bool = True,
                  ignore_index: int = -100, label_smoothing: float = 0.0,
                  softcap: Optional[float] = None, reduction: str = "mean",
-                 backend: str = "auto", return_components: bool = False):
+                 backend: str = "auto", return_components: bool = False,
+                 teacher_temperature: Optional[float] = None):
         super().__init__()
         F._check_tail(tail)
+        F._teacher_scale(teacher_temperature, temperature, tail)
         self.options = _loss_keywords(temperature, alpha, divergence, beta, ignore_index,
                                       label_smoothing, softcap, reduction, backend)
         self.options.update(tail=tail, scale_by_t2=scale_by_t2, backend=backend,
-                            return_components=return_components)
+                            return_components=return_components,
+                            teacher_temperature=teacher_temperature)
 
     def forward(self, student_logits: torch.Tensor, teacher_topk_logprobs: torch.Tensor,
                 teacher_topk_indices: torch.Tensor, target: Optional[torch.Tensor] = None,

@@ -33,7 +33,7 @@ OUTPUTS = ("rows", "student grad", "teacher grad")
 
 
 def weights(target_given, alpha, temperature, scale_by_t2):
-    """(ce_weight, div_weight) of DESIGN.md §1, written out independently of fastkd."""
+    """(ce_weight, div_weight) of docs/semantics.md §1, written out independently of fastkd."""
     k = temperature**2 if scale_by_t2 else 1.0
     return (0.0, k) if not target_given else (alpha, (1.0 - alpha) * k)
 
@@ -107,7 +107,7 @@ def assert_close(actual, expected, rtol=1e-5, atol=None, what="value"):
 
 
 def low_precision_check(actual, exact, eager, half_ulp, what):
-    """DESIGN.md §4: kernel error <= 2 * same-dtype eager error + one rounding of the max."""
+    """docs/semantics.md §10: error <= 2 * same-dtype eager error + one rounding of the max."""
     err, scale = max_error(actual, exact, what)
     eager_err, _ = max_error(eager, exact, f"{what} (eager)")
     bound = 2 * eager_err + half_ulp * scale

@@ -1,6 +1,6 @@
 """Independent float64 oracle: the textbook formulas, differentiated by autograd.
 
-Written from DESIGN.md §1 without importing fastkd, so a bug in the library's reference
+Written from docs/semantics.md §1 without importing fastkd, so a bug in the library's reference
 cannot hide in its own test. Every backend's test compares against `oracle_loss` and the
 gradients autograd gives through it.
 """
@@ -44,10 +44,10 @@ def divergence_rows(s, t, temperature, divergence, beta):
 def oracle_loss(student, teacher, target=None, *, temperature=1.0, alpha=0.5, divergence="kl",
                 beta=0.5, scale_by_t2=True, ignore_index=-100, label_smoothing=0.0,
                 softcap=None, reduction="mean", num_items_in_batch=None, dtype=torch.float64):
-    """The loss of DESIGN.md §1 in float64 (differentiable in student and teacher).
+    """The loss of docs/semantics.md §1 in float64 (differentiable in student and teacher).
 
     `dtype` other than float64 evaluates the same eager formula in that dtype: the
-    "same-dtype eager formula" whose error bounds a low-precision kernel (DESIGN.md §4)."""
+    "same-dtype eager formula" whose error bounds a low-precision kernel (docs/semantics.md §10)."""
     s, t = student.to(dtype), teacher.to(dtype)
     if softcap is not None:
         s, t = softcap * torch.tanh(s / softcap), softcap * torch.tanh(t / softcap)

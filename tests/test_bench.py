@@ -78,7 +78,7 @@ def test_device_slug_is_file_safe():
 # --- cost models ---------------------------------------------------------------------------
 
 def test_dense_byte_floor_matches_design_doc():
-    # DESIGN.md §5: N=8192, V=128256, bf16 fwd+bwd reads s, t and writes the gradient: 6.3 GB.
+    # N=8192, V=128256, bf16 fwd+bwd reads s, t and writes the gradient once: 6.3 GB.
     nbytes = models.dense_bytes("fwd+bwd", 8192, 128256, 2)
     assert nbytes == 3 * 8192 * 128256 * 2 == 6_304_038_912
     assert models.dense_bytes("fwd", 8192, 128256, 2) == 2 * 8192 * 128256 * 2
@@ -329,9 +329,10 @@ def test_help_speaks_to_users():
     assert "--loss" in text and "fused-linear" in text
 
 
-def test_git_rev_falls_back_to_the_build_version(tmp_path):
+def test_git_rev_falls_back_to_the_build_version(tmp_path, monkeypatch):
     import subprocess
 
+    monkeypatch.delenv("FASTKD_GIT_REV", raising=False)
     expected = "v" + results_io.installed_version()
     assert expected != "vunknown"
     assert results_io.git_rev(str(tmp_path)) == expected        # no repository at all
@@ -339,6 +340,11 @@ def test_git_rev_falls_back_to_the_build_version(tmp_path):
     inner = tmp_path / "venv" / "site-packages" / "fastkd"
     inner.mkdir(parents=True)
     assert results_io.git_rev(str(inner)) == expected           # enclosing repo is not ours
+
+
+def test_git_rev_recorded_in_the_environment_wins(tmp_path, monkeypatch):
+    monkeypatch.setenv("FASTKD_GIT_REV", "abc1234-dirty")   # a tree copied without .git
+    assert results_io.git_rev(str(tmp_path)) == "abc1234-dirty"
 
 
 def test_legacy_csv_is_upgraded_with_an_empty_timestamp(tmp_path):

@@ -42,7 +42,7 @@ def test_missing_or_unknown_command_exits_two(capsys):
 @pytest.mark.parametrize("name", sorted(entry.COMMANDS))
 def test_every_command_module_has_main_and_its_own_help(name, capsys):
     module_name, summary = entry.COMMANDS[name]
-    assert summary and len(summary) < 70
+    assert summary and len(summary) <= 76   # one line of `fastkd --help`
     assert callable(importlib.import_module(module_name).main)
     assert entry.main([name, "--help"]) == 0
     assert capsys.readouterr().out.startswith(f"usage: fastkd {name}")

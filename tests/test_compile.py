@@ -83,3 +83,31 @@ def test_compiled_components_on_a_causal_slice_mixed_dtypes():
     assert got[1].dtype == torch.bfloat16 and got[2].dtype == torch.float32
     assert bool((got[1][:, -1] == 0).all())  # the last position is outside the slice
     assert_same(got, expected)
+
+
+def test_compiled_fused_linear_components_mixed_dtypes():
+    """fullgraph through the chunked fused-linear loss with a bf16 student head, a float32
+    teacher head and return_components (aot_eager: the Function and its chunk loop)."""
+    g = torch.Generator().manual_seed(8)
+    hidden = torch.randn(10, 8, generator=g).bfloat16()
+    weight = (torch.randn(24, 8, generator=g) * 0.8).bfloat16()
+    t_hidden, t_weight = torch.randn(10, 12, generator=g), torch.randn(24, 12, generator=g)
+    target = random_target(10, vocab=24, ignore_fraction=0.2, seed=9)
+
+    def step(h, w, y):
+        loss, ce, div = fastkd.fused_linear_distillation_loss(
+            h, w, t_hidden, t_weight, y, temperature=2.0, alpha=0.3, chunk_size=4,
+            backend="torch", return_components=True)
+        return loss, ce, div
+
+    results = []
+    for fn in (step, torch.compile(step, fullgraph=True, backend="aot_eager")):
+        h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+        loss, ce, div = fn(h, w, target)
+        loss.backward()
+        results.append((loss.detach(), ce, div, h.grad, w.grad))
+    for what, a, b in zip(("loss", "ce", "divergence", "hidden grad", "weight grad"),
+                          *results):
+        assert a.dtype == b.dtype, what
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7, msg=what)
+    assert results[0][3].dtype == torch.bfloat16 and results[0][0].dtype == torch.float32

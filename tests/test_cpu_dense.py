@@ -2,8 +2,8 @@
 
 Raw op calls are checked row by row (loss rows and d sum(rows) / d logits, gradient buffers
 poisoned with NaN first); the public API `fastkd.distillation_loss(..., backend="cpu")` end to
-end, under torch.compile(fullgraph=True) too. Tolerances follow DESIGN.md §4: float32 within
-1e-5 (max-norm relative) of the oracle; bf16 / fp16 within twice the error of the same-dtype
+end, under torch.compile(fullgraph=True) too. Tolerances (docs/semantics.md §10): float32
+within 1e-5 (max-norm relative) of the oracle; bf16 / fp16 within twice the error of the same-dtype
 eager formula, and also within the rounding of the float32 result to the input dtype. The
 portable (non-AVX2) kernel variant is checked in a subprocess with ATEN_CPU_CAPABILITY=default.
 """
@@ -285,7 +285,7 @@ def test_bad_inputs_name_the_argument():
         (TypeError, "teacher", dict(teacher=teacher.double())),
         (TypeError, "student", dict(student=student.long(), teacher=teacher.long())),
         (ValueError, "student", dict(student=student[0], teacher=teacher[0])),
-        (ValueError, "contiguous", dict(student=student.t().contiguous().t())),
+        (ValueError, "unit stride", dict(student=student.t().contiguous().t())),
         (TypeError, "target", dict(target=target.int())),
         (ValueError, "target", dict(target=target[:2])),
         (ValueError, "target", dict(target=torch.tensor([0, 10, 1]))),

@@ -8,13 +8,14 @@ reached: FASTKD_CUDA_DENSE_PATH forces the generic (one CTA per row, several swe
 cluster kernel (Hopper: the row in distributed shared memory), FASTKD_CUDA_CLUSTER_SIZE a
 cluster size; "auto" is the planner's choice. Raw op calls are checked row by row (loss rows and
 d sum(rows) / d logits); `fastkd.distillation_loss(..., backend="cuda")` end to end. Outputs are
-poisoned with NaN first. Tolerances: DESIGN.md §4 (fp32 1e-5 in the max norm; bf16 / fp16 at
-most twice the error of the same-dtype eager formula plus one rounding).
+poisoned with NaN first. Tolerances: docs/semantics.md §10 (fp32 1e-5 in the max norm; bf16 /
+fp16 at most twice the error of the same-dtype eager formula plus one rounding).
 """
 
 from __future__ import annotations
 
 import kernel_checks
+import native_checks
 import pytest
 import torch
 from kernel_checks import DIVERGENCE_CASES, DIVERGENCE_IDS, HALF_ULP, assert_close
@@ -68,6 +69,13 @@ def inputs(n, vocab, dtype=torch.float32, ignore_fraction=0.3, scale=3.0, seed=0
 
 def dense_kd_synchronized(*args):
     rows = torch.ops.fastkd.dense_kd(*args)
+    torch.cuda.synchronize()
+    return rows
+
+
+def kernel_with_terms(*args, terms=None):
+    """The kernel contract with the optional terms buffer, synchronised."""
+    rows = torch.ops.fastkd.dense_kd(*args, terms)
     torch.cuda.synchronize()
     return rows
 
@@ -203,6 +211,55 @@ def test_deterministic(path):
     second = run_op(student, teacher, target, divergence="tvd", label_smoothing=0.1)
     for a, b in zip(first, second):
         assert torch.equal(a, b)
+
+
+# ------------------------------------------------------------------ inputs as users hold them
+@pytest.mark.parametrize("student_dtype,teacher_dtype", native_checks.DTYPE_PAIRS,
+                         ids=native_checks.DTYPE_PAIR_IDS)
+def test_mixed_dtypes(path, student_dtype, teacher_dtype):
+    """Each side in its own dtype (vectors only for equal element sizes), with and without
+    the teacher gradient; each gradient within float32 error plus one rounding."""
+    for vocab in (1000, 32000):
+        student, teacher, target = native_checks.mixed_inputs(
+            4, vocab, student_dtype, teacher_dtype, seed=vocab, device="cuda")
+        for divergence, beta in DIVERGENCE_CASES:
+            for teacher_grad in (True, False):
+                native_checks.check_against_oracle(
+                    kernel_with_terms, student, teacher, target, grad_teacher=teacher_grad,
+                    divergence=divergence, beta=beta, label_smoothing=0.1,
+                    softcap=6.0 if divergence == "jsd" else None)
+
+
+@pytest.mark.parametrize("student_dtype,teacher_dtype",
+                         [(torch.float32, torch.float32), (torch.bfloat16, torch.float32),
+                          (torch.float16, torch.bfloat16)], ids=["fp32", "bf16-fp32", "fp16-bf16"])
+def test_strided_rows_and_causal_shift(path, student_dtype, teacher_dtype):
+    for divergence in ("kl", "jsd"):
+        native_checks.check_strided_slices(kernel_with_terms, student_dtype, teacher_dtype,
+                                           device="cuda", divergence=divergence)
+        native_checks.check_causal_shift_in_place(kernel_with_terms, student_dtype,
+                                                  device="cuda", divergence=divergence)
+
+
+@pytest.mark.parametrize("divergence,beta", DIVERGENCE_CASES, ids=DIVERGENCE_IDS)
+def test_terms(path, divergence, beta):
+    for dtypes in ((torch.float32, torch.float32), (torch.bfloat16, torch.float32)):
+        student, teacher, target = native_checks.mixed_inputs(6, 32000, *dtypes, seed=41,
+                                                              device="cuda")
+        kw = dict(divergence=divergence, beta=beta, temperature=2.0, label_smoothing=0.1)
+        for alpha in (0.0, 0.3, 1.0):
+            native_checks.check_terms(kernel_with_terms, student, teacher, target, alpha=alpha,
+                                      **kw)
+        native_checks.check_terms(kernel_with_terms, student, teacher, None, **kw)
+
+
+def test_opcheck_terms_mixed_dtypes():
+    student, teacher, target = native_checks.mixed_inputs(3, 37, torch.bfloat16,
+                                                          torch.float32, device="cuda")
+    terms = torch.empty(3, 2, device="cuda")
+    args = kernel_checks.kernel_args(student, teacher, target, torch.empty_like(student),
+                                     torch.empty_like(teacher), divergence="jsd")
+    torch.library.opcheck(torch.ops.fastkd.dense_kd.default, args + (terms,))
 
 
 # ------------------------------------------------------------------ real vocabulary sizes

@@ -6,8 +6,8 @@ divergence values and gradients, CE with label smoothing, softcap, -inf handling
 lives in one `__host__ __device__` header. csrc/cuda/host_emulation.cpp runs that header with
 the cluster kernel's decomposition of a row (CTA slices, per-thread vector groups); this test
 builds it with the host C++ compiler, loads it through ctypes and compares per-row losses and
-d sum(rows) / d logits with the oracle (tolerances of DESIGN.md §4 for float32). Outputs are
-poisoned with NaN first. What stays untested here (dtype conversion, indexing, barriers,
+d sum(rows) / d logits with the oracle (float32 tolerances of docs/semantics.md §10). Outputs
+are poisoned with NaN first. What stays untested here (dtype conversion, indexing, barriers,
 DSMEM exchange) is covered by tests/test_cuda_dense.py on a GPU.
 """
 
@@ -20,6 +20,7 @@ import shutil
 import subprocess
 
 import kernel_checks
+import native_checks
 import pytest
 import torch
 from kernel_checks import DIVERGENCE_CASES, DIVERGENCE_IDS, assert_close, inputs, oracle_rows
@@ -42,7 +43,7 @@ def library(tmp_path_factory):
     lib = ctypes.CDLL(out)
     f = lib.fastkd_emulate_dense_kd
     ptr, i64, f32, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
-    f.argtypes = [ptr] * 6 + [i64, i64, f32, f32, f32, i32, f32, i64, f32, f32, i32, i32]
+    f.argtypes = [ptr] * 7 + [i64] * 6 + [f32, f32, f32, i32, f32, i64, f32, f32, i32, i32]
     f.restype = i32
     return f
 
@@ -51,16 +52,29 @@ def address(t):
     return None if t is None else ctypes.c_void_p(t.data_ptr())
 
 
-def emulate(fn, student, teacher, target, *, shape=(4, 32), **kw):
-    """(rows, grad_student or None, grad_teacher or None) from the emulated kernel maths."""
+def row_stride(t):
+    return 0 if t is None else t.stride(0)
 
-    def kernel(s, t, y, gs, gt, *options):
+
+def emulated_kernel(fn, shape=(4, 32)):
+    """The kernel contract (float32 tensors with unit column stride, any row stride, optional
+    terms) on the emulated kernel maths with `shape` = (CTAs per row, threads per CTA)."""
+
+    def kernel(s, t, y, gs, gt, *options, terms=None):
+        for x in (s, t, gs, gt):
+            assert x is None or (x.dtype == torch.float32 and x.stride(1) == 1)
         rows = torch.full((s.shape[0],), float("nan"))
-        rc = fn(*map(address, (s, t, y, rows, gs, gt)), s.shape[0], s.shape[1], *options,
-                shape[0], shape[1])
+        rc = fn(*map(address, (s, t, y, rows, gs, gt, terms)), s.shape[0], s.shape[1],
+                *map(row_stride, (s, t, gs, gt)), *options, shape[0], shape[1])
         assert rc == 0
         return rows
 
+    return kernel
+
+
+def emulate(fn, student, teacher, target, *, shape=(4, 32), **kw):
+    """(rows, grad_student or None, grad_teacher or None) from the emulated kernel maths."""
+    kernel = emulated_kernel(fn, shape)
     y = None if target is None else target.contiguous()
     student, teacher = student.float().contiguous(), teacher.float().contiguous()
     return kernel_checks.run_raw(kernel, student, teacher, y, **kw)
@@ -99,7 +113,7 @@ def test_jsd_near_one_hot(library):
 def test_low_temperature(library, divergence, beta):
     """T = 0.5: jsd / tvd gradients are differences of O(1) row sums that cancel, so float32
     itself cannot reach 1e-5 in the max norm; held to 1e-5 or, where float32 cannot get there,
-    to twice the error of the eager float32 formula (DESIGN.md §4)."""
+    to twice the error of the eager float32 formula (docs/semantics.md §10)."""
     student, teacher, target = inputs(4, 600, seed=3)
     kernel_checks.check_low_temperature(functools.partial(emulate, library), student, teacher,
                                         target, divergence=divergence, beta=beta,
@@ -191,3 +205,28 @@ def test_label_out_of_range_poisons_the_row(library):
     target[1] = 100
     rows, _, _ = emulate(library, student, teacher, target)
     assert bool(torch.isnan(rows[1])) and bool(torch.isfinite(rows[[0, 2]]).all())
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize("divergence,beta", DIVERGENCE_CASES, ids=DIVERGENCE_IDS)
+def test_terms(library, divergence, beta, shape):
+    """The kernels' terms output (write_row): unweighted CE and D vs the oracle, the identity
+    rows == ce_w * CE + div_w * D, and a zero weight (alpha = 0 / 1) still gives both terms."""
+    kernel = emulated_kernel(library, shape)
+    student, teacher, target = inputs(6, 1000, seed=40)
+    kw = dict(divergence=divergence, beta=beta, temperature=2.0, label_smoothing=0.1)
+    terms = native_checks.check_terms(kernel, student, teacher, target, alpha=0.3, **kw)
+    assert bool((terms[target == -100] == 0).all())
+    native_checks.check_terms(kernel, student, teacher, None, **kw)
+    for alpha in (0.0, 1.0):
+        terms = native_checks.check_terms(kernel, student, teacher, target, alpha=alpha, **kw)
+        assert bool((terms[target != -100] > 0).all())
+
+
+@pytest.mark.parametrize("divergence", ["kl", "jsd"])
+def test_row_strides(library, divergence):
+    """Slices with their own row strides and the in-place causal shift, read where they are."""
+    kernel = emulated_kernel(library, (4, 32))
+    native_checks.check_strided_slices(kernel, torch.float32, torch.float32,
+                                       divergence=divergence, label_smoothing=0.1)
+    native_checks.check_causal_shift_in_place(kernel, torch.float32, divergence=divergence)

@@ -15,10 +15,16 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from distributed_cases import check_cases, run_cases
+from distributed_dtensor_cases import check_dtensor_cases, run_dtensor_cases
 from oracle import oracle_with_grads, random_logits, random_target, row_weights
 
 import fastkd
-from fastkd.distributed import vocab_parallel_distillation_loss
+from fastkd.distributed import (
+    vocab_parallel_distillation_loss,
+    vocab_parallel_fused_linear_distillation_loss,
+    vocab_parallel_sparse_distillation_loss,
+)
 
 DIVERGENCES = ("kl", "reverse_kl", "jsd", "tvd")
 SPLITS = {2: (13, 8), 3: (7, 5, 9)}  # uneven slices of V = 21
@@ -28,7 +34,8 @@ REL = 1e-5
 
 def _case(name, **overrides):
     case = dict(name=name, splits=None, order=None, scale=3.0, target="ignored", kw={},
-                teacher_grad=False, inf_teacher=False, dtype=torch.float32, bad=None)
+                teacher_grad=False, inf_teacher=False, dtype=torch.float32, bad=None,
+                teacher_dtype=None)
     case.update(overrides)
     return case
 
@@ -61,6 +68,10 @@ def build_cases(world: int) -> list:
         _case("kl-float64", dtype=torch.float64, kw=dict(divergence="kl", temperature=2.0)),
         _case("rkl-bfloat16", dtype=torch.bfloat16, teacher_grad=True,
               kw=dict(divergence="reverse_kl", temperature=2.0, alpha=0.3)),
+        _case("jsd-bf16-student-fp32-teacher", dtype=torch.bfloat16,
+              teacher_dtype=torch.float32, kw=dict(divergence="jsd", temperature=2.0)),
+        _case("kl-fp32-student-fp64-teacher-tgrad", teacher_dtype=torch.float64,
+              teacher_grad=True, kw=dict(divergence="kl", temperature=2.0, alpha=0.3)),
         _case("jsd-v1000", splits=(300, 700) if world == 2 else (401, 99, 500), scale=5.0,
               kw=dict(divergence="jsd", temperature=1.0, alpha=0.2)),
         _case("kl-extreme-logits", scale=1e4, kw=dict(divergence="kl", temperature=1.0)),
@@ -76,7 +87,8 @@ def make_inputs(case: dict, world: int):
     splits = case["splits"] or SPLITS[world]
     vocab = sum(splits)
     s = random_logits(*LEAD, vocab, scale=case["scale"], dtype=case["dtype"], seed=11)
-    t = random_logits(*LEAD, vocab, scale=case["scale"], dtype=case["dtype"], seed=12)
+    t = random_logits(*LEAD, vocab, scale=case["scale"], seed=12,
+                      dtype=case["teacher_dtype"] or case["dtype"])
     starts = [sum(splits[:i]) for i in range(len(splits))]
     order = case["order"] or tuple(range(world))
     bounds = [(starts[order[r]], starts[order[r]] + splits[order[r]]) for r in range(world)]
@@ -120,18 +132,31 @@ def run_rank_case(rank: int, world: int, case: dict, group) -> dict:
 PAIR = (1, 2)  # the 2-process cases run on a subgroup whose ranks differ from global ranks
 
 
+def _rank_results(rank: int, world: int, group, mesh) -> dict:
+    """dense: this module's cases; tp: fused lm-head, top-k, components (distributed_cases);
+    dtensor: the DTensor routes (distributed_dtensor_cases)."""
+    return dict(dense={c["name"]: run_rank_case(rank, world, c, group)
+                       for c in build_cases(world)},
+                tp=run_cases(rank, world, group),
+                dtensor=run_dtensor_cases(rank, world, mesh))
+
+
 def _worker(rank: int, init_file: str, out_dir: str) -> None:
-    """One 3-process gloo world: the 3-rank cases on the default group (group=None), then
-    the 2-rank cases on the subgroup PAIR (exercises `group=`); saves {world: {case: result}}."""
+    """One 3-process gloo world: the 3-rank cases on the default group (group=None; DTensors
+    on a 2-D (1, 3) mesh sharded on its second dimension), then the 2-rank cases on the
+    subgroup PAIR (exercises `group=`; a 1-D mesh over it); saves {world: results}."""
+    from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
                             world_size=3, timeout=timedelta(seconds=60))
     try:
         pair = dist.new_group(list(PAIR))  # every rank must take part in new_group
-        results = {3: {c["name"]: run_rank_case(rank, 3, c, None) for c in build_cases(3)}}
+        mesh = init_device_mesh("cpu", (1, 3), mesh_dim_names=("dp", "tp"))
+        results = {3: _rank_results(rank, 3, None, mesh)}
         if rank in PAIR:
-            results[2] = {c["name"]: run_rank_case(PAIR.index(rank), 2, c, pair)
-                          for c in build_cases(2)}
+            results[2] = _rank_results(PAIR.index(rank), 2, pair,
+                                       DeviceMesh.from_group(pair, "cpu"))
         torch.save(results, f"{out_dir}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()
@@ -158,7 +183,7 @@ def _single_process(case, s, t, y):
 
 
 def _eager_bf16_rel(case, s, t, y, o_gs, o_gt):
-    """2x the relative gradient error of the eager bf16 formula (DESIGN.md §4)."""
+    """2x the relative gradient error of the eager bf16 formula (docs/semantics.md §10)."""
     _, e_gs, e_gt = oracle_with_grads(s, t, y, teacher_grad=case["teacher_grad"],
                                       dtype=torch.bfloat16, **case["kw"])
     pairs = [(e_gs, o_gs)] + ([(e_gt, o_gt)] if case["teacher_grad"] else [])
@@ -180,7 +205,7 @@ def _check_case(case, world, results):
     o_loss, o_gs, o_gt = oracle_with_grads(s, t, y, teacher_grad=case["teacher_grad"],
                                            **case["kw"])
     # Losses are float32 maths on exactly upcast inputs. bf16 gradients: vs the single
-    # process (same roundings) within one bf16 rounding; vs the oracle DESIGN.md §4's rule,
+    # process (same roundings) within one bf16 rounding; vs the oracle docs/semantics.md §10's rule,
     # at most twice the error of the same formula evaluated eagerly in bf16.
     grad_rel = oracle_rel = REL
     if case["dtype"] == torch.bfloat16:
@@ -213,7 +238,7 @@ def rank_results(tmp_path_factory):
 
 @pytest.mark.parametrize("world", [2, 3])
 def test_vocab_parallel_matches_single_process(world, rank_results):
-    results = rank_results[world]
+    results = [r["dense"] for r in rank_results[world]]
     cases = build_cases(world)
     assert all(set(r) == {c["name"] for c in cases} for r in results)
     for case in cases:
@@ -238,3 +263,48 @@ def test_rejects_bad_arguments_before_any_collective():
     if not dist.is_initialized():
         with pytest.raises(RuntimeError, match="process group"):
             vocab_parallel_distillation_loss(s, t, y, vocab_start_index=0)
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_vocab_parallel_fused_sparse_components(world, rank_results):
+    """Fused lm-head (every divergence; mean with ignored rows, sum, none; hidden, weight
+    and bias gradients), top-k teacher (every divergence and tail, k = V), loss components,
+    and mismatched slices / bad labels / bad indices raising on every rank."""
+    check_cases(world, [r["tp"] for r in rank_results[world]])
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_dtensor_routing(world, rank_results):
+    """DTensor Shard(-1) logits (teacher gradient too), Shard(0) heads, Replicate, the
+    module, and bad placements raising naming the argument."""
+    check_dtensor_cases(world, [r["dtensor"] for r in rank_results[world]])
+
+
+def test_fused_and_sparse_reject_bad_arguments_before_any_collective():
+    fused = vocab_parallel_fused_linear_distillation_loss
+    sparse = vocab_parallel_sparse_distillation_loss
+    h, w = random_logits(4, 3, seed=1), random_logits(5, 3, seed=2)
+    y = random_target(4, vocab=5, seed=3)
+    with pytest.raises(ValueError, match="teacher_weight_shard"):
+        fused(h, w, h, w[:4], y, vocab_start_index=0)
+    with pytest.raises(ValueError, match="student_weight_shard"):
+        fused(h, w[:, :2], h, w, y, vocab_start_index=0)
+    with pytest.raises(ValueError, match="chunk_size"):
+        fused(h, w, h, w, y, vocab_start_index=0, chunk_size=0)
+    with pytest.raises(TypeError, match="unexpected keyword"):
+        fused(h, w, h, w, y, vocab_start_index=0, backend="cpu")
+    s = random_logits(4, 5, seed=4)
+    lp, idx = torch.log_softmax(random_logits(4, 9, seed=5), -1).topk(3)
+    with pytest.raises(ValueError, match="teacher_temperature"):
+        sparse(s, lp, idx, y, vocab_start_index=0, temperature=2.0, teacher_temperature=1.0)
+    with pytest.raises(ValueError, match="teacher_topk_indices"):
+        sparse(s, lp, idx[:, :2], y, vocab_start_index=0)
+    with pytest.raises(ValueError, match="unique"):
+        sparse(s, lp, idx[:, [0, 0, 1]], y, vocab_start_index=0)
+    with pytest.raises(ValueError, match="tail"):
+        sparse(s, lp, idx, y, vocab_start_index=0, tail="drop")
+    if not dist.is_initialized():
+        with pytest.raises(RuntimeError, match="process group"):
+            sparse(s, lp, idx, y, vocab_start_index=0)
+        with pytest.raises(RuntimeError, match="process group"):
+            fused(h, w, h, w, y, vocab_start_index=0)

@@ -236,12 +236,21 @@ class LargestTensor(TorchDispatchMode):
         return out
 
 
+@pytest.mark.parametrize("components", [False, True], ids=["loss", "components"])
 @pytest.mark.parametrize("reduction", ["mean", "none"])
-def test_never_creates_full_logits(reduction):
+def test_never_creates_full_logits(reduction, components):
+    """Not even for the components: they come from the kernels' (N, 2) terms buffer."""
     inputs = make_inputs(lead=(96,), hs=8, ht=8, vocab=500, seed=9)
     target = random_target(96, vocab=500)
     with LargestTensor() as mode:
-        run_fused(inputs, target, chunk_size=16, reduction=reduction, backend="torch")
+        if components:
+            loss, ce, div = fastkd.fused_linear_distillation_loss(
+                inputs["student_hidden"].requires_grad_(), inputs["student_weight"],
+                inputs["teacher_hidden"], inputs["teacher_weight"], target, chunk_size=16,
+                reduction=reduction, backend="torch", return_components=True)
+            loss.sum().backward()
+        else:
+            run_fused(inputs, target, chunk_size=16, reduction=reduction, backend="torch")
     assert mode.largest <= 16 * 500, mode.largest
 
 

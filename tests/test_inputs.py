@@ -187,11 +187,18 @@ def test_rows_that_need_a_copy(backend):
         assert "copy" in str(info.value)
 
 
-def test_inplace_backward_refuses_an_upcast_student():
+def test_inplace_backward_refuses_an_upcast_or_broadcast_student():
     student = random_logits(4, 9, seed=14)
     teacher = random_logits(4, 9, dtype=torch.float64, seed=15)
     with pytest.raises(ValueError, match="inplace_backward.*float64"):
         fastkd.distillation_loss(student, teacher, inplace_backward=True)
+    broadcast = random_logits(1, 9, seed=16).expand(4, 9)
+    with pytest.raises(ValueError, match="inplace_backward.*broadcast"):
+        fastkd.distillation_loss(broadcast, teacher.float(), inplace_backward=True)
+    # read (not written) where it is, the broadcast student is fine
+    loss = fastkd.distillation_loss(broadcast, teacher.float(), backend="torch")
+    expected = oracle_loss(broadcast.contiguous(), teacher.float())
+    assert_within(loss, expected, 1e-5, "broadcast student")
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
@@ -324,10 +331,12 @@ def test_dtensor_is_routed_to_fastkd_distributed(monkeypatch):
     assert torch.is_tensor(fastkd.distillation_loss(logits, logits, backend="torch"))
 
 
+@pytest.mark.parametrize("backend", ["torch", "auto"])
 @pytest.mark.parametrize("with_target", [True, False], ids=["target", "no-target"])
-def test_sparse_components_equal_dense_when_k_is_v(with_target):
+def test_sparse_components_equal_dense_when_k_is_v(with_target, backend):
     """With k = V every tail is empty: the top-k losses' (loss, ce, divergence) equal the
-    dense loss's, for the logits and the fused-linear forms (reference kernels)."""
+    dense loss's, for the logits and the fused-linear forms ("auto": the fused top-k kernel
+    where one is built)."""
     n, v, temperature = 10, 21, 2.0
     hidden, weight = random_logits(n, 8, scale=1.0, seed=31), random_logits(v, 8, seed=32)
     student = hidden @ weight.T
@@ -335,8 +344,8 @@ def test_sparse_components_equal_dense_when_k_is_v(with_target):
     order = torch.argsort(torch.rand(n, v, generator=torch.Generator().manual_seed(34)), -1)
     logprobs = torch.log_softmax(teacher / temperature, -1).gather(-1, order)
     target = random_target(n, vocab=v, ignore_fraction=0.3, seed=35) if with_target else None
-    kw = dict(temperature=temperature, alpha=0.3, return_components=True, backend="torch")
-    dense = fastkd.distillation_loss(student, teacher, target, **kw)
+    kw = dict(temperature=temperature, alpha=0.3, return_components=True, backend=backend)
+    dense = fastkd.distillation_loss(student, teacher, target, **dict(kw, backend="torch"))
     sparse = fastkd.sparse_distillation_loss(student, logprobs, order, target, **kw)
     fused = fastkd.fused_linear_sparse_distillation_loss(hidden, weight, logprobs, order,
                                                          target, chunk_size=3, **kw)
@@ -344,3 +353,59 @@ def test_sparse_components_equal_dense_when_k_is_v(with_target):
         assert len(got) == 3 and not got[1].requires_grad and not got[2].requires_grad
         for name, a, b in zip(("loss", "ce", "divergence"), got, dense):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_autocast_top_k_losses_return_float32():
+    """Top-k losses under CPU bf16 autocast: float32 loss; the fused form's lm-head matmul
+    runs in bf16 like nn.Linear's (same value as an explicit bf16 cast outside autocast)."""
+    n, v = 8, 19
+    hidden, weight = random_logits(n, 6, scale=1.0, seed=36), random_logits(v, 6, seed=37)
+    logprobs, indices = torch.log_softmax(random_logits(n, v, seed=38), -1).topk(5, dim=-1)
+    target = random_target(n, vocab=v, seed=39)
+    kw = dict(temperature=1.0, tail="renormalize", backend="torch", chunk_size=3)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = torch.nn.functional.linear(hidden, weight)
+        dense = fastkd.sparse_distillation_loss(logits, logprobs, indices, target,
+                                                tail="renormalize", backend="torch")
+        fused = fastkd.fused_linear_sparse_distillation_loss(hidden, weight, logprobs,
+                                                             indices, target, **kw)
+    assert logits.dtype == torch.bfloat16
+    assert dense.dtype == torch.float32 and fused.dtype == torch.float32
+    explicit = fastkd.fused_linear_sparse_distillation_loss(hidden.bfloat16(),
+                                                            weight.bfloat16(), logprobs,
+                                                            indices, target, **kw)
+    torch.testing.assert_close(fused, explicit, rtol=0, atol=0)
+    torch.testing.assert_close(dense, explicit, rtol=1e-5, atol=0)
+
+
+def test_components_need_no_extra_full_size_tensor(monkeypatch):
+    """The components come from the kernel's (N, 2) terms buffer in the same pass: with them,
+    exactly as many (N, V)-sized tensors are created as without (the gradient buffer)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    import fastkd.reference.dense as reference_dense
+
+    monkeypatch.setattr(reference_dense, "CHUNK_ELEMENTS", 64)  # 1 row per chunk
+    n, v = 12, 97
+
+    class CountFullSize(TorchDispatchMode):
+        count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else (out,):
+                if isinstance(t, torch.Tensor) and t.numel() >= n * v:
+                    self.count += 1
+            return out
+
+    student, teacher = random_logits(n, v, seed=40), random_logits(n, v, seed=41)
+    target = random_target(n, vocab=v, seed=42)
+    counts = []
+    for components in (False, True):
+        s = student.clone().requires_grad_(True)
+        with CountFullSize() as mode:
+            out = fastkd.distillation_loss(s, teacher, target, backend="torch",
+                                           return_components=components)
+            (out[0] if components else out).backward()
+        counts.append(mode.count)
+    assert counts[0] == counts[1] and counts[0] >= 1, counts

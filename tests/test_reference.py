@@ -3,7 +3,7 @@
 Losses and gradients (student, and teacher when its logits require grad) over divergences,
 temperatures, reductions, ignored fractions, -inf columns, extreme logits, leading dimensions,
 options, dtypes, vocabulary sizes and the reference's row chunking. Tolerances follow
-DESIGN.md §4: float64 ~1e-12 relative, float32 1e-5 relative, bf16/fp16 at most twice the
+docs/semantics.md §10: float64 ~1e-12 relative, float32 1e-5 relative, bf16/fp16 at most twice the
 error of the same formula evaluated eagerly in that dtype plus a rounding floor.
 """
 
@@ -243,7 +243,7 @@ def test_vocab_sizes(shape, dtype):
 
 
 def low_precision_error_bound(kernel, oracle, eager, half_ulp):
-    """DESIGN.md §4: kernel error <= 2 * eager error + one rounding of the largest value."""
+    """docs/semantics.md §10: error <= 2 * eager error + one rounding of the largest value."""
     kernel_err = (kernel.double() - oracle).abs().max()
     eager_err = (eager.double() - oracle).abs().max()
     return kernel_err, 2 * eager_err + half_ulp * oracle.abs().max()

@@ -202,14 +202,16 @@ def test_no_float32_full_copy_of_bf16_logits(monkeypatch):
     s = random_logits(n, vocab, dtype=torch.bfloat16, seed=13).requires_grad_(True)
     logprobs, indices = teacher_topk(random_logits(n, vocab, seed=14), 8)
     with LargestTensor(dtype=torch.float32) as float32_mode, LargestTensor() as any_mode:
-        fastkd.sparse_distillation_loss(s, logprobs, indices, temperature=2.0).backward()
+        fastkd.sparse_distillation_loss(s, logprobs, indices, temperature=2.0,
+                                        backend="torch").backward()
     assert any_mode.largest == n * vocab
     assert float32_mode.largest <= 2 * vocab + n * 8, float32_mode.largest
 
 
+@pytest.mark.parametrize("backend", ["auto", "triton", "torch"])
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 @pytest.mark.parametrize("tail", TAILS)
-def test_fused_linear_variant_equals_materialised_logits(tail, reduction):
+def test_fused_linear_variant_equals_materialised_logits(tail, reduction, backend):
     vocab, hidden, k = 90, 12, 9
     g = torch.Generator().manual_seed(15)
     h = torch.randn(2, 13, hidden, generator=g)
@@ -220,10 +222,11 @@ def test_fused_linear_variant_equals_materialised_logits(tail, reduction):
     kw = dict(tail=tail, temperature=2.0, alpha=0.3, divergence="reverse_kl", reduction=reduction)
     leaves = [x.clone().requires_grad_(True) for x in (h, w, b)]
     fused = fastkd.fused_linear_sparse_distillation_loss(
-        leaves[0], leaves[1], logprobs, indices, y, student_bias=leaves[2], chunk_size=7, **kw)
+        leaves[0], leaves[1], logprobs, indices, y, student_bias=leaves[2], chunk_size=7,
+        backend=backend, **kw)
     ref_leaves = [x.clone().requires_grad_(True) for x in (h, w, b)]
     logits = ref_leaves[0] @ ref_leaves[1].T + ref_leaves[2]
-    ref = fastkd.sparse_distillation_loss(logits, logprobs, indices, y, **kw)
+    ref = fastkd.sparse_distillation_loss(logits, logprobs, indices, y, backend="torch", **kw)
     weights = row_weights(fused.shape).float() if reduction == "none" else 1.0
     (fused * weights).sum().backward()
     (ref * weights).sum().backward()
@@ -278,7 +281,13 @@ def _sparse_call(**overrides):
     (dict(target=torch.zeros(4, 1, dtype=torch.int64)), ValueError, "target"),
     (dict(tail="drop"), ValueError, "tail"),
     (dict(divergence="js"), ValueError, "divergence"),
-    (dict(backend="cpu"), fastkd.BackendUnavailableError, "top-k"),
+    (dict(backend="cuda"), fastkd.BackendUnavailableError, "cuda"),
+    (dict(teacher_topk_indices=torch.tensor([[0, 1, 2]] * 4, dtype=torch.int16)), TypeError,
+     "teacher_topk_indices"),
+    (dict(teacher_temperature=2.0), ValueError, "teacher_temperature"),
+    (dict(teacher_temperature=0.0, tail="renormalize"), ValueError, "teacher_temperature"),
+    (dict(teacher_topk_logprobs=torch.full((4, 3), float("nan"))), ValueError,
+     "teacher_topk_logprobs"),
     (dict(backend="gpu"), ValueError, "backend"),
 ])
 def test_validation_errors_name_the_argument(overrides, error, name):
@@ -304,3 +313,187 @@ def test_stored_teacher_is_a_constant():
     student = s.clone().requires_grad_(True)
     fastkd.sparse_distillation_loss(student, logprobs, indices).backward()
     assert student.grad is not None and logprobs.grad is None
+
+
+# --- Backends, re-tempering, garbage in ignored rows, int32 indices, in place, memory ------
+
+BACKENDS = ["cpu", "triton", "torch"]
+
+
+def _backend_or_skip(backend):
+    """Skips (with the reason) when `backend` cannot run CPU tensors here."""
+    from fastkd._dispatch import unavailable_reason
+
+    reason = unavailable_reason(backend, torch.device("cpu"), torch.float32)
+    if reason is not None:
+        pytest.skip(reason)
+    return backend
+
+
+def test_auto_picks_the_fused_cpu_kernel():
+    from fastkd.functional import _sparse_kernel
+    from fastkd.ops.sparse_native import sparse_kd_native
+
+    _backend_or_skip("cpu")
+    assert _sparse_kernel("auto", torch.zeros(2, 3)) is sparse_kd_native
+
+
+@pytest.mark.parametrize("tail", TAILS)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_backends_match_float64_formula(backend, tail):
+    _backend_or_skip(backend)
+    vocab, k = 200, 12
+    s = random_logits(3, 7, vocab, seed=31)
+    y = random_target(3, 7, vocab=vocab, ignore_fraction=0.3)
+    logprobs, indices = teacher_topk(random_logits(3, 7, vocab, seed=32), k, 2.0, shuffle_seed=2)
+    kw = dict(tail=tail, temperature=2.0, alpha=0.4, divergence="jsd", beta=0.3,
+              label_smoothing=0.05)
+    loss, grad = run_sparse(s, logprobs, indices, y, backend=backend, **kw)
+    ref_loss, ref_grad = sparse_oracle(s, logprobs, indices, y, **kw)
+    assert_close(loss, ref_loss, 1e-5, what="loss")
+    assert_close(grad, ref_grad, 1e-5, what="grad")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_teacher_temperature_re_tempers_exactly(backend):
+    """Log-probs stored at T = 1 distilled at T = 2 (renormalize, k = V) equal the dense loss
+    at T = 2 from the teacher's logits."""
+    _backend_or_skip(backend)
+    vocab = 23
+    s, t = random_logits(9, vocab, seed=33), random_logits(9, vocab, seed=34)
+    y = random_target(9, vocab=vocab, ignore_fraction=0.2)
+    logprobs, indices = teacher_topk(t, vocab, 1.0, shuffle_seed=4)
+    for divergence in DIVERGENCES:
+        kw = dict(temperature=2.0, alpha=0.3, divergence=divergence, reduction="none")
+        loss, grad = run_sparse(s, logprobs, indices, y, tail="renormalize",
+                                teacher_temperature=1.0, backend=backend, **kw)
+        ref_loss, ref_grad, _ = oracle_with_grads(s, t, y, teacher_grad=False, **kw)
+        assert_close(loss, ref_loss, 1e-5, what=f"{divergence} loss")
+        assert_close(grad, ref_grad, 1e-5, what=f"{divergence} grad")
+    same = fastkd.sparse_distillation_loss(s, logprobs, indices, y, temperature=1.0,
+                                           teacher_temperature=1.0, backend=backend)
+    assert_close(same, fastkd.sparse_distillation_loss(s, logprobs, indices, y,
+                                                       backend=backend), 1e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_ignored_rows_may_hold_anything(backend):
+    """Padding rows of a stored teacher (zeros, NaN, out-of-range indices) are not read."""
+    _backend_or_skip(backend)
+    vocab, k = 50, 5
+    s = random_logits(6, vocab, seed=35)
+    logprobs, indices = teacher_topk(random_logits(6, vocab, seed=36), k)
+    y = torch.tensor([3, -100, 7, -100, 9, 11])
+    clean = run_sparse(s, logprobs, indices, y, backend=backend)
+    garbage_lp, garbage_idx = logprobs.clone(), indices.clone()
+    garbage_lp[1], garbage_idx[1] = 0.0, 0  # zero padding: mass 5, repeated index
+    garbage_lp[3], garbage_idx[3] = float("nan"), -7
+    dirty = run_sparse(s, garbage_lp, garbage_idx.int(), y, backend=backend)
+    assert_close(dirty[0], clean[0], 1e-6, what="loss")
+    assert_close(dirty[1], clean[1], 1e-6, what="grad")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_in_place_backward_and_strided_rows(backend):
+    """inplace_backward writes the gradient into the logits' buffer; a 2-D slice of a wider
+    buffer and logits[:, :-1] are read in place; a strided last dimension refuses
+    inplace_backward (it needs a copy)."""
+    _backend_or_skip(backend)
+    vocab, k = 40, 6
+    hidden = torch.randn(2, 8, 16, generator=torch.Generator().manual_seed(37))
+    weight = random_logits(vocab, 16, scale=0.5, seed=38)
+    logprobs, indices = teacher_topk(random_logits(2, 8, vocab, seed=39), k, 2.0)
+    y = random_target(2, 8, vocab=vocab, ignore_fraction=0.2)
+    kw = dict(temperature=2.0, tail="renormalize", backend=backend)
+    grads = []
+    for inplace in (False, True):
+        w = weight.clone().requires_grad_(True)
+        logits = hidden @ w.T
+        fastkd.sparse_distillation_loss(logits, logprobs, indices, y, inplace_backward=inplace,
+                                        **kw).backward()
+        grads.append(w.grad)
+    assert_close(grads[1], grads[0], 1e-6, what="weight grad")
+    wide = random_logits(16, vocab + 9, seed=40).requires_grad_(True)
+    flat_lp, flat_idx = logprobs.reshape(16, k), indices.reshape(16, k)
+    loss, grad = run_sparse(wide.detach()[:, 2:vocab + 2], flat_lp, flat_idx, y.reshape(16), **kw)
+    ref_loss, ref_grad = sparse_oracle(wide.detach()[:, 2:vocab + 2], flat_lp, flat_idx,
+                                       y.reshape(16), tail="renormalize", temperature=2.0)
+    assert_close(loss, ref_loss, 1e-5, what="strided loss")
+    assert_close(grad, ref_grad, 1e-5, what="strided grad")
+    # logits[:, :-1] (leading dimensions that do not merge): read and written in place.
+    full = random_logits(2, 9, vocab, seed=41)
+    ref_loss, ref_grad = sparse_oracle(full[:, :-1], logprobs, indices, y, tail="renormalize",
+                                       temperature=2.0)
+    leaf = full.clone().requires_grad_(True)
+    loss = fastkd.sparse_distillation_loss((leaf * 1.0)[:, :-1], logprobs, indices, y,
+                                           inplace_backward=True, **kw)
+    loss.backward()
+    assert_close(loss.detach(), ref_loss, 1e-5, what="shifted loss")
+    assert_close(leaf.grad[:, :-1], ref_grad, 1e-5, what="shifted grad")
+    assert bool((leaf.grad[:, -1] == 0).all())
+    transposed = random_logits(2, vocab, 8, seed=42).transpose(1, 2)  # strided last dim
+    with pytest.raises(ValueError, match="inplace_backward"):
+        fastkd.sparse_distillation_loss(transposed, logprobs, indices, y,
+                                        inplace_backward=True, **kw)
+
+
+class _BigStorages(torch.utils._python_dispatch.TorchDispatchMode):
+    """The storages of tensors of at least `size` elements that ops produce."""
+
+    def __init__(self, size):
+        super().__init__()
+        self.size, self.storages = size, set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor) and t.numel() >= self.size:
+                self.storages.add(t.untyped_storage().data_ptr())
+        return out
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+def test_fused_kernels_allocate_only_the_gradient(backend):
+    _backend_or_skip(backend)
+    n, vocab, k = 16, 300, 8
+    s = random_logits(n, vocab, seed=42).requires_grad_(True)
+    logprobs, indices = teacher_topk(random_logits(n, vocab, seed=43), k)
+    y = random_target(n, vocab=vocab, ignore_fraction=0.2)
+    with _BigStorages(n * 10) as mode:
+        fastkd.sparse_distillation_loss(s, logprobs, indices.int(), y, temperature=2.0,
+                                        backend=backend).backward()
+    # Besides the logits' own storage: only the (N, V) gradient, scaled in place.
+    assert mode.storages - {s.untyped_storage().data_ptr()} == {s.grad.data_ptr()}
+
+
+def test_module_takes_teacher_temperature():
+    vocab, k = 30, 6
+    s = random_logits(10, vocab, seed=44)
+    logprobs, indices = teacher_topk(random_logits(10, vocab, seed=45), k, 1.0)
+    crit = fastkd.SparseDistillationLoss(tail="renormalize", temperature=3.0,
+                                         teacher_temperature=1.0)
+    expected = fastkd.sparse_distillation_loss(s, logprobs, indices, tail="renormalize",
+                                               temperature=3.0, teacher_temperature=1.0)
+    assert_close(crit(s, logprobs, indices), expected, 1e-6)
+    with pytest.raises(ValueError, match="teacher_temperature"):
+        fastkd.SparseDistillationLoss(temperature=3.0, teacher_temperature=1.0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_return_components_from_the_kernels(backend):
+    """(loss, ce, divergence) from the kernels' terms: loss = alpha ce + (1 - alpha) T^2 D."""
+    _backend_or_skip(backend)
+    vocab, k = 60, 7
+    s = random_logits(3, 5, vocab, seed=46)
+    y = random_target(3, 5, vocab=vocab, ignore_fraction=0.3)
+    logprobs, indices = teacher_topk(random_logits(3, 5, vocab, seed=47), k, 2.0)
+    kw = dict(tail="bucket", temperature=2.0, alpha=0.3, divergence="tvd", reduction="none")
+    loss, ce, div = fastkd.sparse_distillation_loss(s, logprobs, indices, y, backend=backend,
+                                                    return_components=True, **kw)
+    ref_ce = fastkd.sparse_distillation_loss(s, logprobs, indices, y, backend="torch",
+                                             **dict(kw, alpha=1.0))
+    ref_div = fastkd.sparse_distillation_loss(s, logprobs, indices, y, backend="torch",
+                                              scale_by_t2=False, **dict(kw, alpha=0.0))
+    assert_close(ce, ref_ce, 1e-5, what="ce")
+    assert_close(div, ref_div, 1e-5, what="divergence")
+    assert_close(loss, 0.3 * ce + 0.7 * 4.0 * div, 1e-5, what="loss")

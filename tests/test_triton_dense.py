@@ -5,7 +5,7 @@ and both kernels are reached, the single-load one (whole row in registers) and t
 one (forced with a small chunk so rows span several chunks and a partial last one). Raw kernel
 calls are checked row by row (loss rows and d sum(rows) / d logits); the public API
 `fastkd.distillation_loss(..., backend="triton")` is checked end to end. Gradient buffers are
-poisoned with NaN before the kernel writes them. Tolerances follow DESIGN.md §4. The
+poisoned with NaN before the kernel writes them. Tolerances follow docs/semantics.md §10. The
 @pytest.mark.gpu tests repeat the checks at real vocabulary sizes on CUDA.
 """
 

@@ -1,4 +1,4 @@
-"""Bad input of DESIGN.md §2: each raises ValueError / TypeError naming the argument at fault.
+"""Bad input (docs/semantics.md §8): each raises ValueError / TypeError naming the argument.
 
 Valid counterparts of each case are checked too, so a test cannot pass by the library
 rejecting everything.

@@ -1,5 +1,10 @@
 // CPU implementation of fastkd::dense_kd: argument checks, choice of the compiled kernel
 // variant (AVX2 or portable), one at::parallel_for over rows.
+//
+// Student and teacher may have different dtypes (fp32 / bf16 / fp16 each); each gradient is
+// written in its own input's dtype. Every (N, V) tensor needs only a unit column stride: its
+// row stride is passed to the kernel, so slices and views (logits[:, :-1] of one batch
+// element, big[:, :V]) are read and written where they are, never copied.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/Version.h>
@@ -49,8 +54,8 @@ DenseRowsFn select_rows_fn() {
   return fn;
 }
 
-ElementType element_type(const at::Tensor& student) {
-  switch (student.scalar_type()) {
+ElementType element_type(const at::Tensor& t, const char* name) {
+  switch (t.scalar_type()) {
     case at::kFloat:
       return ElementType::kFloat32;
     case at::kBFloat16:
@@ -58,35 +63,43 @@ ElementType element_type(const at::Tensor& student) {
     case at::kHalf:
       return ElementType::kFloat16;
     default:
-      TORCH_CHECK_TYPE(false, "fastkd::dense_kd: student must be float32, bfloat16 or "
-                       "float16, got ", student.scalar_type());
+      TORCH_CHECK_TYPE(false, "fastkd::dense_kd: ", name, " must be float32, bfloat16 or "
+                       "float16, got ", t.scalar_type());
   }
   return ElementType::kFloat32;
 }
 
-// Same shape, dtype and device as student, contiguous.
-void check_like_student(const at::Tensor& t, const char* name, const at::Tensor& student) {
+// A CPU (N, V) tensor shaped like student, of dtype `dtype`, with unit column stride and
+// rows that do not overlap (any row stride >= V).
+void check_matrix(const at::Tensor& t, const char* name, const at::Tensor& student,
+                  at::ScalarType dtype, const char* dtype_owner) {
   TORCH_CHECK_VALUE(t.device().is_cpu(), "fastkd::dense_kd: ", name,
                     " must be a CPU tensor, got device ", t.device());
   TORCH_CHECK_VALUE(t.sizes() == student.sizes(), "fastkd::dense_kd: ", name, " must have shape ",
                     student.sizes(), " (like student), got ", t.sizes());
-  TORCH_CHECK_TYPE(t.scalar_type() == student.scalar_type(), "fastkd::dense_kd: ", name,
-                   " must have dtype ", student.scalar_type(), " (like student), got ",
-                   t.scalar_type());
-  TORCH_CHECK_VALUE(t.is_contiguous(), "fastkd::dense_kd: ", name, " must be contiguous");
+  TORCH_CHECK_TYPE(t.scalar_type() == dtype, "fastkd::dense_kd: ", name, " must have dtype ",
+                   dtype, " (like ", dtype_owner, "), got ", t.scalar_type());
+  TORCH_CHECK_VALUE(t.size(1) <= 1 || t.stride(1) == 1, "fastkd::dense_kd: ", name,
+                    " must have unit stride along the vocabulary (stride(1) == 1), got strides ",
+                    t.strides());
+  TORCH_CHECK_VALUE(t.size(0) <= 1 || t.stride(0) >= t.size(1), "fastkd::dense_kd: ", name,
+                    " rows must not overlap (row stride ", t.stride(0), " < V = ", t.size(1),
+                    ")");
 }
 
 void check_tensors(const at::Tensor& student, const at::Tensor& teacher,
                    const std::optional<at::Tensor>& target,
                    const std::optional<at::Tensor>& grad_student,
-                   const std::optional<at::Tensor>& grad_teacher) {
+                   const std::optional<at::Tensor>& grad_teacher,
+                   const std::optional<at::Tensor>& terms) {
   TORCH_CHECK_VALUE(student.dim() == 2, "fastkd::dense_kd: student must be 2-D (N, V), got ",
                     student.dim(), " dimensions");
   TORCH_CHECK_VALUE(student.size(1) > 0 || student.size(0) == 0,
                     "fastkd::dense_kd: student must have a non-empty vocabulary (V > 0)");
-  element_type(student);
-  check_like_student(student, "student", student);
-  check_like_student(teacher, "teacher", student);
+  element_type(student, "student");
+  element_type(teacher, "teacher");
+  check_matrix(student, "student", student, student.scalar_type(), "student");
+  check_matrix(teacher, "teacher", student, teacher.scalar_type(), "teacher");
   if (target.has_value()) {
     const at::Tensor& y = *target;
     TORCH_CHECK_VALUE(y.device().is_cpu(), "fastkd::dense_kd: target must be a CPU tensor, got ",
@@ -98,12 +111,32 @@ void check_tensors(const at::Tensor& student, const at::Tensor& teacher,
                       y.sizes());
     TORCH_CHECK_VALUE(y.is_contiguous(), "fastkd::dense_kd: target must be contiguous");
   }
-  if (grad_student.has_value()) check_like_student(*grad_student, "grad_student", student);
-  if (grad_teacher.has_value()) check_like_student(*grad_teacher, "grad_teacher", student);
+  if (grad_student.has_value()) {
+    check_matrix(*grad_student, "grad_student", student, student.scalar_type(), "student");
+  }
+  if (grad_teacher.has_value()) {
+    check_matrix(*grad_teacher, "grad_teacher", student, teacher.scalar_type(), "teacher");
+  }
+  if (terms.has_value()) {
+    const at::Tensor& k = *terms;
+    TORCH_CHECK_VALUE(k.device().is_cpu(), "fastkd::dense_kd: terms must be a CPU tensor, got ",
+                      k.device());
+    TORCH_CHECK_TYPE(k.scalar_type() == at::kFloat, "fastkd::dense_kd: terms must be float32, "
+                     "got ", k.scalar_type());
+    TORCH_CHECK_VALUE(k.dim() == 2 && k.size(0) == student.size(0) && k.size(1) == 2,
+                      "fastkd::dense_kd: terms must have shape (", student.size(0), ", 2), got ",
+                      k.sizes());
+    TORCH_CHECK_VALUE(k.is_contiguous(), "fastkd::dense_kd: terms must be contiguous");
+  }
+}
+
+// Row stride of an optional (N, V) tensor (rows of one element never need one).
+int64_t row_stride(const std::optional<at::Tensor>& t) {
+  return t.has_value() ? (t->size(0) > 1 ? t->stride(0) : t->size(1)) : 0;
 }
 
 void check_options(double temperature, double ce_weight, double div_weight, int64_t divergence,
-                   double beta, double label_smoothing) {
+                   double beta, double label_smoothing, bool with_terms) {
   TORCH_CHECK_VALUE(std::isfinite(temperature) && temperature > 0,
                     "fastkd::dense_kd: temperature must be finite and > 0, got ", temperature);
   TORCH_CHECK_VALUE(std::isfinite(ce_weight) && std::isfinite(div_weight),
@@ -112,7 +145,7 @@ void check_options(double temperature, double ce_weight, double div_weight, int6
   TORCH_CHECK_VALUE(divergence >= 0 && divergence <= 3,
                     "fastkd::dense_kd: divergence must be 0 (kl), 1 (reverse_kl), 2 (jsd) or "
                     "3 (tvd), got ", divergence);
-  TORCH_CHECK_VALUE(divergence != 2 || div_weight == 0 || (beta > 0 && beta < 1),
+  TORCH_CHECK_VALUE(divergence != 2 || (div_weight == 0 && !with_terms) || (beta > 0 && beta < 1),
                     "fastkd::dense_kd: beta must be in (0, 1) for jsd, got ", beta);
   TORCH_CHECK_VALUE(label_smoothing >= 0 && label_smoothing <= 1,
                     "fastkd::dense_kd: label_smoothing must be in [0, 1], got ", label_smoothing);
@@ -159,9 +192,11 @@ at::Tensor dense_kd_cpu(const at::Tensor& student, const at::Tensor& teacher,
                         const std::optional<at::Tensor>& grad_student,
                         const std::optional<at::Tensor>& grad_teacher, double temperature,
                         double ce_weight, double div_weight, int64_t divergence, double beta,
-                        int64_t ignore_index, double label_smoothing, double softcap) {
-  check_tensors(student, teacher, target, grad_student, grad_teacher);
-  check_options(temperature, ce_weight, div_weight, divergence, beta, label_smoothing);
+                        int64_t ignore_index, double label_smoothing, double softcap,
+                        const std::optional<at::Tensor>& terms) {
+  check_tensors(student, teacher, target, grad_student, grad_teacher, terms);
+  check_options(temperature, ce_weight, div_weight, divergence, beta, label_smoothing,
+                terms.has_value());
   const int64_t n = student.size(0), vocab = student.size(1);
   at::Tensor rows = at::empty({n}, student.options().dtype(at::kFloat));
   if (n == 0) return rows;
@@ -173,12 +208,13 @@ at::Tensor dense_kd_cpu(const at::Tensor& student, const at::Tensor& teacher,
   params.rows = rows.data_ptr<float>();
   params.grad_student = data_or_null(grad_student);
   params.grad_teacher = data_or_null(grad_teacher);
+  params.terms = terms.has_value() ? terms->data_ptr<float>() : nullptr;
   params.n_rows = n;
   params.vocab = vocab;
-  params.student_row_stride = vocab;
-  params.teacher_row_stride = vocab;
-  params.grad_student_row_stride = vocab;
-  params.grad_teacher_row_stride = vocab;
+  params.student_row_stride = row_stride(student);
+  params.teacher_row_stride = row_stride(teacher);
+  params.grad_student_row_stride = row_stride(grad_student);
+  params.grad_teacher_row_stride = row_stride(grad_teacher);
   params.temperature = static_cast<float>(temperature);
   params.ce_weight = static_cast<float>(ce_weight);
   params.div_weight = static_cast<float>(div_weight);
@@ -190,14 +226,17 @@ at::Tensor dense_kd_cpu(const at::Tensor& student, const at::Tensor& teacher,
 
   advise_huge_pages(grad_student);
   advise_huge_pages(grad_teacher);
-  const ElementType type = element_type(student);
+  const ElementType student_type = element_type(student, "student");
+  const ElementType teacher_type = element_type(teacher, "teacher");
   const DenseRowsFn rows_fn = select_rows_fn();
   if (params.target != nullptr) check_labels(params.target, n, vocab, ignore_index);
   // One parallel region; its tasks ignore their static ranges and drain the shared queue.
   const int64_t block = std::max<int64_t>(1, kElementsPerBlock / vocab);
   RowQueue queue(n, block);
   const int64_t tasks = n * vocab >= kMinElementsToSplit ? at::get_num_threads() : 1;
-  at::parallel_for(0, tasks, 1, [&](int64_t, int64_t) { rows_fn(params, type, queue); });
+  at::parallel_for(0, tasks, 1, [&](int64_t, int64_t) {
+    rows_fn(params, student_type, teacher_type, queue);
+  });
   return rows;
 }
 

@@ -36,13 +36,17 @@ class RowQueue {
 };
 
 // Computes rows taken from `queue` until it is empty: params.rows[r] and, when the pointers
-// are set, the gradient rows. Labels must already be validated (in [0, V) or ignore_index).
-using DenseRowsFn = void (*)(const DenseKDParams& params, ElementType type, RowQueue& queue);
+// are set, the gradient rows and the terms. Labels must already be validated (in [0, V) or
+// ignore_index). `student` / `teacher`: the dtypes of the two sides (and their gradients).
+using DenseRowsFn = void (*)(const DenseKDParams& params, ElementType student,
+                             ElementType teacher, RowQueue& queue);
 
-void dense_kd_rows_default(const DenseKDParams& params, ElementType type, RowQueue& queue);
+void dense_kd_rows_default(const DenseKDParams& params, ElementType student,
+                           ElementType teacher, RowQueue& queue);
 
 // false when the compiler could not build the AVX2 variant (then it must not be called).
 bool avx2_variant_compiled();
-void dense_kd_rows_avx2(const DenseKDParams& params, ElementType type, RowQueue& queue);
+void dense_kd_rows_avx2(const DenseKDParams& params, ElementType student, ElementType teacher,
+                        RowQueue& queue);
 
 }  // namespace fastkd::cpu

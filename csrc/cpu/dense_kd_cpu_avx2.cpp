@@ -25,9 +25,10 @@ bool avx2_variant_compiled() {
 #endif
 }
 
-void dense_kd_rows_avx2(const DenseKDParams& params, ElementType type, RowQueue& queue) {
+void dense_kd_rows_avx2(const DenseKDParams& params, ElementType student, ElementType teacher,
+                        RowQueue& queue) {
 #ifdef FASTKD_BUILD_AVX2
-  AVX2::dense_kd_rows_impl(params, type, queue);
+  AVX2::dense_kd_rows_impl(params, student, teacher, queue);
 #else
   throw std::logic_error("fastkd: the AVX2 kernel was not compiled");
 #endif

@@ -4,8 +4,9 @@
 
 namespace fastkd::cpu {
 
-void dense_kd_rows_default(const DenseKDParams& params, ElementType type, RowQueue& queue) {
-  DEFAULT::dense_kd_rows_impl(params, type, queue);
+void dense_kd_rows_default(const DenseKDParams& params, ElementType student,
+                           ElementType teacher, RowQueue& queue) {
+  DEFAULT::dense_kd_rows_impl(params, student, teacher, queue);
 }
 
 }  // namespace fastkd::cpu

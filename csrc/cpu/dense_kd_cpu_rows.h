@@ -13,6 +13,18 @@
 // (in-place backward). With softcap, tanh(z / c) is cached in B and reused by C.
 // Columns past V in the last vector get x = -inf (zero probability); masks keep 0 * inf out
 // of every sum.
+//
+// Mixed dtypes: the kernel is a template on the student's type S and the teacher type TT it
+// reads, and the teacher's gradient type is a run-time value. Five instances per CPU
+// capability instead of all nine (S, teacher) pairs:
+//   TT = S      equal dtypes (the fast path, unchanged);
+//   TT = float  a float32 teacher, read in place; or a 16-bit teacher of the other 16-bit
+//               type / under a float32 student, widened once per row into a per-thread
+//               float32 row buffer (V * 4 bytes, it stays in L1 / L2, so DRAM still sees each
+//               teacher byte once; the sweeps that re-read the teacher read that buffer).
+// The teacher gradient is written straight into a float32 output, else computed into a
+// float32 staging row and narrowed once to the teacher's dtype (as the 16-bit student
+// gradient already is). Rows have their own strides (params.*_row_stride).
 #pragma once
 
 #include <cmath>
@@ -36,7 +48,7 @@ constexpr int kTVD = static_cast<int>(Divergence::kTVD);
 class RowScratch {
  public:
   enum Slot { kStudentExp, kTeacherExp, kCeExp, kJsdStudent, kJsdTeacher, kStudentTanh,
-              kTeacherTanh, kStudentStaging, kTeacherStaging, kNumSlots };
+              kTeacherTanh, kStudentStaging, kTeacherStaging, kTeacherInput, kNumSlots };
 
   explicit RowScratch(int64_t vocab)
       : padded_((vocab + kLanes - 1) / kLanes * kLanes),
@@ -107,43 +119,80 @@ struct RowStats {
 // Gradients of at least this many bytes are written with streaming stores.
 constexpr int64_t kStreamMinBytes = int64_t{16} << 20;
 
-template <typename scalar_t>
+inline int64_t element_bytes(ElementType type) {
+  return type == ElementType::kFloat32 ? 4 : 2;
+}
+
+// dst[0, n) = src[0, n) widened to float32 (src of a 16-bit type).
+inline void widen_row(const void* src, ElementType type, float* dst, int64_t n) {
+  if (type == ElementType::kBFloat16) {
+    at::vec::convert(static_cast<const c10::BFloat16*>(src), dst, n);
+  } else {
+    at::vec::convert(static_cast<const c10::Half*>(src), dst, n);
+  }
+}
+
+// dst[0, n) = src[0, n) rounded to a 16-bit `type`.
+inline void narrow_row(const float* src, ElementType type, void* dst, int64_t n) {
+  if (type == ElementType::kBFloat16) {
+    at::vec::convert(src, static_cast<c10::BFloat16*>(dst), n);
+  } else {
+    at::vec::convert(src, static_cast<c10::Half*>(dst), n);
+  }
+}
+
+// S: the student's element type (and its gradient's); TT: the type the teacher is read as
+// (S, or float for a float32 or widened teacher); teacher_type: the teacher's real dtype.
+template <typename scalar_t, typename teacher_t>
 class RowKernel {
  public:
-  RowKernel(const DenseKDParams& p, const RowScratch& scratch)
+  RowKernel(const DenseKDParams& p, ElementType teacher_type, const RowScratch& scratch)
       : p_(p), vocab_(p.vocab), full_(p.vocab / kLanes * kLanes), rest_(p.vocab - full_),
         has_div_(p.div_weight != 0.f), has_ce_(p.target != nullptr && p.ce_weight != 0.f),
+        eval_div_(evaluates_divergence(p)), eval_ce_(evaluates_cross_entropy(p)),
         softcap_(p.softcap > 0.f ? p.softcap : 0.f),
-        ce_ratio_(has_div_ ? p.temperature : 1.f),
+        ce_ratio_(eval_div_ ? p.temperature : 1.f),
         stream_outputs_(p.n_rows * p.vocab * static_cast<int64_t>(sizeof(scalar_t)) >=
-                        kStreamMinBytes) {
+                        kStreamMinBytes),
+        teacher_type_(teacher_type),
+        widen_teacher_(std::is_same_v<teacher_t, float> && teacher_type != ElementType::kFloat32),
+        teacher_grad_float_(teacher_type == ElementType::kFloat32),
+        teacher_bytes_(element_bytes(teacher_type)) {
     s_.exp = scratch.slot(RowScratch::kStudentExp);
     t_.exp = scratch.slot(RowScratch::kTeacherExp);
     s_.tanh = scratch.slot(RowScratch::kStudentTanh);
     t_.tanh = scratch.slot(RowScratch::kTeacherTanh);
-    s_.scale = has_div_ ? 1.f / p.temperature : 1.f;
+    s_.scale = eval_div_ ? 1.f / p.temperature : 1.f;
     t_.scale = 1.f / p.temperature;
     eq_ = scratch.slot(RowScratch::kCeExp);
     jsd_s_ = scratch.slot(RowScratch::kJsdStudent);
     jsd_t_ = scratch.slot(RowScratch::kJsdTeacher);
     staging_s_ = scratch.slot(RowScratch::kStudentStaging);
     staging_t_ = scratch.slot(RowScratch::kTeacherStaging);
+    teacher_input_ = scratch.slot(RowScratch::kTeacherInput);
   }
 
   void run(int64_t row) {
     const int64_t label = p_.target != nullptr ? p_.target[row] : 0;
-    if ((p_.target != nullptr && label == p_.ignore_index) || !(has_ce_ || has_div_)) {
+    if ((p_.target != nullptr && label == p_.ignore_index) || !(eval_ce_ || eval_div_)) {
       write_zero_row(row);
       return;
     }
     s_.logits = static_cast<const scalar_t*>(p_.student) + row * p_.student_row_stride;
     s_.max_scaled = max_scaled(s_);
     RowStats st;
-    if (has_ce_) {
+    if (eval_ce_) {
       st.label_shifted = scaled(static_cast<float>(s_.logits[label]), s_) - s_.max_scaled;
     }
-    if (has_div_) {
-      t_.logits = static_cast<const scalar_t*>(p_.teacher) + row * p_.teacher_row_stride;
+    if (eval_div_) {
+      const char* teacher_row = static_cast<const char*>(p_.teacher) +
+                                row * p_.teacher_row_stride * teacher_bytes_;
+      if (widen_teacher_) {
+        widen_row(teacher_row, teacher_type_, teacher_input_, vocab_);
+        t_.logits = reinterpret_cast<const teacher_t*>(teacher_input_);
+      } else {
+        t_.logits = reinterpret_cast<const teacher_t*>(teacher_row);
+      }
       t_.max_scaled = max_scaled(t_);
     }
     if (softcap_ > 0.f) {
@@ -155,6 +204,8 @@ class RowKernel {
 
  private:
   static constexpr bool kIsFloat = std::is_same_v<scalar_t, float>;
+  using StudentSide = Side<scalar_t>;
+  using TeacherSide = Side<teacher_t>;
 
   template <bool kSoftcap>
   void run_divergence(int64_t row, RowStats& st, int64_t label) {
@@ -169,10 +220,16 @@ class RowKernel {
   template <int kDiv, bool kSoftcap>
   void run_as(int64_t row, RowStats& st, int64_t label) {
     exponentiate<kDiv, kSoftcap>(st);
+    const float div = eval_div_ ? divergence<kDiv, kSoftcap>(st) : 0.f;
+    const float ce = eval_ce_ ? cross_entropy(st) : 0.f;
     float value = 0.f;
-    if (has_div_) value += p_.div_weight * divergence<kDiv, kSoftcap>(st);
-    if (has_ce_) value += p_.ce_weight * cross_entropy(st);
+    if (has_div_) value += p_.div_weight * div;
+    if (has_ce_) value += p_.ce_weight * ce;
     p_.rows[row] = value;
+    if (p_.terms != nullptr) {
+      p_.terms[2 * row] = ce;
+      p_.terms[2 * row + 1] = div;
+    }
     if (p_.grad_student != nullptr || p_.grad_teacher != nullptr) {
       write_grads<kDiv, kSoftcap>(row, st, has_ce_ ? label : -1);
     }
@@ -183,21 +240,31 @@ class RowKernel {
     return base == nullptr ? nullptr : static_cast<T*>(base) + row * stride;
   }
 
+  // Row `row` of the teacher gradient (its own dtype), or nullptr.
+  void* teacher_grad_row(int64_t row) const {
+    return p_.grad_teacher == nullptr
+        ? nullptr
+        : static_cast<char*>(p_.grad_teacher) + row * p_.grad_teacher_row_stride * teacher_bytes_;
+  }
+
   void write_zero_row(int64_t row) {
     p_.rows[row] = 0.f;
-    for (auto* out : {out_row<scalar_t>(p_.grad_student, p_.grad_student_row_stride, row),
-                      out_row<scalar_t>(p_.grad_teacher, p_.grad_teacher_row_stride, row)}) {
-      if (out != nullptr) std::memset(out, 0, sizeof(scalar_t) * vocab_);
+    if (p_.terms != nullptr) p_.terms[2 * row] = p_.terms[2 * row + 1] = 0.f;
+    if (auto* out = out_row<scalar_t>(p_.grad_student, p_.grad_student_row_stride, row)) {
+      std::memset(out, 0, sizeof(scalar_t) * vocab_);
     }
+    if (void* out = teacher_grad_row(row)) std::memset(out, 0, teacher_bytes_ * vocab_);
   }
 
   // a = cap(z) * scale for one value.
-  float scaled(float z, const Side<scalar_t>& side) const {
+  template <typename T>
+  float scaled(float z, const Side<T>& side) const {
     return (softcap_ > 0.f ? softcap_ * std::tanh(z / softcap_) : z) * side.scale;
   }
 
   // Sweep A: max(a) from the raw maximum (cap and scale are increasing).
-  float max_scaled(const Side<scalar_t>& side) const {
+  template <typename T>
+  float max_scaled(const Side<T>& side) const {
     Vec best(kNegInf);
     for (int64_t j = 0; j < full_; j += kLanes) {
       best = at::vec::maximum(best, load_logits(side.logits + j, kLanes));
@@ -209,8 +276,8 @@ class RowKernel {
     return scaled(lane_max(best), side);
   }
 
-  template <bool kSoftcap>
-  ShiftedLogits<scalar_t, kSoftcap> shifted_view(const Side<scalar_t>& side) const {
+  template <bool kSoftcap, typename T>
+  ShiftedLogits<T, kSoftcap> shifted_view(const Side<T>& side) const {
     return {side.logits, side.tanh, kSoftcap ? softcap_ * side.scale : side.scale,
             side.max_scaled, kSoftcap ? 1.f / softcap_ : 0.f};
   }
@@ -220,7 +287,7 @@ class RowKernel {
   void exponentiate(RowStats& st) {
     const auto xs_at = shifted_view<kSoftcap>(s_), xt_at = shifted_view<kSoftcap>(t_);
     const int64_t full = full_, rest = rest_;
-    const bool div = has_div_, ce = has_ce_;
+    const bool div = eval_div_, ce = eval_ce_;
     const bool ce_square = ce && ce_ratio_ == 2.f;
     const bool ce_other = ce && ce_ratio_ != 1.f && !ce_square;
     const bool smoothing = ce && p_.label_smoothing != 0.f;
@@ -425,20 +492,20 @@ class RowKernel {
     return Vec(1.f) - th * th;
   }
 
-  // Float32 results go straight to a float32 output (n lanes; streamed past the caches when
-  // `stream`), else to the staging row.
-  static void store(const Vec& g, float* dst, int64_t j, int64_t n, bool stream) {
-    if (kIsFloat && stream && n == kLanes) {
+  // `direct`: dst is the float32 output itself (n lanes written; streamed past the caches
+  // when `stream`); otherwise dst is a padded float32 staging row.
+  static void store(const Vec& g, float* dst, int64_t j, int64_t n, bool direct, bool stream) {
+    if (direct && stream && n == kLanes) {
       stream_store(g, dst + j);
-    } else if (!kIsFloat || n == kLanes) {
+    } else if (!direct || n == kLanes) {
       g.store(dst + j);
     } else {
       g.store(dst + j, n);
     }
   }
 
-  bool streamable(const float* dst) const {
-    return kIsFloat && stream_outputs_ && reinterpret_cast<uintptr_t>(dst) % 32 == 0;
+  bool streamable(const float* dst, bool direct) const {
+    return direct && stream_outputs_ && reinterpret_cast<uintptr_t>(dst) % 32 == 0;
   }
 
   // Sweep C: d rows / d z for the student and / or the teacher:
@@ -448,10 +515,10 @@ class RowKernel {
   template <int kDiv, bool kSoftcap>
   void write_grads(int64_t row, const RowStats& st, int64_t label) {
     scalar_t* const out_s = out_row<scalar_t>(p_.grad_student, p_.grad_student_row_stride, row);
-    scalar_t* const out_t = has_div_
-        ? out_row<scalar_t>(p_.grad_teacher, p_.grad_teacher_row_stride, row) : nullptr;
+    void* const out_t = has_div_ ? teacher_grad_row(row) : nullptr;
+    const bool direct_t = teacher_grad_float_;
     float* const dst_s = kIsFloat ? reinterpret_cast<float*>(out_s) : staging_s_;
-    float* const dst_t = kIsFloat ? reinterpret_cast<float*>(out_t) : staging_t_;
+    float* const dst_t = direct_t ? static_cast<float*>(out_t) : staging_t_;
     const bool ce = has_ce_, div = has_div_;
     const bool ce_same = ce_ratio_ == 1.f, ce_square = ce_ratio_ == 2.f;
     // kl's teacher and reverse_kl's student gradients need both log-probabilities.
@@ -471,7 +538,7 @@ class RowKernel {
     const float label_weight = p_.ce_weight * (1.f - eps);
     const int64_t label_block = label >= 0 ? label - label % kLanes : -1;
     const int64_t full = full_, rest = rest_;
-    const bool stream_s = streamable(dst_s), stream_t = streamable(dst_t);
+    const bool stream_s = streamable(dst_s, kIsFloat), stream_t = streamable(dst_t, direct_t);
     auto step = [&](int64_t j, int64_t n) FASTKD_INLINE {
       const Vec es = Vec::loadu(es_buf + j);
       const Vec ps = es * inv_s;
@@ -482,7 +549,7 @@ class RowKernel {
       if (out_t != nullptr) {
         Vec g = div_scale * teacher_div_grad<kDiv>(k, j, ps, pt, xs, xt);
         if constexpr (kSoftcap) g = g * cap_grad(tanh_t, j);
-        store(g, dst_t, j, n, stream_t);
+        store(g, dst_t, j, n, direct_t, stream_t);
       }
       if (out_s != nullptr) {
         Vec g(0.f);
@@ -498,35 +565,40 @@ class RowKernel {
           g = Vec::loadu(lanes);
         }
         if constexpr (kSoftcap) g = g * cap_grad(tanh_s, j);
-        store(g, dst_s, j, n, stream_s);
+        store(g, dst_s, j, n, kIsFloat, stream_s);
       }
     };
     for (int64_t j = 0; j < full; j += kLanes) step(j, kLanes);
     if (rest > 0) step(full, rest);
     if constexpr (!kIsFloat) {
       if (out_s != nullptr) at::vec::convert(staging_s_, out_s, vocab_);
-      if (out_t != nullptr) at::vec::convert(staging_t_, out_t, vocab_);
     }
+    if (out_t != nullptr && !direct_t) narrow_row(staging_t_, teacher_type_, out_t, vocab_);
     if (out_t == nullptr && p_.grad_teacher != nullptr) {  // no divergence: zero gradient
-      std::memset(out_row<scalar_t>(p_.grad_teacher, p_.grad_teacher_row_stride, row), 0,
-                  sizeof(scalar_t) * vocab_);
+      std::memset(teacher_grad_row(row), 0, teacher_bytes_ * vocab_);
     }
   }
 
   const DenseKDParams& p_;
   const int64_t vocab_, full_, rest_;  // V, whole-vector columns, columns in the last vector
-  const bool has_div_, has_ce_;
+  const bool has_div_, has_ce_;    // weight != 0: in the row value and the gradients
+  const bool eval_div_, eval_ce_;  // evaluated (also for the `terms` output)
   const float softcap_;   // 0: off
   const float ce_ratio_;  // r with cap(z) - max cap(z) = r x_s
   const bool stream_outputs_;  // gradients much larger than the caches: stream them
-  Side<scalar_t> s_, t_;
-  float *eq_, *jsd_s_, *jsd_t_, *staging_s_, *staging_t_;
+  const ElementType teacher_type_;
+  const bool widen_teacher_;       // teacher rows widened into teacher_input_ first
+  const bool teacher_grad_float_;  // the teacher gradient is float32: written directly
+  const int64_t teacher_bytes_;
+  StudentSide s_;
+  TeacherSide t_;
+  float *eq_, *jsd_s_, *jsd_t_, *staging_s_, *staging_t_, *teacher_input_;
 };
 
-template <typename scalar_t>
-void rows_of_type(const DenseKDParams& params, RowQueue& queue) {
+template <typename scalar_t, typename teacher_t>
+void rows_of_type(const DenseKDParams& params, ElementType teacher_type, RowQueue& queue) {
   const RowScratch scratch(params.vocab);
-  RowKernel<scalar_t> kernel(params, scratch);
+  RowKernel<scalar_t, teacher_t> kernel(params, teacher_type, scratch);
   int64_t begin = 0, end = 0;
   while (queue.next(begin, end)) {
     for (int64_t row = begin; row < end; ++row) kernel.run(row);
@@ -534,17 +606,30 @@ void rows_of_type(const DenseKDParams& params, RowQueue& queue) {
   store_fence();
 }
 
+// Equal dtypes read the teacher as the student's type; any other teacher as float (see the
+// header comment): 5 instances.
+template <typename scalar_t>
+void rows_for_student(const DenseKDParams& params, ElementType student_type,
+                      ElementType teacher_type, RowQueue& queue) {
+  if (teacher_type == student_type) {
+    rows_of_type<scalar_t, scalar_t>(params, teacher_type, queue);
+  } else {
+    rows_of_type<scalar_t, float>(params, teacher_type, queue);
+  }
+}
+
 // The capability-specific entry point; the including .cpp gives it its exported name.
-inline void dense_kd_rows_impl(const DenseKDParams& params, ElementType type, RowQueue& queue) {
-  switch (type) {
+inline void dense_kd_rows_impl(const DenseKDParams& params, ElementType student_type,
+                               ElementType teacher_type, RowQueue& queue) {
+  switch (student_type) {
     case ElementType::kFloat32:
-      rows_of_type<float>(params, queue);
+      rows_of_type<float, float>(params, teacher_type, queue);
       break;
     case ElementType::kBFloat16:
-      rows_of_type<c10::BFloat16>(params, queue);
+      rows_for_student<c10::BFloat16>(params, student_type, teacher_type, queue);
       break;
     case ElementType::kFloat16:
-      rows_of_type<c10::Half>(params, queue);
+      rows_for_student<c10::Half>(params, student_type, teacher_type, queue);
       break;
   }
 }

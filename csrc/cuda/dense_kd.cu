@@ -11,7 +11,7 @@
 //     [r * chunk, (r + 1) * chunk). Row statistics are merged across the cluster through
 //     distributed shared memory, the gradient is written from shared memory. HBM bytes per
 //     row: V * e * (2 reads + 1 or 2 writes) (e = bytes per element; teacher gradient adds a
-//     write), i.e. the byte floor 3 * N * V * e of DESIGN.md §5 for the usual KD backward.
+//     write), i.e. the byte floor 3 * N * V * e (bench/models.py) for the usual KD backward.
 //
 //   generic (dense_kd_generic.cu, any GPU): one CTA per row, sweeps over global memory:
 //     statistics, (JSD / TVD: second reduction), gradient. HBM bytes per row up to
@@ -34,8 +34,12 @@
 //   * clusters of more than 8 CTAs are non-portable (cudaFuncAttributeNonPortableClusterSize-
 //     Allowed); before the first launch of a shape the launcher asks
 //     cudaOccupancyMaxActiveClusters and falls back to generic when none fits.
-//   * 16-byte vector accesses when every row start is 16-byte aligned and V * e % 16 == 0
-//     (all real vocabularies except odd ones such as 50257); else strided scalar accesses.
+//   * 16-byte vector accesses when every row start is 16-byte aligned, V * e % 16 == 0
+//     (all real vocabularies except odd ones such as 50257) and student and teacher have the
+//     same element size; else strided scalar accesses (still coalesced). Every tensor has
+//     its own row stride (slices, logits[:, :-1] views).
+//   * mixed dtypes: bytes per column are e_s + e_t (student, teacher), the teacher slice
+//     starts at the next 16-byte boundary after the student's (teacher_slice_offset).
 //   * FASTKD_CUDA_DENSE_PATH=cluster|generic and FASTKD_CUDA_CLUSTER_SIZE=1..16 (read by
 //     dense_kd_api.cpp) force a path / cluster size, for tests and benchmarks.
 #include <climits>
@@ -55,18 +59,20 @@ int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 bool aligned16(const void* ptr) { return (reinterpret_cast<uintptr_t>(ptr) & 15u) == 0; }
 
-bool rows_aligned16(const void* ptr, int64_t row_stride, int64_t bytes) {
-  return ptr == nullptr || (aligned16(ptr) && (row_stride * bytes) % 16 == 0);
+bool rows_aligned16(const void* ptr, int64_t row_stride, int64_t bytes, int64_t n_rows) {
+  return ptr == nullptr || (aligned16(ptr) && (n_rows <= 1 || (row_stride * bytes) % 16 == 0));
 }
 
-// 16-byte vector accesses are safe for every tensor the kernels touch.
-bool vector_ok(const DenseKDParams& p, int64_t bytes) {
-  const bool has_div = p.div_weight != 0.0f;
-  return (p.vocab * bytes) % 16 == 0 &&
-         rows_aligned16(p.student, p.student_row_stride, bytes) &&
-         (!has_div || rows_aligned16(p.teacher, p.teacher_row_stride, bytes)) &&
-         rows_aligned16(p.grad_student, p.grad_student_row_stride, bytes) &&
-         rows_aligned16(p.grad_teacher, p.grad_teacher_row_stride, bytes);
+// 16-byte vector accesses are safe for every tensor the kernels touch (one element layout for
+// both sides, so the element sizes must match).
+bool vector_ok(const DenseKDParams& p, int64_t bytes_s, int64_t bytes_t) {
+  const bool has_div = evaluates_divergence(p);
+  const int64_t n = p.n_rows;
+  return bytes_s == bytes_t && (p.vocab * bytes_s) % 16 == 0 &&
+         rows_aligned16(p.student, p.student_row_stride, bytes_s, n) &&
+         (!has_div || rows_aligned16(p.teacher, p.teacher_row_stride, bytes_t, n)) &&
+         rows_aligned16(p.grad_student, p.grad_student_row_stride, bytes_s, n) &&
+         rows_aligned16(p.grad_teacher, p.grad_teacher_row_stride, bytes_t, n);
 }
 
 void fill_generic(const DenseKDParams& p, DenseKDPlan& plan) {
@@ -78,13 +84,19 @@ void fill_generic(const DenseKDParams& p, DenseKDPlan& plan) {
   plan.grid = p.n_rows < (1 << 20) ? p.n_rows : (1 << 20);  // grid-stride beyond
 }
 
+// Element sizes of the student and the teacher.
+struct Bytes {
+  int64_t s, t;
+};
+
 // Fills the cluster fields for cluster size `c`; false when the slice does not fit.
-bool fill_cluster(const DenseKDParams& p, int64_t bytes, const DeviceLimits& dev, int c,
+bool fill_cluster(const DenseKDParams& p, Bytes bytes, const DeviceLimits& dev, int c,
                   int64_t smem_cap, DenseKDPlan& plan) {
-  const int64_t granule = plan.vector ? 16 / bytes : 1;
+  const int64_t granule = plan.vector ? 16 / bytes.s : 1;
   const int64_t chunk = ceil_div(ceil_div(p.vocab, c), granule) * granule;
-  const int64_t n_tensors = p.div_weight != 0.0f ? 2 : 1;
-  const int64_t smem = chunk * bytes * n_tensors;
+  const int64_t smem = evaluates_divergence(p)
+                           ? teacher_slice_offset(chunk, bytes.s) + chunk * bytes.t
+                           : chunk * bytes.s;
   const int64_t hard_cap = dev.max_smem_optin - kClusterStaticSmemReserve;
   if (smem > smem_cap || smem > hard_cap) return false;
   const int64_t max_clusters = INT_MAX / c;
@@ -100,7 +112,7 @@ bool fill_cluster(const DenseKDParams& p, int64_t bytes, const DeviceLimits& dev
 bool power_of_two(int c) { return c > 0 && (c & (c - 1)) == 0; }
 
 // Cluster configuration for the request; false (with plan.note) when none fits.
-bool choose_cluster(const DenseKDParams& p, int64_t bytes, const DeviceLimits& dev,
+bool choose_cluster(const DenseKDParams& p, Bytes bytes, const DeviceLimits& dev,
                     int requested_size, DenseKDPlan& plan) {
   const int64_t hard_cap = dev.max_smem_optin - kClusterStaticSmemReserve;
   if (requested_size != 0) {
@@ -151,16 +163,16 @@ cudaError_t device_limits(int device, DeviceLimits* out) {
   return cudaSuccess;
 }
 
-DenseKDPlan plan_dense_kd(const DenseKDParams& p, DType dtype, const DeviceLimits& dev,
-                          const PlanRequest& request) {
+DenseKDPlan plan_dense_kd(const DenseKDParams& p, DType student_dtype, DType teacher_dtype,
+                          const DeviceLimits& dev, const PlanRequest& request) {
   DenseKDPlan plan;
   if (p.n_rows <= 0) {
     plan.note = "no rows";
     return plan;
   }
-  const int64_t bytes = element_bytes(dtype);
-  plan.vector = vector_ok(p, bytes);
-  const bool has_div = p.div_weight != 0.0f;
+  const Bytes bytes{element_bytes(student_dtype), element_bytes(teacher_dtype)};
+  plan.vector = vector_ok(p, bytes.s, bytes.t);
+  const bool has_div = evaluates_divergence(p);
   const bool rereads = p.grad_student != nullptr || p.grad_teacher != nullptr ||
                        (has_div && kd_math::needs_second_reduction(p.divergence));
   const bool hopper = dev.cc_major >= 9;
@@ -194,8 +206,9 @@ DenseKDPlan plan_dense_kd(const DenseKDParams& p, DType dtype, const DeviceLimit
   return plan;
 }
 
-cudaError_t launch_dense_kd(const DenseKDParams& p, DType dtype, const PlanRequest& request,
-                            cudaStream_t stream, DenseKDPlan* used) {
+cudaError_t launch_dense_kd(const DenseKDParams& p, DType student_dtype, DType teacher_dtype,
+                            const PlanRequest& request, cudaStream_t stream,
+                            DenseKDPlan* used) {
   DenseKDPlan local;
   DenseKDPlan& plan = used != nullptr ? *used : local;
   plan = DenseKDPlan();
@@ -206,11 +219,11 @@ cudaError_t launch_dense_kd(const DenseKDParams& p, DType dtype, const PlanReque
   if (err == cudaSuccess) err = device_limits(device, &dev);
   if (err != cudaSuccess) return err;
 
-  plan = plan_dense_kd(p, dtype, dev, request);
+  plan = plan_dense_kd(p, student_dtype, teacher_dtype, dev, request);
   if (plan.path == Path::kNone) return cudaErrorInvalidConfiguration;
   if (plan.path == Path::kCluster) {
     int active = 0;
-    err = detail::prepare_cluster(p, dtype, plan, &active);
+    err = detail::prepare_cluster(p, student_dtype, teacher_dtype, plan, &active);
     if (err != cudaSuccess) return err;
     if (active == 0) {
       if (request.path == Path::kCluster) {
@@ -222,8 +235,9 @@ cudaError_t launch_dense_kd(const DenseKDParams& p, DType dtype, const PlanReque
       plan.note = "generic: no cluster of the planned shape fits on the device";
     }
   }
-  return plan.path == Path::kCluster ? detail::launch_cluster(p, dtype, plan, stream)
-                                     : detail::launch_generic(p, dtype, plan, stream);
+  return plan.path == Path::kCluster
+             ? detail::launch_cluster(p, student_dtype, teacher_dtype, plan, stream)
+             : detail::launch_generic(p, student_dtype, teacher_dtype, plan, stream);
 }
 
 }  // namespace cuda

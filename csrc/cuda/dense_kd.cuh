@@ -13,8 +13,15 @@
 namespace fastkd {
 namespace cuda {
 
-// Storage dtype of student / teacher / gradients (accumulation is always float32).
+// Storage dtype of the student (and its gradient) or of the teacher (and its gradient); the
+// two may differ. Accumulation is always float32.
 enum class DType : int { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2 };
+
+// Byte offset of the teacher slice in the cluster kernel's shared memory: after `chunk`
+// student elements, rounded up to 16 bytes (cp.async and vector loads need the alignment).
+constexpr int64_t teacher_slice_offset(int64_t chunk, int64_t student_bytes) {
+  return (chunk * student_bytes + 15) / 16 * 16;
+}
 
 // Which kernel runs a launch.
 enum class Path : int {
@@ -54,28 +61,29 @@ cudaError_t device_limits(int device, DeviceLimits* out);
 
 // Pure planning, no CUDA calls. On a request that cannot be met, returns path kNone with a
 // non-empty note when n_rows > 0.
-DenseKDPlan plan_dense_kd(const DenseKDParams& p, DType dtype, const DeviceLimits& dev,
-                          const PlanRequest& request);
+DenseKDPlan plan_dense_kd(const DenseKDParams& p, DType student_dtype, DType teacher_dtype,
+                          const DeviceLimits& dev, const PlanRequest& request);
 
 // Plans (unless `plan` is given), checks that a cluster can be scheduled (falling back to the
 // generic kernel when it cannot and the path was chosen automatically), sets the kernel's
 // shared-memory and cluster attributes and launches on `stream`. No host synchronisation.
 // `used` (optional) receives the plan that ran. Returns the first CUDA error, or
 // cudaErrorInvalidConfiguration for a request that cannot be met (see used->note).
-cudaError_t launch_dense_kd(const DenseKDParams& p, DType dtype, const PlanRequest& request,
-                            cudaStream_t stream, DenseKDPlan* used = nullptr);
+cudaError_t launch_dense_kd(const DenseKDParams& p, DType student_dtype, DType teacher_dtype,
+                            const PlanRequest& request, cudaStream_t stream,
+                            DenseKDPlan* used = nullptr);
 
 namespace detail {
-// Per-path launchers (dense_kd_generic.cu, dense_kd_cluster.cu): switch on dtype, divergence
-// and vector mode, then launch one template instance.
-cudaError_t launch_generic(const DenseKDParams& p, DType dtype, const DenseKDPlan& plan,
-                           cudaStream_t stream);
-cudaError_t launch_cluster(const DenseKDParams& p, DType dtype, const DenseKDPlan& plan,
-                           cudaStream_t stream);
+// Per-path launchers (dense_kd_generic.cu, dense_kd_cluster.cu): switch on the two dtypes,
+// divergence and vector mode, then launch one template instance.
+cudaError_t launch_generic(const DenseKDParams& p, DType student_dtype, DType teacher_dtype,
+                           const DenseKDPlan& plan, cudaStream_t stream);
+cudaError_t launch_cluster(const DenseKDParams& p, DType student_dtype, DType teacher_dtype,
+                           const DenseKDPlan& plan, cudaStream_t stream);
 // Sets the cluster kernel's attributes for `plan` and reports how many clusters of that
 // shape fit on the device at once (0: the launch would fail).
-cudaError_t prepare_cluster(const DenseKDParams& p, DType dtype, const DenseKDPlan& plan,
-                            int* max_active_clusters);
+cudaError_t prepare_cluster(const DenseKDParams& p, DType student_dtype, DType teacher_dtype,
+                            const DenseKDPlan& plan, int* max_active_clusters);
 }  // namespace detail
 
 // Threads per CTA of each path and the planner's shared-memory targets (see dense_kd.cu).

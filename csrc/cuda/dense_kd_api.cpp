@@ -27,14 +27,14 @@ using fastkd::cuda::DType;
 using fastkd::cuda::Path;
 using fastkd::cuda::PlanRequest;
 
-DType kernel_dtype(const at::Tensor& t) {
+DType kernel_dtype(const at::Tensor& t, const char* name) {
   switch (t.scalar_type()) {
     case at::kFloat: return DType::kFloat32;
     case at::kBFloat16: return DType::kBFloat16;
     case at::kHalf: return DType::kFloat16;
     default:
-      TORCH_CHECK_TYPE(false, "fastkd::dense_kd (cuda): student must be float32, bfloat16 or "
-                       "float16, got ", t.scalar_type());
+      TORCH_CHECK_TYPE(false, "fastkd::dense_kd (cuda): ", name, " must be float32, bfloat16 "
+                       "or float16, got ", t.scalar_type());
   }
   return DType::kFloat32;  // unreachable
 }
@@ -58,19 +58,21 @@ PlanRequest request_from_env() {
   return request;
 }
 
-// (N, V) logits-shaped tensor on `device` with unit stride along the vocabulary.
-void check_matrix(const at::Tensor& t, const char* name, const at::Tensor& like) {
+// (N, V) logits-shaped tensor on student's device, of dtype `dtype` (the dtype of
+// `dtype_owner`), with unit stride along the vocabulary and any row stride >= V.
+void check_matrix(const at::Tensor& t, const char* name, const at::Tensor& like,
+                  at::ScalarType dtype, const char* dtype_owner) {
   TORCH_CHECK_VALUE(t.dim() == 2, "fastkd::dense_kd (cuda): ", name,
                     " must be 2-D (N, V), got shape ", t.sizes());
   TORCH_CHECK_VALUE(t.sizes() == like.sizes(), "fastkd::dense_kd (cuda): ", name, " shape ",
                     t.sizes(), " must equal student shape ", like.sizes());
-  TORCH_CHECK_TYPE(t.scalar_type() == like.scalar_type(), "fastkd::dense_kd (cuda): ", name,
-                   " dtype ", t.scalar_type(), " must equal student dtype ",
-                   like.scalar_type());
+  TORCH_CHECK_TYPE(t.scalar_type() == dtype, "fastkd::dense_kd (cuda): ", name, " dtype ",
+                   t.scalar_type(), " must equal the ", dtype_owner, " dtype ", dtype);
   TORCH_CHECK_VALUE(t.device() == like.device(), "fastkd::dense_kd (cuda): ", name, " is on ",
                     t.device(), " but student is on ", like.device());
   TORCH_CHECK_VALUE(t.size(1) <= 1 || t.stride(1) == 1, "fastkd::dense_kd (cuda): ", name,
-                    " must have unit stride along the vocabulary (call .contiguous())");
+                    " must have unit stride along the vocabulary (stride(1) == 1), got strides ",
+                    t.strides());
   TORCH_CHECK_VALUE(t.size(0) <= 1 || t.stride(0) >= t.size(1), "fastkd::dense_kd (cuda): ",
                     name, " rows must not overlap (row stride ", t.stride(0), " < V ",
                     t.size(1), ")");
@@ -95,14 +97,16 @@ at::Tensor dense_kd_cuda(const at::Tensor& student, const at::Tensor& teacher,
                          const std::optional<at::Tensor>& grad_student,
                          const std::optional<at::Tensor>& grad_teacher, double temperature,
                          double ce_weight, double div_weight, int64_t divergence, double beta,
-                         int64_t ignore_index, double label_smoothing, double softcap) {
+                         int64_t ignore_index, double label_smoothing, double softcap,
+                         const std::optional<at::Tensor>& terms) {
   TORCH_CHECK_VALUE(student.is_cuda(), "fastkd::dense_kd (cuda): student must be a CUDA "
                     "tensor, got device ", student.device());
   TORCH_CHECK_VALUE(student.dim() == 2, "fastkd::dense_kd (cuda): student must be 2-D (N, V), "
                     "got shape ", student.sizes());
-  const DType dtype = kernel_dtype(student);
-  check_matrix(student, "student", student);
-  check_matrix(teacher, "teacher", student);
+  const DType student_dtype = kernel_dtype(student, "student");
+  const DType teacher_dtype = kernel_dtype(teacher, "teacher");
+  check_matrix(student, "student", student, student.scalar_type(), "student");
+  check_matrix(teacher, "teacher", student, teacher.scalar_type(), "teacher");
   check_options(temperature, divergence, beta, label_smoothing);
   const int64_t n_rows = student.size(0);
   const int64_t vocab = student.size(1);
@@ -119,8 +123,23 @@ at::Tensor dense_kd_cuda(const at::Tensor& student, const at::Tensor& teacher,
     TORCH_CHECK_VALUE(y.size(0) <= 1 || y.stride(0) == 1,
                       "fastkd::dense_kd (cuda): target must be contiguous");
   }
-  if (grad_student.has_value()) check_matrix(*grad_student, "grad_student", student);
-  if (grad_teacher.has_value()) check_matrix(*grad_teacher, "grad_teacher", student);
+  if (grad_student.has_value()) {
+    check_matrix(*grad_student, "grad_student", student, student.scalar_type(), "student");
+  }
+  if (grad_teacher.has_value()) {
+    check_matrix(*grad_teacher, "grad_teacher", student, teacher.scalar_type(), "teacher");
+  }
+  if (terms.has_value()) {
+    const at::Tensor& k = *terms;
+    TORCH_CHECK_TYPE(k.scalar_type() == at::kFloat, "fastkd::dense_kd (cuda): terms must be "
+                     "float32, got ", k.scalar_type());
+    TORCH_CHECK_VALUE(k.dim() == 2 && k.size(0) == n_rows && k.size(1) == 2,
+                      "fastkd::dense_kd (cuda): terms must have shape (", n_rows, ", 2), got ",
+                      k.sizes());
+    TORCH_CHECK_VALUE(k.device() == student.device(), "fastkd::dense_kd (cuda): terms is on ",
+                      k.device(), " but student is on ", student.device());
+    TORCH_CHECK_VALUE(k.is_contiguous(), "fastkd::dense_kd (cuda): terms must be contiguous");
+  }
 
   c10::cuda::CUDAGuard guard(student.device());
   at::Tensor rows = at::empty({n_rows}, student.options().dtype(at::kFloat));
@@ -133,6 +152,7 @@ at::Tensor dense_kd_cuda(const at::Tensor& student, const at::Tensor& teacher,
   p.rows = rows.data_ptr<float>();
   p.grad_student = grad_student.has_value() ? grad_student->data_ptr() : nullptr;
   p.grad_teacher = grad_teacher.has_value() ? grad_teacher->data_ptr() : nullptr;
+  p.terms = terms.has_value() ? terms->data_ptr<float>() : nullptr;
   p.n_rows = n_rows;
   p.vocab = vocab;
   p.student_row_stride = student.stride(0);
@@ -150,7 +170,8 @@ at::Tensor dense_kd_cuda(const at::Tensor& student, const at::Tensor& teacher,
 
   fastkd::cuda::DenseKDPlan plan;
   const cudaError_t err = fastkd::cuda::launch_dense_kd(
-      p, dtype, request_from_env(), c10::cuda::getCurrentCUDAStream().stream(), &plan);
+      p, student_dtype, teacher_dtype, request_from_env(),
+      c10::cuda::getCurrentCUDAStream().stream(), &plan);
   if (err != cudaSuccess) (void)cudaGetLastError();  // do not leave it for an unrelated check
   TORCH_CHECK(err == cudaSuccess, "fastkd::dense_kd (cuda): launch failed: ",
               cudaGetErrorString(err), (plan.note[0] != '\0' ? " (" : ""), plan.note,

@@ -18,6 +18,10 @@
 // its own slice, after all of its copies have completed (cp.async.wait_group 0 and a block
 // barrier), and no other CTA reads that slice.
 //
+// Mixed dtypes: the student slice (TS) and the teacher slice (TT) sit one after the other in
+// shared memory, the teacher's at the next 16-byte boundary (teacher_slice_offset, used by
+// the planner too); both use one element layout (vectors only for equal element sizes).
+//
 // Compiled to an empty body below sm_90 (setup.py also builds sm_80); the host never launches
 // it there (dense_kd.cu plans the generic kernel instead).
 #include <cooperative_groups.h>
@@ -103,12 +107,14 @@ __device__ __forceinline__ void merge_cluster_partials(cg::cluster_group& cluste
 }
 #endif  // __CUDA_ARCH__ >= 900
 
-template <class T, int kDiv, bool kVector>
+template <class TS, class TT, int kDiv, bool kVector>
 __global__ void __launch_bounds__(cuda::kClusterThreads, 2)
     dense_kd_cluster_kernel(const DenseKDParams p, const int64_t chunk) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   constexpr int kThreads = cuda::kClusterThreads;
-  using L = Layout<T, kVector, kThreads>;
+  using L = Layout<TS, kVector, kThreads>;
+  using LT = Layout<TT, kVector, kThreads>;
+  static_assert(L::kE == LT::kE, "student and teacher need the same element layout");
   constexpr int kE = L::kE;
   extern __shared__ __align__(16) unsigned char smem[];
   __shared__ RowStats stats_scratch[kThreads / kWarpSize];
@@ -129,25 +135,26 @@ __global__ void __launch_bounds__(cuda::kClusterThreads, 2)
   const int64_t len = begin < vocab ? (vocab - begin < chunk ? vocab - begin : chunk) : 0;
   const int64_t n_steps = (len + L::kStep - 1) / L::kStep;
   const int64_t steps_per_stage = (n_steps + kCopyStages - 1) / kCopyStages;
-  T* s_buf = reinterpret_cast<T*>(smem);
-  T* t_buf = s_buf + chunk;  // used only when the divergence term is on
+  TS* s_buf = reinterpret_cast<TS*>(smem);
+  // Used only when the divergence is evaluated.
+  TT* t_buf = reinterpret_cast<TT*>(smem + cuda::teacher_slice_offset(chunk, sizeof(TS)));
 
   for (int64_t row = cluster_id; row < p.n_rows; row += n_clusters) {
-    const T* s = static_cast<const T*>(p.student) + row * p.student_row_stride + begin;
-    const T* t = static_cast<const T*>(p.teacher) + row * p.teacher_row_stride + begin;
-    T* gs = p.grad_student == nullptr
-                ? nullptr
-                : static_cast<T*>(p.grad_student) + row * p.grad_student_row_stride + begin;
-    T* gt = p.grad_teacher == nullptr
-                ? nullptr
-                : static_cast<T*>(p.grad_teacher) + row * p.grad_teacher_row_stride + begin;
+    const TS* s = static_cast<const TS*>(p.student) + row * p.student_row_stride + begin;
+    const TT* t = static_cast<const TT*>(p.teacher) + row * p.teacher_row_stride + begin;
+    TS* gs = p.grad_student == nullptr
+                 ? nullptr
+                 : static_cast<TS*>(p.grad_student) + row * p.grad_student_row_stride + begin;
+    TT* gt = p.grad_teacher == nullptr
+                 ? nullptr
+                 : static_cast<TT*>(p.grad_teacher) + row * p.grad_teacher_row_stride + begin;
     const int64_t y = p.target != nullptr ? p.target[row] : -1;
 
     // Ignored row: the whole cluster takes this branch (same target), no exchange needed.
     if (p.target != nullptr && y == p.ignore_index) {
-      if (gs != nullptr) zero_fill<T, kVector, kThreads>(gs, len);
-      if (gt != nullptr) zero_fill<T, kVector, kThreads>(gt, len);
-      if (rank == 0 && tid == 0) p.rows[row] = 0.0f;
+      if (gs != nullptr) zero_fill<TS, kVector, kThreads>(gs, len);
+      if (gt != nullptr) zero_fill<TT, kVector, kThreads>(gt, len);
+      if (rank == 0 && tid == 0) kd_math::write_ignored_row(p, row);
       continue;
     }
 
@@ -156,8 +163,8 @@ __global__ void __launch_bounds__(cuda::kClusterThreads, 2)
     for (int g = 0; g < kCopyStages; ++g) {
       const int64_t first = g * steps_per_stage;
       const int64_t last = first + steps_per_stage < n_steps ? first + steps_per_stage : n_steps;
-      copy_steps<T, kVector, kThreads>(s_buf, s, first, last, len);
-      if (o.has_div) copy_steps<T, kVector, kThreads>(t_buf, t, first, last, len);
+      copy_steps<TS, kVector, kThreads>(s_buf, s, first, last, len);
+      if (o.has_div) copy_steps<TT, kVector, kThreads>(t_buf, t, first, last, len);
       cp_async_commit();
     }
     RowStats st = kd_math::empty_stats();
@@ -170,7 +177,7 @@ __global__ void __launch_bounds__(cuda::kClusterThreads, 2)
         float sv[kE], tv[kE] = {};
         bool ok[kE], ok_t[kE];
         L::load(s_buf, i * L::kStep, len, tid, sv, ok);
-        if (o.has_div) L::load(t_buf, i * L::kStep, len, tid, tv, ok_t);
+        if (o.has_div) LT::load(t_buf, i * L::kStep, len, tid, tv, ok_t);
         kd_math::accumulate<kDiv, kE>(st, sv, tv, ok, o);
       }
     }
@@ -199,7 +206,7 @@ __global__ void __launch_bounds__(cuda::kClusterThreads, 2)
           float sv[kE], tv[kE];
           bool ok[kE];
           L::load(s_buf, i * L::kStep, len, tid, sv, ok);
-          L::load(t_buf, i * L::kStep, len, tid, tv, ok);
+          LT::load(t_buf, i * L::kStep, len, tid, tv, ok);
 #pragma unroll
           for (int k = 0; k < kE; ++k) {
             kd_math::accumulate_second<kDiv>(acc.v, sv[k], tv[k], ok[k], r, o);
@@ -214,7 +221,7 @@ __global__ void __launch_bounds__(cuda::kClusterThreads, 2)
       }
     }
     cluster.barrier_arrive();  // this CTA no longer reads other CTAs' shared memory
-    if (rank == 0 && tid == 0) p.rows[row] = kd_math::row_loss(r, o);
+    if (rank == 0 && tid == 0) kd_math::write_row(p, row, r, o);
 
     // 4. Gradient of the slice, from shared memory.
     if (gs != nullptr || gt != nullptr) {
@@ -222,14 +229,14 @@ __global__ void __launch_bounds__(cuda::kClusterThreads, 2)
         float sv[kE], tv[kE] = {}, g_s[kE], g_t[kE];
         bool ok[kE], ok_t[kE];
         L::load(s_buf, i * L::kStep, len, tid, sv, ok);
-        if (o.has_div) L::load(t_buf, i * L::kStep, len, tid, tv, ok_t);
+        if (o.has_div) LT::load(t_buf, i * L::kStep, len, tid, tv, ok_t);
 #pragma unroll
         for (int k = 0; k < kE; ++k) {
           const bool is_target = begin + i * L::kStep + L::pos(tid, k) == y;
           kd_math::grad_element<kDiv>(sv[k], tv[k], is_target, r, o, g_s[k], g_t[k]);
         }
         if (gs != nullptr) L::store(gs, i * L::kStep, len, tid, g_s);
-        if (gt != nullptr) L::store(gt, i * L::kStep, len, tid, g_t);
+        if (gt != nullptr) LT::store(gt, i * L::kStep, len, tid, g_t);
       }
     }
     cluster.barrier_wait();  // every CTA finished reading our partials: reuse / exit is safe
@@ -237,7 +244,7 @@ __global__ void __launch_bounds__(cuda::kClusterThreads, 2)
 #endif
 }
 
-template <class T, int kDiv, bool kVector>
+template <class TS, class TT, int kDiv, bool kVector>
 cudaLaunchConfig_t cluster_config(const cuda::DenseKDPlan& plan, cudaStream_t stream,
                                   cudaLaunchAttribute* attr) {
   cudaLaunchConfig_t config = {};
@@ -261,9 +268,9 @@ std::mutex g_cache_mutex;
 std::map<std::pair<int, const void*>, size_t> g_smem_allowed;
 std::map<std::tuple<int, const void*, int, size_t>, int> g_active_clusters;
 
-template <class T, int kDiv, bool kVector>
+template <class TS, class TT, int kDiv, bool kVector>
 cudaError_t prepare_instance(const cuda::DenseKDPlan& plan, int* max_active_clusters) {
-  void (*kernel)(DenseKDParams, int64_t) = dense_kd_cluster_kernel<T, kDiv, kVector>;
+  void (*kernel)(DenseKDParams, int64_t) = dense_kd_cluster_kernel<TS, TT, kDiv, kVector>;
   const void* key = reinterpret_cast<const void*>(kernel);
   int device = 0;
   cudaError_t err = cudaGetDevice(&device);
@@ -284,7 +291,7 @@ cudaError_t prepare_instance(const cuda::DenseKDPlan& plan, int* max_active_clus
   auto it = g_active_clusters.find(occupancy_key);
   if (it == g_active_clusters.end()) {
     cudaLaunchAttribute attr;
-    cudaLaunchConfig_t config = cluster_config<T, kDiv, kVector>(plan, nullptr, &attr);
+    cudaLaunchConfig_t config = cluster_config<TS, TT, kDiv, kVector>(plan, nullptr, &attr);
     int n = 0;
     err = cudaOccupancyMaxActiveClusters(&n, kernel, &config);
     if (err != cudaSuccess) return err;
@@ -299,28 +306,30 @@ cudaError_t prepare_instance(const cuda::DenseKDPlan& plan, int* max_active_clus
 namespace cuda {
 namespace detail {
 
-cudaError_t prepare_cluster(const DenseKDParams& p, DType dtype, const DenseKDPlan& plan,
-                            int* max_active_clusters) {
+cudaError_t prepare_cluster(const DenseKDParams& p, DType student_dtype, DType teacher_dtype,
+                            const DenseKDPlan& plan, int* max_active_clusters) {
   using namespace cuda_detail;
-  return dispatch_instance(dtype, p.divergence, plan.vector,
-                           [&](auto type_tag, auto div_tag, auto vec_tag) -> cudaError_t {
-    using T = typename decltype(type_tag)::type;
-    return prepare_instance<T, decltype(div_tag)::value, decltype(vec_tag)::value>(
+  return dispatch_instance(student_dtype, teacher_dtype, p.divergence, plan.vector,
+                           [&](auto s_tag, auto t_tag, auto div_tag, auto vec_tag) -> cudaError_t {
+    using TS = typename decltype(s_tag)::type;
+    using TT = typename decltype(t_tag)::type;
+    return prepare_instance<TS, TT, decltype(div_tag)::value, decltype(vec_tag)::value>(
         plan, max_active_clusters);
   });
 }
 
-cudaError_t launch_cluster(const DenseKDParams& p, DType dtype, const DenseKDPlan& plan,
-                           cudaStream_t stream) {
+cudaError_t launch_cluster(const DenseKDParams& p, DType student_dtype, DType teacher_dtype,
+                           const DenseKDPlan& plan, cudaStream_t stream) {
   using namespace cuda_detail;
-  return dispatch_instance(dtype, p.divergence, plan.vector,
-                           [&](auto type_tag, auto div_tag, auto vec_tag) -> cudaError_t {
-    using T = typename decltype(type_tag)::type;
+  return dispatch_instance(student_dtype, teacher_dtype, p.divergence, plan.vector,
+                           [&](auto s_tag, auto t_tag, auto div_tag, auto vec_tag) -> cudaError_t {
+    using TS = typename decltype(s_tag)::type;
+    using TT = typename decltype(t_tag)::type;
     constexpr int kDiv = decltype(div_tag)::value;
     constexpr bool kVector = decltype(vec_tag)::value;
     cudaLaunchAttribute attr;
-    cudaLaunchConfig_t config = cluster_config<T, kDiv, kVector>(plan, stream, &attr);
-    return cudaLaunchKernelEx(&config, dense_kd_cluster_kernel<T, kDiv, kVector>, p,
+    cudaLaunchConfig_t config = cluster_config<TS, TT, kDiv, kVector>(plan, stream, &attr);
+    return cudaLaunchKernelEx(&config, dense_kd_cluster_kernel<TS, TT, kDiv, kVector>, p,
                               plan.chunk);
   });
 }

@@ -193,26 +193,45 @@ template <class T> struct TypeTag { using type = T; };
 template <int V> struct IntTag { static constexpr int value = V; };
 template <bool V> struct BoolTag { static constexpr bool value = V; };
 
-// Calls f(TypeTag<T>{}, IntTag<divergence>{}, BoolTag<vector>{}) for the runtime values, so a
-// launcher names each kernel template instance once.
+// Calls f(TypeTag<TS>{}, TypeTag<TT>{}, IntTag<divergence>{}, BoolTag<vector>{}) for the
+// runtime values, so a launcher names each kernel template instance once. Student and
+// teacher share one element layout, so 16-byte vector instances exist only for pairs of
+// equal element size (the planner never asks for vectors otherwise): per kernel
+// 9 pairs x 4 divergences x (2 or 1) = 56 instances (24 with one dtype for both).
 template <class F>
-cudaError_t dispatch_instance(cuda::DType dtype, int divergence, bool vector, F&& f) {
-  auto by_vector = [&](auto type_tag, auto div_tag) -> cudaError_t {
-    return vector ? f(type_tag, div_tag, BoolTag<true>{}) : f(type_tag, div_tag, BoolTag<false>{});
+cudaError_t dispatch_instance(cuda::DType student_dtype, cuda::DType teacher_dtype,
+                              int divergence, bool vector, F&& f) {
+  auto by_vector = [&](auto s_tag, auto t_tag, auto div_tag) -> cudaError_t {
+    using TS = typename decltype(s_tag)::type;
+    using TT = typename decltype(t_tag)::type;
+    if constexpr (sizeof(TS) == sizeof(TT)) {
+      if (vector) return f(s_tag, t_tag, div_tag, BoolTag<true>{});
+    } else {
+      if (vector) return cudaErrorInvalidValue;
+    }
+    return f(s_tag, t_tag, div_tag, BoolTag<false>{});
   };
-  auto by_divergence = [&](auto type_tag) -> cudaError_t {
+  auto by_divergence = [&](auto s_tag, auto t_tag) -> cudaError_t {
     switch (divergence) {
-      case kd_math::kKL: return by_vector(type_tag, IntTag<kd_math::kKL>{});
-      case kd_math::kReverseKL: return by_vector(type_tag, IntTag<kd_math::kReverseKL>{});
-      case kd_math::kJSD: return by_vector(type_tag, IntTag<kd_math::kJSD>{});
-      case kd_math::kTVD: return by_vector(type_tag, IntTag<kd_math::kTVD>{});
+      case kd_math::kKL: return by_vector(s_tag, t_tag, IntTag<kd_math::kKL>{});
+      case kd_math::kReverseKL: return by_vector(s_tag, t_tag, IntTag<kd_math::kReverseKL>{});
+      case kd_math::kJSD: return by_vector(s_tag, t_tag, IntTag<kd_math::kJSD>{});
+      case kd_math::kTVD: return by_vector(s_tag, t_tag, IntTag<kd_math::kTVD>{});
       default: return cudaErrorInvalidValue;
     }
   };
-  switch (dtype) {
-    case cuda::DType::kFloat32: return by_divergence(TypeTag<float>{});
-    case cuda::DType::kBFloat16: return by_divergence(TypeTag<__nv_bfloat16>{});
-    case cuda::DType::kFloat16: return by_divergence(TypeTag<__half>{});
+  auto by_teacher = [&](auto s_tag) -> cudaError_t {
+    switch (teacher_dtype) {
+      case cuda::DType::kFloat32: return by_divergence(s_tag, TypeTag<float>{});
+      case cuda::DType::kBFloat16: return by_divergence(s_tag, TypeTag<__nv_bfloat16>{});
+      case cuda::DType::kFloat16: return by_divergence(s_tag, TypeTag<__half>{});
+    }
+    return cudaErrorInvalidValue;
+  };
+  switch (student_dtype) {
+    case cuda::DType::kFloat32: return by_teacher(TypeTag<float>{});
+    case cuda::DType::kBFloat16: return by_teacher(TypeTag<__nv_bfloat16>{});
+    case cuda::DType::kFloat16: return by_teacher(TypeTag<__half>{});
   }
   return cudaErrorInvalidValue;
 }

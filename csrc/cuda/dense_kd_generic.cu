@@ -14,6 +14,10 @@
 // In-place backward (grad_student == student): every thread reads an element and writes its
 // gradient in the same iteration of sweep 3, after all other sweeps (and the target logit
 // read) completed behind a block barrier, so no element is written before its last read.
+//
+// Mixed dtypes: TS (student and its gradient) and TT (teacher and its gradient) are separate
+// template parameters; both sides use the same element layout (16-byte vectors only when the
+// two element sizes are equal, else coalesced scalar accesses, see dispatch_instance).
 #include <cmath>
 
 #include "dense_kd_device.cuh"
@@ -25,11 +29,13 @@ using kd_math::RowScalars;
 
 constexpr int kGenericUnroll = 2;  // steps whose loads are in flight together per thread
 
-template <class T, int kDiv, bool kVector>
+template <class TS, class TT, int kDiv, bool kVector>
 __global__ void __launch_bounds__(cuda::kGenericThreads)
     dense_kd_generic_kernel(const DenseKDParams p) {
   constexpr int kThreads = cuda::kGenericThreads;
-  using L = Layout<T, kVector, kThreads>;
+  using L = Layout<TS, kVector, kThreads>;
+  using LT = Layout<TT, kVector, kThreads>;
+  static_assert(L::kE == LT::kE, "student and teacher need the same element layout");
   constexpr int kE = L::kE;
   constexpr int64_t kSweep = L::kStep * kGenericUnroll;
   __shared__ RowStats stats_scratch[kThreads / kWarpSize];
@@ -40,20 +46,20 @@ __global__ void __launch_bounds__(cuda::kGenericThreads)
   const int64_t vocab = p.vocab;
 
   for (int64_t row = blockIdx.x; row < p.n_rows; row += gridDim.x) {
-    const T* s = static_cast<const T*>(p.student) + row * p.student_row_stride;
-    const T* t = static_cast<const T*>(p.teacher) + row * p.teacher_row_stride;
-    T* gs = p.grad_student == nullptr
-                ? nullptr
-                : static_cast<T*>(p.grad_student) + row * p.grad_student_row_stride;
-    T* gt = p.grad_teacher == nullptr
-                ? nullptr
-                : static_cast<T*>(p.grad_teacher) + row * p.grad_teacher_row_stride;
+    const TS* s = static_cast<const TS*>(p.student) + row * p.student_row_stride;
+    const TT* t = static_cast<const TT*>(p.teacher) + row * p.teacher_row_stride;
+    TS* gs = p.grad_student == nullptr
+                 ? nullptr
+                 : static_cast<TS*>(p.grad_student) + row * p.grad_student_row_stride;
+    TT* gt = p.grad_teacher == nullptr
+                 ? nullptr
+                 : static_cast<TT*>(p.grad_teacher) + row * p.grad_teacher_row_stride;
     const int64_t y = p.target != nullptr ? p.target[row] : -1;
 
     if (p.target != nullptr && y == p.ignore_index) {
-      if (gs != nullptr) zero_fill<T, kVector, kThreads>(gs, vocab);
-      if (gt != nullptr) zero_fill<T, kVector, kThreads>(gt, vocab);
-      if (tid == 0) p.rows[row] = 0.0f;
+      if (gs != nullptr) zero_fill<TS, kVector, kThreads>(gs, vocab);
+      if (gt != nullptr) zero_fill<TT, kVector, kThreads>(gt, vocab);
+      if (tid == 0) kd_math::write_ignored_row(p, row);
       continue;
     }
 
@@ -68,7 +74,7 @@ __global__ void __launch_bounds__(cuda::kGenericThreads)
 #pragma unroll
       for (int u = 0; u < kGenericUnroll; ++u) {
         L::load(s, base + u * L::kStep, vocab, tid, sv[u], ok[u]);
-        if (o.has_div) L::load(t, base + u * L::kStep, vocab, tid, tv[u], ok_t);
+        if (o.has_div) LT::load(t, base + u * L::kStep, vocab, tid, tv[u], ok_t);
       }
 #pragma unroll
       for (int u = 0; u < kGenericUnroll; ++u) {
@@ -88,7 +94,7 @@ __global__ void __launch_bounds__(cuda::kGenericThreads)
 #pragma unroll
           for (int u = 0; u < kGenericUnroll; ++u) {
             L::load(s, base + u * L::kStep, vocab, tid, sv[u], ok[u]);
-            L::load(t, base + u * L::kStep, vocab, tid, tv[u], ok[u]);
+            LT::load(t, base + u * L::kStep, vocab, tid, tv[u], ok[u]);
           }
 #pragma unroll
           for (int u = 0; u < kGenericUnroll; ++u) {
@@ -102,7 +108,7 @@ __global__ void __launch_bounds__(cuda::kGenericThreads)
         kd_math::finish_second<kDiv>(r, acc.v, o);
       }
     }
-    if (tid == 0) p.rows[row] = kd_math::row_loss(r, o);
+    if (tid == 0) kd_math::write_row(p, row, r, o);
 
     // Sweep 3: gradients.
     if (gs == nullptr && gt == nullptr) continue;
@@ -112,7 +118,7 @@ __global__ void __launch_bounds__(cuda::kGenericThreads)
 #pragma unroll
       for (int u = 0; u < kGenericUnroll; ++u) {
         L::load(s, base + u * L::kStep, vocab, tid, sv[u], ok[u]);
-        if (o.has_div) L::load(t, base + u * L::kStep, vocab, tid, tv[u], ok_t);
+        if (o.has_div) LT::load(t, base + u * L::kStep, vocab, tid, tv[u], ok_t);
       }
 #pragma unroll
       for (int u = 0; u < kGenericUnroll; ++u) {
@@ -124,7 +130,7 @@ __global__ void __launch_bounds__(cuda::kGenericThreads)
           kd_math::grad_element<kDiv>(sv[u][k], tv[u][k], is_target, r, o, g_s[k], g_t[k]);
         }
         if (gs != nullptr) L::store(gs, step, vocab, tid, g_s);
-        if (gt != nullptr) L::store(gt, step, vocab, tid, g_t);
+        if (gt != nullptr) LT::store(gt, step, vocab, tid, g_t);
       }
     }
   }
@@ -135,12 +141,13 @@ __global__ void __launch_bounds__(cuda::kGenericThreads)
 namespace cuda {
 namespace detail {
 
-cudaError_t launch_generic(const DenseKDParams& p, DType dtype, const DenseKDPlan& plan,
-                           cudaStream_t stream) {
+cudaError_t launch_generic(const DenseKDParams& p, DType student_dtype, DType teacher_dtype,
+                           const DenseKDPlan& plan, cudaStream_t stream) {
   using namespace cuda_detail;
-  return dispatch_instance(dtype, p.divergence, plan.vector,
-                           [&](auto type_tag, auto div_tag, auto vec_tag) -> cudaError_t {
-    using T = typename decltype(type_tag)::type;
+  return dispatch_instance(student_dtype, teacher_dtype, p.divergence, plan.vector,
+                           [&](auto s_tag, auto t_tag, auto div_tag, auto vec_tag) -> cudaError_t {
+    using TS = typename decltype(s_tag)::type;
+    using TT = typename decltype(t_tag)::type;
     constexpr int kDiv = decltype(div_tag)::value;
     constexpr bool kVector = decltype(vec_tag)::value;
     cudaLaunchConfig_t config = {};
@@ -148,7 +155,7 @@ cudaError_t launch_generic(const DenseKDParams& p, DType dtype, const DenseKDPla
     config.blockDim = dim3(static_cast<unsigned>(plan.threads));
     config.dynamicSmemBytes = 0;
     config.stream = stream;
-    return cudaLaunchKernelEx(&config, dense_kd_generic_kernel<T, kDiv, kVector>, p);
+    return cudaLaunchKernelEx(&config, dense_kd_generic_kernel<TS, TT, kDiv, kVector>, p);
   });
 }
 

@@ -4,8 +4,8 @@
 // the kernels (csrc/cuda/dense_kd_*.cu) and in a host emulation that tests it against the
 // float64 oracle on a machine without a GPU (tests/test_cuda_math_emulation.py).
 //
-// Notation (DESIGN.md §1, fastkd/reference/dense.py): z = cap(raw) (softcap), a = z / T,
-// p_s = softmax(a_s), p_t = softmax(a_t), q = softmax(z_s) (cross-entropy at T = 1),
+// Notation (docs/semantics.md §1, fastkd/reference/dense.py): z = cap(raw) (softcap),
+// a = z / T, p_s = softmax(a_s), p_t = softmax(a_t), q = softmax(z_s) (cross-entropy at T = 1),
 // r = log(p_s / p_t). Per-element gradients (chain rule through a = z / T and cap):
 //   kl:         dD/da_s = p_s - p_t                  dD/da_t = p_t (-r - D)
 //   reverse_kl: dD/da_s = p_s (r - D)                dD/da_t = p_t - p_s
@@ -55,8 +55,11 @@ struct RowOptions {
   float softcap;         // > 0 when capped
   float inv_softcap;
   bool capped;
-  bool has_ce;           // a target is given and ce_weight != 0
-  bool has_div;          // div_weight != 0 (else the teacher is never read)
+  bool has_ce;           // CE evaluated: a target and (ce_weight != 0 or terms wanted)
+  bool has_div;          // D evaluated: div_weight != 0 or terms wanted (else the teacher
+                         // is never read)
+  // A term enters the row and the gradient only with a non-zero weight (weighted_ce /
+  // weighted_div below: derived, not stored, to keep the kernels' register count).
   bool q_from_student;   // T == 1 and has_div: the CE softmax is the student's softmax
   float ce_w;
   float div_w;
@@ -74,8 +77,8 @@ FASTKD_HD RowOptions make_row_options(const DenseKDParams& p) {
   o.capped = p.softcap > 0.0f;
   o.softcap = p.softcap;
   o.inv_softcap = o.capped ? 1.0f / p.softcap : 0.0f;
-  o.has_ce = p.target != nullptr && p.ce_weight != 0.0f;
-  o.has_div = p.div_weight != 0.0f;
+  o.has_ce = evaluates_cross_entropy(p);
+  o.has_div = evaluates_divergence(p);
   o.q_from_student = o.has_div && o.inv_t == 1.0f;
   o.ce_w = p.ce_weight;
   o.div_w = p.div_weight;
@@ -87,6 +90,10 @@ FASTKD_HD RowOptions make_row_options(const DenseKDParams& p) {
   o.beta = p.beta;
   return o;
 }
+
+// CE / D in the row value and the gradient: evaluated and of non-zero weight.
+FASTKD_HD bool weighted_ce(const RowOptions& o) { return o.has_ce && o.ce_w != 0.0f; }
+FASTKD_HD bool weighted_div(const RowOptions& o) { return o.has_div && o.div_w != 0.0f; }
 
 // cap(raw) and cap'(raw) (softcap c: c * tanh(raw / c); identity when off).
 FASTKD_HD float capped(float raw, const RowOptions& o, float& dcap) {
@@ -366,18 +373,42 @@ FASTKD_HD void finish_second(RowScalars& r, const float (&acc)[3], const RowOpti
   }
 }
 
-// The row's weighted loss; a term whose weight is 0 is not evaluated (0 * inf would be NaN).
+// The unweighted terms of a row (0 for a term that is not evaluated).
 // CE = lse - (1 - eps) z_y - eps mean(z) with lse = ms + log sq, grouped as
 // (1 - eps)(ms - z_y) + eps (ms - mean z) + log sq so that no large |z| cancels.
-FASTKD_HD float row_loss(const RowScalars& r, const RowOptions& o) {
-  float row = 0.0f;
-  if (o.has_div) row += o.div_w * r.d;
+FASTKD_HD void row_terms(const RowScalars& r, const RowOptions& o, float& ce, float& d) {
+  d = o.has_div ? r.d : 0.0f;
+  ce = 0.0f;
   if (o.has_ce) {
-    float ce = o.keep_y * (r.ms - r.zy) + r.log_sq;
+    ce = o.keep_y * (r.ms - r.zy) + r.log_sq;
     if (o.eps > 0.0f) ce += o.eps * (r.ms - r.sum_z * o.inv_v);
-    row += o.ce_w * ce;
   }
+}
+
+// The row's weighted loss; a term whose weight is 0 is left out (0 * inf would be NaN).
+FASTKD_HD float row_loss_from_terms(float ce, float d, const RowOptions& o) {
+  float row = 0.0f;
+  if (weighted_div(o)) row += o.div_w * d;
+  if (weighted_ce(o)) row += o.ce_w * ce;
   return row;
+}
+
+// Writes rows[row] and, when asked for, terms[row] (ce, d) of one finished row.
+FASTKD_HD void write_row(const DenseKDParams& p, int64_t row, const RowScalars& r,
+                         const RowOptions& o) {
+  float ce, d;
+  row_terms(r, o, ce, d);
+  p.rows[row] = row_loss_from_terms(ce, d, o);
+  if (p.terms != nullptr) {
+    p.terms[2 * row] = ce;
+    p.terms[2 * row + 1] = d;
+  }
+}
+
+// An ignored row: loss and terms 0.
+FASTKD_HD void write_ignored_row(const DenseKDParams& p, int64_t row) {
+  p.rows[row] = 0.0f;
+  if (p.terms != nullptr) p.terms[2 * row] = p.terms[2 * row + 1] = 0.0f;
 }
 
 // Gradient of the row loss at one element: d row / d raw_s -> gs, d row / d raw_t -> gt.
@@ -387,7 +418,7 @@ FASTKD_HD void grad_element(float s_raw, float t_raw, bool is_target, const RowS
   float dcap_s, dcap_t = 1.0f;
   const float zs = capped(s_raw, o, dcap_s);
   float gsum = 0.0f, gtsum = 0.0f, p_s = 0.0f;
-  if (o.has_div) {
+  if (o.has_div) {  // evaluated; it enters the gradient only with a non-zero weight
     const Pair q = pair_of(zs, capped(t_raw, o, dcap_t), r, o);
     p_s = q.p_s;
     float ds, dt;
@@ -407,10 +438,13 @@ FASTKD_HD void grad_element(float s_raw, float t_raw, bool is_target, const RowS
       ds = q.p_s * (g - r.dot_s);
       dt = q.p_t * (r.dot_t - g);
     }
-    gsum = o.div_w_over_t * ds;
-    gtsum = o.div_w_over_t * dt;
+    // A select, not a branch (keeps registers): weight 0 (D evaluated only for the terms
+    // output) contributes exactly 0, even where ds or dt is not finite.
+    const bool weighted = weighted_div(o);
+    gsum = weighted ? o.div_w_over_t * ds : 0.0f;
+    gtsum = weighted ? o.div_w_over_t * dt : 0.0f;
   }
-  if (o.has_ce) {
+  if (weighted_ce(o)) {
     const float q = o.q_from_student ? p_s : expf(zs - r.ms - r.log_sq);
     gsum += o.ce_w * (q - o.eps_over_v - (is_target ? o.keep_y : 0.0f));
   }

@@ -6,7 +6,8 @@
 // step * n_threads * E + tid * E; thread partials are merged into a CTA partial, CTA partials
 // into the row (in rank order), then the second reduction (JSD / TVD), the row loss and the
 // gradients. Not emulated: dtype conversion (inputs are float32 here), the warp butterfly
-// order, barriers, memory traffic. Built by tests/test_cuda_math_emulation.py with the host
+// order, barriers, memory traffic. Row strides and the terms output are emulated (each
+// tensor's own row stride; terms written by the kernels' write_row / write_ignored_row). Built by tests/test_cuda_math_emulation.py with the host
 // C++ compiler and loaded through ctypes; not part of the extension.
 #include <cmath>
 #include <cstdint>
@@ -49,17 +50,21 @@ RowStats thread_stats(const float* s, const float* t, int64_t begin, int64_t len
 template <int kDiv>
 void emulate_row(const DenseKDParams& p, const RowOptions& o, int64_t row, Shape shape) {
   const int64_t v = p.vocab;
-  const float* s = static_cast<const float*>(p.student) + row * v;
-  const float* t = static_cast<const float*>(p.teacher) + row * v;
-  float* gs = p.grad_student ? static_cast<float*>(p.grad_student) + row * v : nullptr;
-  float* gt = p.grad_teacher ? static_cast<float*>(p.grad_teacher) + row * v : nullptr;
+  const float* s = static_cast<const float*>(p.student) + row * p.student_row_stride;
+  const float* t = static_cast<const float*>(p.teacher) + row * p.teacher_row_stride;
+  float* gs = p.grad_student
+                  ? static_cast<float*>(p.grad_student) + row * p.grad_student_row_stride
+                  : nullptr;
+  float* gt = p.grad_teacher
+                  ? static_cast<float*>(p.grad_teacher) + row * p.grad_teacher_row_stride
+                  : nullptr;
   const int64_t y = p.target ? p.target[row] : -1;
   if (p.target && y == p.ignore_index) {
     for (int64_t j = 0; j < v; ++j) {
       if (gs) gs[j] = 0.0f;
       if (gt) gt[j] = 0.0f;
     }
-    p.rows[row] = 0.0f;
+    write_ignored_row(p, row);
     return;
   }
   const int64_t per_cta = (v + shape.n_ctas - 1) / shape.n_ctas;
@@ -98,7 +103,7 @@ void emulate_row(const DenseKDParams& p, const RowOptions& o, int64_t row, Shape
     }
     finish_second<kDiv>(rs, acc, o);
   }
-  p.rows[row] = row_loss(rs, o);
+  write_row(p, row, rs, o);
   for (int64_t j = 0; j < v; ++j) {  // reads s[j], t[j] before writing gs[j] (may alias s)
     float g_s, g_t;
     grad_element<kDiv>(s[j], o.has_div ? t[j] : 0.0f, j == y, rs, o, g_s, g_t);
@@ -115,15 +120,19 @@ void emulate(const DenseKDParams& p, Shape shape) {
 
 }  // namespace
 
-// Same arguments as fastkd::dense_kd on contiguous float32 (N, V) arrays, plus the emulated
+// Same arguments as fastkd::dense_kd on float32 (N, V) arrays with unit column stride and
+// the given row strides (elements), plus the terms output ((N, 2) or null) and the emulated
 // decomposition. Returns 0, or -1 on a bad divergence code / shape.
 extern "C" int fastkd_emulate_dense_kd(const float* student, const float* teacher,
                                        const int64_t* target, float* rows, float* grad_student,
-                                       float* grad_teacher, int64_t n_rows, int64_t vocab,
-                                       float temperature, float ce_weight, float div_weight,
-                                       int divergence, float beta, int64_t ignore_index,
-                                       float label_smoothing, float softcap, int n_ctas,
-                                       int n_threads) {
+                                       float* grad_teacher, float* terms, int64_t n_rows,
+                                       int64_t vocab, int64_t student_row_stride,
+                                       int64_t teacher_row_stride,
+                                       int64_t grad_student_row_stride,
+                                       int64_t grad_teacher_row_stride, float temperature,
+                                       float ce_weight, float div_weight, int divergence,
+                                       float beta, int64_t ignore_index, float label_smoothing,
+                                       float softcap, int n_ctas, int n_threads) {
   if (n_ctas < 1 || n_threads < 1 || vocab < 1) return -1;
   DenseKDParams p{};
   p.student = student;
@@ -132,10 +141,13 @@ extern "C" int fastkd_emulate_dense_kd(const float* student, const float* teache
   p.rows = rows;
   p.grad_student = grad_student;
   p.grad_teacher = grad_teacher;
+  p.terms = terms;
   p.n_rows = n_rows;
   p.vocab = vocab;
-  p.student_row_stride = p.teacher_row_stride = vocab;
-  p.grad_student_row_stride = p.grad_teacher_row_stride = vocab;
+  p.student_row_stride = student_row_stride;
+  p.teacher_row_stride = teacher_row_stride;
+  p.grad_student_row_stride = grad_student_row_stride;
+  p.grad_teacher_row_stride = grad_teacher_row_stride;
   p.temperature = temperature;
   p.ce_weight = ce_weight;
   p.div_weight = div_weight;

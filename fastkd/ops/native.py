@@ -34,10 +34,12 @@ MISSING_REASON: Optional[str] = (
 @torch.library.register_fake(OP_NAME)
 def _dense_kd_fake(student, teacher, target, grad_student, grad_teacher, temperature,
                    ce_weight, div_weight, divergence, beta, ignore_index, label_smoothing,
-                   softcap):
-    """(N, V) logits -> (N,) float32 rows; the gradient buffers are written in place."""
+                   softcap, terms=None):
+    """(N, V) logits -> (N,) float32 rows; gradient buffers and terms are written in place."""
     torch._check(student.dim() == 2, lambda: "student must be 2-D (N, V)")
     torch._check(teacher.shape == student.shape, lambda: "teacher must have student's shape")
+    if terms is not None:
+        torch._check(terms.shape == (student.shape[0], 2), lambda: "terms must be (N, 2)")
     return student.new_empty((student.shape[0],), dtype=torch.float32)
 
 
@@ -72,16 +74,36 @@ def dense_kd_native(
     ignore_index: int,
     label_smoothing: float,
     softcap: float,
+    terms: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Kernel contract of `fastkd.reference.dense_kd_rows` on the native (CPU / CUDA) op.
 
-    student, teacher: (N, V) contiguous fp32/bf16/fp16; target: (N,) int64 or None;
-    grad_student / grad_teacher: (N, V) buffers or None (grad_student may alias student).
-    Returns rows: (N,) float32.
+    Parameters
+    ----------
+    student, teacher : torch.Tensor
+        (N, V), each float32 / bfloat16 / float16 (the two may differ), unit stride along V
+        and any row stride (slices and views are read in place).
+    target : torch.Tensor or None
+        (N,) int64, or None for no cross-entropy term.
+    grad_student, grad_teacher : torch.Tensor or None
+        (N, V) buffers in the student's / teacher's dtype (any row stride) receiving
+        d rows.sum() / d logits, or None; grad_student may be `student` itself (in place).
+    temperature, ce_weight, div_weight, divergence, beta, ignore_index, label_smoothing, softcap
+        The kernel options (divergence: 0 kl, 1 reverse_kl, 2 jsd, 3 tvd; softcap <= 0: off).
+    terms : torch.Tensor or None
+        (N, 2) float32 contiguous, or None. Receives the unweighted CE (0 without a target or
+        for an ignored row) and divergence of every row, in the same pass.
+
+    Returns
+    -------
+    torch.Tensor
+        (N,) float32 rows, ``ce_weight * terms[:, 0] + div_weight * terms[:, 1]``.
     """
     options = (float(temperature), float(ce_weight), float(div_weight), int(divergence),
                float(beta), int(ignore_index), float(label_smoothing), float(softcap))
-    if grad_student is None and grad_teacher is None:
+    if grad_student is None and grad_teacher is None and terms is None:
         return torch.ops.fastkd.dense_kd_loss(student, teacher, target, *options)
+    # With `terms` the mutating op always has a buffer to mutate, so it traces and compiles
+    # as it does with a gradient buffer.
     return torch.ops.fastkd.dense_kd(student, teacher, target, grad_student, grad_teacher,
-                                     *options)
+                                     *options, terms)

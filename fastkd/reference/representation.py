@@ -25,7 +25,14 @@ def _masked_mean(values: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Te
 def hint_loss(student_features: torch.Tensor, teacher_features: torch.Tensor) -> torch.Tensor:
     """FitNets hint: mean squared error between (regressed) student and teacher features.
 
-    student_features, teacher_features: same shape, e.g. (B, C, H, W) or (B, L, H).
+    Parameters
+    ----------
+    student_features, teacher_features : Tensor, same shape (e.g. (B, C, H, W)), floating
+
+    Returns
+    -------
+    Tensor
+        Scalar, the mean over all elements of the squared difference.
     """
     return F.mse_loss(student_features, teacher_features)
 
@@ -94,9 +101,17 @@ def hidden_state_loss(student_hidden: torch.Tensor, teacher_hidden: torch.Tensor
 
 
 def attention_map(features: torch.Tensor, p: float = 2.0) -> torch.Tensor:
-    """Zagoruyko & Komodakis' spatial attention: (B, C, *spatial) -> (B, prod(spatial)).
+    """Zagoruyko & Komodakis' spatial attention map.
 
-    Q = sum_c |F_c|^p over channels, flattened and L2-normalised per sample.
+    Parameters
+    ----------
+    features : Tensor, shape (B, C, *spatial), floating
+    p : float, default 2.0
+
+    Returns
+    -------
+    Tensor, shape (B, prod(spatial))
+        ``Q = sum_c |F_c|^p`` over channels, flattened and L2-normalised per sample.
     """
     q = features.abs().pow(p).sum(1).flatten(1)
     return F.normalize(q, dim=1)
@@ -104,10 +119,19 @@ def attention_map(features: torch.Tensor, p: float = 2.0) -> torch.Tensor:
 
 def attention_transfer_loss(student_features: torch.Tensor, teacher_features: torch.Tensor,
                             p: float = 2.0) -> torch.Tensor:
-    """Attention transfer: mean over the batch of || Q_s - Q_t ||_2 (paper's form, beta=2).
+    """Attention transfer (the paper's form, beta=2).
 
-    student_features: (B, Cs, H, W); teacher_features: (B, Ct, H, W) — channels may differ,
-    spatial sizes must match (interpolate first otherwise).
+    Parameters
+    ----------
+    student_features : Tensor, shape (B, Cs, H, W), floating
+    teacher_features : Tensor, shape (B, Ct, H, W), floating
+        Channels may differ; spatial sizes must match (interpolate first otherwise).
+    p : float, default 2.0
+
+    Returns
+    -------
+    Tensor
+        Scalar: the mean over the batch of ``||Q_s - Q_t||_2`` (`attention_map`).
     """
     diff = attention_map(student_features, p) - attention_map(teacher_features, p)
     return diff.norm(dim=1).mean()
@@ -117,9 +141,18 @@ def attention_probs_kl(student_probs: torch.Tensor, teacher_probs: torch.Tensor,
                        mask: Optional[torch.Tensor] = None) -> torch.Tensor:
     """KL(teacher || student) between attention probabilities, per head and query row.
 
-    student_probs, teacher_probs: (B, heads, Lq, Lk), rows summing to 1 over Lk (masked keys
-    at probability 0 on both sides contribute nothing). mask: (B, Lq) bool of query
-    positions that count. Returns the mean over batch, heads and counted queries.
+    Parameters
+    ----------
+    student_probs, teacher_probs : Tensor, shape (B, heads, Lq, Lk), floating
+        Rows summing to 1 over Lk; keys at probability 0 on the teacher's side contribute
+        nothing.
+    mask : Tensor or None, shape (B, Lq), bool
+        The query positions that count.
+
+    Returns
+    -------
+    Tensor
+        Scalar: the mean over batch, heads and counted queries (0 when none counts).
     """
     live = teacher_probs > 0
     log_ratio = torch.where(live, teacher_probs, 1.0).log() - torch.where(
@@ -197,8 +230,19 @@ def _triplet_cosines(embeddings: torch.Tensor) -> torch.Tensor:
 
 def rkd_angle_loss(student_embeddings: torch.Tensor,
                    teacher_embeddings: torch.Tensor) -> torch.Tensor:
-    """Relational KD, angle-wise: Huber loss between triplet angle cosines. (B, D) inputs;
-    memory is O(B^2 * D), so use it on modest batches (as the paper does)."""
+    """Relational KD, angle-wise (Park et al. 2019).
+
+    Parameters
+    ----------
+    student_embeddings : Tensor, shape (B, Ds), floating
+    teacher_embeddings : Tensor, shape (B, Dt), floating; treated as a constant.
+
+    Returns
+    -------
+    Tensor
+        Scalar: the Huber loss between the cosines of all triplet angles (B^3 entries).
+        Memory is O(B^2 * D): use modest batches, as the paper does.
+    """
     with torch.no_grad():
         target = _triplet_cosines(teacher_embeddings.detach())
     return F.smooth_l1_loss(_triplet_cosines(student_embeddings), target)
@@ -206,8 +250,18 @@ def rkd_angle_loss(student_embeddings: torch.Tensor,
 
 def similarity_preserving_loss(student_features: torch.Tensor,
                                teacher_features: torch.Tensor) -> torch.Tensor:
-    """Similarity-preserving KD (Tung & Mori 2019): || G_s - G_t ||_F^2 / B^2 with
-    G = row-L2-normalised (F F^T), F the features flattened to (B, -1)."""
+    """Similarity-preserving KD (Tung & Mori 2019).
+
+    Parameters
+    ----------
+    student_features, teacher_features : Tensor, shape (B, ...), floating
+
+    Returns
+    -------
+    Tensor
+        Scalar ``||G_s - G_t||_F^2 / B^2``, G the row-L2-normalised ``F F^T`` of the
+        features flattened to (B, -1).
+    """
     b = student_features.shape[0]
 
     def gram(features):

@@ -8,6 +8,11 @@ their vocabulary indices `idx` (unique per row). The student row `s` (length V) 
     teacher:  tail="bucket":       lt_1..k,  p_tail = 1 - sum exp(lt)   (0 when k = V)
               tail="renormalize":  lt - logsumexp(lt),  p_tail = 0
 
+A teacher stored at another temperature T_stored is re-tempered first: lt = (T_stored / T) *
+log p_stored (`teacher_scale`), which the renormalised tail renormalises; this is exact for
+"renormalize" (the bucket's tail mass at T is unknown, so the API refuses that combination).
+Rows whose target is ignore_index may hold anything in the top-k (they are not used).
+
 The student tail is summed over the uncovered columns in log space (no `1 - sum` cancellation,
 exactly empty when k = V). The divergence is the dense formula applied to these k+1 categories:
 
@@ -104,6 +109,17 @@ def _sparse_divergence_and_grad(a, logprobs, indices, divergence, beta, renormal
     return d, grad
 
 
+def _readable_rows(logprobs, indices, valid):
+    """Ignored rows may hold anything (garbage indices, NaN): give them in-range unique
+    indices so the gathers stay valid; their results are masked out afterwards."""
+    if valid is None:
+        return logprobs, indices
+    k = indices.shape[-1]
+    spare = torch.arange(k, device=indices.device).expand_as(indices)
+    filler = -math.log(k + 1)  # a valid bucket teacher (mass k / (k + 1))
+    return torch.where(valid, logprobs, filler), torch.where(valid, indices, spare)
+
+
 def sparse_kd_rows(
     student: torch.Tensor,
     topk_logprobs: torch.Tensor,
@@ -119,44 +135,68 @@ def sparse_kd_rows(
     label_smoothing: float,
     softcap: float,
     renormalize: bool,
+    terms: Optional[torch.Tensor] = None,
+    teacher_scale: float = 1.0,
 ) -> torch.Tensor:
     """Per-row weighted top-k-teacher loss; the student gradient written into a buffer.
 
-    student: (N, V) contiguous floating; topk_logprobs: (N, k) teacher log-probs at T (any
-    floating dtype); topk_indices: (N, k) int64, unique per row; target: (N,) int64 or None.
-    grad_student: (N, V) buffer in the student's dtype, or None; it may alias student. softcap
-    <= 0 means off. Returns rows (N,) float32 (float64 for float64 students); ignored rows are 0
-    with 0 gradient.
+    Parameters
+    ----------
+    student : (N, V) floating, ``stride(1) == 1``, any row stride.
+    topk_logprobs : (N, k) teacher log-probs at the stored temperature (any floating dtype).
+    topk_indices : (N, k) int64 or int32, unique per row (rows whose target is ignore_index
+        may hold anything: they are not used).
+    target : (N,) int64 or None.
+    grad_student : (N, V) buffer in the student's dtype, or None; it may alias ``student``.
+    temperature, ce_weight, div_weight, divergence, beta, ignore_index, label_smoothing :
+        as `dense_kd_rows`; softcap <= 0 means off.
+    renormalize : bool, tail "renormalize" (else "bucket").
+    terms : (N, 2) buffer or None; receives the unweighted (CE, D) of every row (CE 0 without
+        a target, both 0 for ignored rows), evaluated even where a weight is 0.
+    teacher_scale : float, the stored log-probs are multiplied by it before use (re-tempering
+        ``T_stored / T``; the renormalised tail then renormalises them).
+
+    Returns
+    -------
+    rows : (N,) float32 (float64 for float64 students); ignored rows are 0 with 0 gradient.
     """
     n, vocab = student.shape
     compute = torch.float64 if student.dtype == torch.float64 else torch.float32
     rows = torch.empty(n, dtype=compute, device=student.device)
-    has_ce = target is not None and ce_weight != 0.0
+    div_value = div_weight != 0.0 or terms is not None
+    ce_value = target is not None and (ce_weight != 0.0 or terms is not None)
     chunk = max(1, CHUNK_ELEMENTS // max(vocab, 1))
     for start in range(0, n, chunk):
         stop = min(n, start + chunk)
         z_s, dcap_s = _capped(student[start:stop].to(compute), softcap)
         loss = torch.zeros(stop - start, 1, dtype=compute, device=student.device)
         d_zs = torch.zeros_like(z_s) if grad_student is not None else None
-        if div_weight != 0.0:
-            d, g_a = _sparse_divergence_and_grad(
-                z_s / temperature, topk_logprobs[start:stop].to(compute),
-                topk_indices[start:stop], divergence, beta, renormalize, d_zs is not None)
-            loss = loss + div_weight * d
-            if d_zs is not None:
-                d_zs = d_zs + (div_weight / temperature) * g_a
         valid = None
         if target is not None:
             y = target[start:stop]
             valid = (y != ignore_index).unsqueeze(-1)
-            if has_ce:
-                ce, g_ce = _cross_entropy_and_grad(z_s, torch.where(valid[:, 0], y, 0),
-                                                   label_smoothing)
-                loss = loss + ce_weight * ce
-                if d_zs is not None:
-                    d_zs = d_zs + ce_weight * g_ce
+        d = ce = torch.zeros_like(loss)
+        if div_value:
+            logprobs, indices = _readable_rows(topk_logprobs[start:stop].to(compute),
+                                               topk_indices[start:stop].long(), valid)
+            d, g_a = _sparse_divergence_and_grad(
+                z_s / temperature, logprobs * teacher_scale, indices, divergence, beta,
+                renormalize, d_zs is not None and div_weight != 0.0)
+            loss = loss + div_weight * d
+            if d_zs is not None and div_weight != 0.0:
+                d_zs = d_zs + (div_weight / temperature) * g_a
+        if ce_value:
+            ce, g_ce = _cross_entropy_and_grad(z_s, torch.where(valid[:, 0], y, 0),
+                                               label_smoothing)
+            loss = loss + ce_weight * ce
+            if d_zs is not None and ce_weight != 0.0:
+                d_zs = d_zs + ce_weight * g_ce
+        if valid is not None:
             loss = torch.where(valid, loss, 0.0)
         rows[start:stop] = loss[:, 0]
+        if terms is not None:
+            both = torch.cat([ce, d], dim=-1)
+            terms[start:stop] = both if valid is None else torch.where(valid, both, 0.0)
         if grad_student is not None:
             if dcap_s is not None:
                 d_zs = d_zs * dcap_s

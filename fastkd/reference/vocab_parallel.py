@@ -1,6 +1,6 @@
 """Per-shard maths of the vocab-parallel distillation loss (pure PyTorch, no communication).
 
-Each rank holds the logits of a contiguous vocabulary slice. The loss of DESIGN.md §1 needs
+Each rank holds the logits of a contiguous vocabulary slice. The loss of docs/semantics.md §1 needs
 only per-row global quantities, built from per-row partial statistics of every slice:
 
   phase 1 (every divergence): per slice, for a = cap(z)/T of student and teacher and for
@@ -31,13 +31,15 @@ import torch
 from .dense import CHUNK_ELEMENTS, JSD, KL, REVERSE_KL, TVD, _capped, _xlogy_diff
 
 
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
+def compute_dtype(*dtypes: torch.dtype) -> torch.dtype:
+    """float64 when any input is float64, else float32."""
+    return torch.float64 if torch.float64 in dtypes else torch.float32
 
 
 def stat_names(has_div: bool, divergence: int, has_ce: bool, label_smoothing: float,
                temperature: float) -> tuple:
-    """Column names of the phase-1 statistics for these options (same on every rank)."""
+    """Column names of the phase-1 statistics for these options (same on every rank).
+    has_div / has_ce: whether the divergence / CE is computed (weighted, or for `terms`)."""
     names = []
     if has_div:
         names += ["m_s", "S_s", "m_t", "S_t"]
@@ -117,7 +119,7 @@ def shard_stats(student, teacher, target, names, temperature, divergence, softca
     """Phase 1. student, teacher: (N, V_local); target: (N,) global labels or None.
     Returns (N, len(names)) in the compute dtype."""
     n, vocab = student.shape
-    compute = compute_dtype(student.dtype)
+    compute = compute_dtype(student.dtype, teacher.dtype)
     out = torch.empty(n, len(names), dtype=compute, device=student.device)
     need_teacher = "m_t" in names
     for start, stop in _row_chunks(n, vocab):
@@ -219,7 +221,7 @@ def shard_phase2_sums(student, teacher, temperature, divergence, beta, softcap,
     """Phase 2 (jsd: [KL(p_t||m), KL(p_s||m)]; tvd: [sum|p_s-p_t|, <p_s,g>, <p_t,g>]) partial
     sums over this slice, (N, 2 or 3); the caller sums them over ranks."""
     n, vocab = student.shape
-    compute = compute_dtype(student.dtype)
+    compute = compute_dtype(student.dtype, teacher.dtype)
     out = torch.empty(n, phase2_width(True, divergence), dtype=compute, device=student.device)
     for start, stop in _row_chunks(n, vocab):
         z_s, _ = _capped(student[start:stop].to(compute), softcap)
@@ -292,24 +294,32 @@ def _ce_rows_and_grad(z_s, y, glob, label_smoothing, vocab_start_index, vocab_si
 def shard_rows_and_grads(student, teacher, target, grad_student, grad_teacher, glob,
                          temperature, ce_weight, div_weight, divergence, beta, ignore_index,
                          label_smoothing, softcap, vocab_start_index,
-                         vocab_size: Optional[torch.Tensor]) -> torch.Tensor:
+                         vocab_size: Optional[torch.Tensor], terms=None) -> torch.Tensor:
     """Per-row loss (N,) (identical on every rank) and this slice's gradients, written into
-    grad_student / grad_teacher ((N, V_local) or None). vocab_size: global V (0-dim tensor)."""
+    grad_student / grad_teacher ((N, V_local) or None). vocab_size: global V (0-dim tensor).
+    terms: None or (N, 2): the unweighted CE and divergence of each row are written there
+    (0 for ignored rows; CE 0 without target); `glob` must then hold both terms' statistics
+    (`stat_names(..., want_terms=True)`)."""
     n, vocab = student.shape
-    compute = compute_dtype(student.dtype)
+    compute = compute_dtype(student.dtype, teacher.dtype)
     rows = torch.empty(n, dtype=compute, device=student.device)
-    has_ce = target is not None and ce_weight != 0.0
-    has_div = div_weight != 0.0
+    want_terms = terms is not None
+    has_ce = target is not None and (ce_weight != 0.0 or want_terms)
+    has_div = div_weight != 0.0 or want_terms
+    need_grads = div_weight != 0.0 and (grad_student is not None or grad_teacher is not None)
     for start, stop in _row_chunks(n, vocab):
         part = {k: v[start:stop] for k, v in glob.items()}
         z_s, dcap_s = _capped(student[start:stop].to(compute), softcap)
         loss = torch.zeros(stop - start, 1, dtype=compute, device=student.device)
+        ce_term = div_term = torch.zeros_like(loss)
         d_zs = torch.zeros_like(z_s) if grad_student is not None else None
         d_zt = None
         if has_div:
-            loss = loss + div_weight * part["d"]
+            div_term = part["d"]
+            if div_weight != 0.0:
+                loss = loss + div_weight * div_term
             z_t, dcap_t = _capped(teacher[start:stop].to(compute), softcap)
-            if grad_student is not None or grad_teacher is not None:
+            if need_grads:
                 g_as, g_at = _divergence_grads(z_s, z_t, temperature, divergence, beta, part,
                                                grad_teacher is not None)
                 if d_zs is not None:
@@ -322,14 +332,18 @@ def shard_rows_and_grads(student, teacher, target, grad_student, grad_teacher, g
             y = target[start:stop]
             valid = (y != ignore_index).unsqueeze(-1)
             if has_ce:
-                ce, g_ce = _ce_rows_and_grad(z_s, y, part, label_smoothing, vocab_start_index,
-                                             vocab_size)
-                loss = loss + ce_weight * ce
-                if d_zs is not None:
-                    d_zs = d_zs + ce_weight * g_ce
+                ce_term, g_ce = _ce_rows_and_grad(z_s, y, part, label_smoothing,
+                                                  vocab_start_index, vocab_size)
+                if ce_weight != 0.0:
+                    loss = loss + ce_weight * ce_term
+                    if d_zs is not None:
+                        d_zs = d_zs + ce_weight * g_ce
         if valid is not None:
             loss = torch.where(valid, loss, 0.0)
         rows[start:stop] = loss[:, 0]
+        if want_terms:
+            both = torch.cat([ce_term, div_term], dim=-1)
+            terms[start:stop] = both if valid is None else torch.where(valid, both, 0.0)
         if grad_student is not None:
             d_zs = d_zs * dcap_s if dcap_s is not None else d_zs
             grad_student[start:stop] = d_zs if valid is None else torch.where(valid, d_zs, 0.0)

@@ -1,0 +1,245 @@
+// CPU implementation of fastkd::sparse_kd: argument checks, the index / label range check of
+// the rows that are read, choice of the compiled kernel variant (AVX2 or portable), one
+// at::parallel_for over rows.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <ATen/Version.h>
+#include <c10/util/Exception.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <optional>
+#include <string>
+
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
+
+#include "cpu/sparse_kd_cpu.h"
+
+namespace fastkd::cpu {
+namespace {
+
+constexpr const char* kOp = "fastkd::sparse_kd: ";
+// Rows per block of the row queue: ~64k student elements.
+constexpr int64_t kElementsPerBlock = 1 << 16;
+// Inputs below this many elements stay on the calling thread.
+constexpr int64_t kMinElementsToSplit = 1 << 16;
+
+bool cpu_has_avx2_fma() {
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+         __builtin_cpu_supports("f16c");
+#else
+  return false;
+#endif
+}
+
+// AVX2 variant when compiled, supported by the CPU and allowed by ATen's capability (which
+// honours ATEN_CPU_CAPABILITY=default); the portable variant otherwise.
+SparseRowsFn select_rows_fn() {
+  static const SparseRowsFn fn = [] {
+    const std::string capability = at::get_cpu_capability();
+    const bool aten_allows = capability == "AVX2" || capability == "AVX512";
+    return (sparse_avx2_variant_compiled() && aten_allows && cpu_has_avx2_fma())
+               ? &sparse_kd_rows_avx2
+               : &sparse_kd_rows_default;
+  }();
+  return fn;
+}
+
+ElementType floating_type(const at::Tensor& t, const char* name) {
+  switch (t.scalar_type()) {
+    case at::kFloat:
+      return ElementType::kFloat32;
+    case at::kBFloat16:
+      return ElementType::kBFloat16;
+    case at::kHalf:
+      return ElementType::kFloat16;
+    default:
+      TORCH_CHECK_TYPE(false, kOp, name, " must be float32, bfloat16 or float16, got ",
+                       t.scalar_type());
+  }
+  return ElementType::kFloat32;
+}
+
+// A CPU (rows, cols) tensor with contiguous columns (any row stride).
+void check_matrix(const at::Tensor& t, const char* name, int64_t rows, int64_t cols) {
+  TORCH_CHECK_VALUE(t.device().is_cpu(), kOp, name, " must be a CPU tensor, got device ",
+                    t.device());
+  TORCH_CHECK_VALUE(t.dim() == 2 && t.size(0) == rows && t.size(1) == cols, kOp, name,
+                    " must have shape (", rows, ", ", cols, "), got ", t.sizes());
+  TORCH_CHECK_VALUE(t.stride(1) == 1 || cols <= 1, kOp, name,
+                    " must have contiguous columns (stride(1) == 1), got strides ",
+                    t.strides());
+}
+
+void check_tensors(const at::Tensor& student, const at::Tensor& logprobs,
+                   const at::Tensor& indices, const std::optional<at::Tensor>& target,
+                   const std::optional<at::Tensor>& grad_student,
+                   const std::optional<at::Tensor>& terms) {
+  TORCH_CHECK_VALUE(student.dim() == 2, kOp, "student must be 2-D (N, V), got ",
+                    student.dim(), " dimensions");
+  const int64_t n = student.size(0), vocab = student.size(1);
+  TORCH_CHECK_VALUE(vocab > 0 || n == 0, kOp, "student must have a non-empty vocabulary");
+  floating_type(student, "student");
+  check_matrix(student, "student", n, vocab);
+  TORCH_CHECK_VALUE(logprobs.dim() == 2, kOp, "topk_logprobs must be 2-D (N, k), got ",
+                    logprobs.dim(), " dimensions");
+  const int64_t k = logprobs.size(1);
+  TORCH_CHECK_VALUE(n == 0 || (k >= 1 && k <= vocab), kOp, "topk_logprobs must hold 1 <= k",
+                    " <= V = ", vocab, " entries per row, got k = ", k);
+  floating_type(logprobs, "topk_logprobs");
+  check_matrix(logprobs, "topk_logprobs", n, k);
+  TORCH_CHECK_TYPE(indices.scalar_type() == at::kLong || indices.scalar_type() == at::kInt,
+                   kOp, "topk_indices must be int64 or int32, got ", indices.scalar_type());
+  check_matrix(indices, "topk_indices", n, k);
+  if (target.has_value()) {
+    const at::Tensor& y = *target;
+    TORCH_CHECK_VALUE(y.device().is_cpu(), kOp, "target must be a CPU tensor, got ", y.device());
+    TORCH_CHECK_TYPE(y.scalar_type() == at::kLong, kOp, "target must be int64, got ",
+                     y.scalar_type());
+    TORCH_CHECK_VALUE(y.dim() == 1 && y.size(0) == n && y.is_contiguous(), kOp,
+                      "target must be contiguous with shape (", n, "), got ", y.sizes());
+  }
+  if (grad_student.has_value()) {
+    check_matrix(*grad_student, "grad_student", n, vocab);
+    TORCH_CHECK_TYPE(grad_student->scalar_type() == student.scalar_type(), kOp,
+                     "grad_student must have the student's dtype ", student.scalar_type(),
+                     ", got ", grad_student->scalar_type());
+  }
+  if (terms.has_value()) {
+    check_matrix(*terms, "terms", n, 2);
+    TORCH_CHECK_TYPE(terms->scalar_type() == at::kFloat, kOp, "terms must be float32, got ",
+                     terms->scalar_type());
+    TORCH_CHECK_VALUE(terms->is_contiguous(), kOp, "terms must be contiguous");
+  }
+}
+
+void check_options(double temperature, double ce_weight, double div_weight, int64_t divergence,
+                   double beta, double label_smoothing, double teacher_scale) {
+  TORCH_CHECK_VALUE(std::isfinite(temperature) && temperature > 0, kOp,
+                    "temperature must be finite and > 0, got ", temperature);
+  TORCH_CHECK_VALUE(std::isfinite(ce_weight) && std::isfinite(div_weight), kOp,
+                    "ce_weight and div_weight must be finite, got ", ce_weight, " and ",
+                    div_weight);
+  TORCH_CHECK_VALUE(divergence >= 0 && divergence <= 3, kOp,
+                    "divergence must be 0 (kl), 1 (reverse_kl), 2 (jsd) or 3 (tvd), got ",
+                    divergence);
+  TORCH_CHECK_VALUE(divergence != 2 || (beta > 0 && beta < 1), kOp,
+                    "beta must be in (0, 1) for jsd, got ", beta);
+  TORCH_CHECK_VALUE(label_smoothing >= 0 && label_smoothing <= 1, kOp,
+                    "label_smoothing must be in [0, 1], got ", label_smoothing);
+  TORCH_CHECK_VALUE(std::isfinite(teacher_scale) && teacher_scale > 0, kOp,
+                    "teacher_scale must be finite and > 0, got ", teacher_scale);
+}
+
+template <typename index_t>
+void check_row_indices(const SparseKDParams& p, const index_t* indices, bool any_index_read) {
+  for (int64_t r = 0; r < p.n_rows; ++r) {
+    if (p.target != nullptr) {
+      const int64_t y = p.target[r];
+      if (y == p.ignore_index) continue;  // not read: any value is allowed
+      TORCH_CHECK_VALUE(y >= 0 && y < p.vocab, kOp, "target[", r, "] = ", y,
+                        " is outside [0, ", p.vocab, ") and is not ignore_index=",
+                        p.ignore_index);
+    }
+    if (!any_index_read) continue;
+    const index_t* row = indices + r * p.index_row_stride;
+    for (int64_t j = 0; j < p.k; ++j) {
+      TORCH_CHECK_VALUE(row[j] >= 0 && row[j] < p.vocab, kOp, "topk_indices[", r, ", ", j,
+                        "] = ", static_cast<int64_t>(row[j]), " is outside [0, ", p.vocab,
+                        ")");
+    }
+  }
+}
+
+// A fresh gradient buffer's pages are first touched by the kernel: transparent huge pages
+// (where Linux allows them) make that much cheaper. FASTKD_CPU_HUGEPAGES=0 turns it off.
+void advise_huge_pages(const std::optional<at::Tensor>& buffer) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr uintptr_t kHuge = uintptr_t{2} << 20;
+  constexpr size_t kMinBytes = size_t{16} << 20;
+  static const bool enabled = [] {
+    const char* flag = std::getenv("FASTKD_CPU_HUGEPAGES");
+    return flag == nullptr || std::string(flag) != "0";
+  }();
+  if (!enabled || !buffer.has_value() || buffer->nbytes() < kMinBytes) return;
+  const auto start = reinterpret_cast<uintptr_t>(buffer->data_ptr());
+  const uintptr_t begin = (start + kHuge - 1) & ~(kHuge - 1);
+  const uintptr_t end = (start + buffer->nbytes()) & ~(kHuge - 1);
+  if (end > begin) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);
+#else
+  (void)buffer;
+#endif
+}
+
+at::Tensor sparse_kd_cpu(const at::Tensor& student, const at::Tensor& logprobs,
+                         const at::Tensor& indices, const std::optional<at::Tensor>& target,
+                         const std::optional<at::Tensor>& grad_student,
+                         const std::optional<at::Tensor>& terms, double temperature,
+                         double ce_weight, double div_weight, int64_t divergence, double beta,
+                         int64_t ignore_index, double label_smoothing, double softcap,
+                         bool renormalize, double teacher_scale) {
+  check_tensors(student, logprobs, indices, target, grad_student, terms);
+  check_options(temperature, ce_weight, div_weight, divergence, beta, label_smoothing,
+                teacher_scale);
+  const int64_t n = student.size(0), vocab = student.size(1);
+  at::Tensor rows = at::empty({n}, student.options().dtype(at::kFloat));
+  if (n == 0) return rows;
+
+  SparseKDParams p;
+  p.student = student.data_ptr();
+  p.logprobs = logprobs.data_ptr();
+  p.indices = indices.data_ptr();
+  p.target = target.has_value() ? target->data_ptr<int64_t>() : nullptr;
+  p.rows = rows.data_ptr<float>();
+  p.terms = terms.has_value() ? terms->data_ptr<float>() : nullptr;
+  p.grad_student = grad_student.has_value() ? grad_student->data_ptr() : nullptr;
+  p.n_rows = n;
+  p.vocab = vocab;
+  p.k = logprobs.size(1);
+  p.student_row_stride = student.stride(0);
+  p.grad_row_stride = grad_student.has_value() ? grad_student->stride(0) : 0;
+  p.logprob_row_stride = logprobs.stride(0);
+  p.index_row_stride = indices.stride(0);
+  p.student_type = floating_type(student, "student");
+  p.logprob_type = floating_type(logprobs, "topk_logprobs");
+  p.indices_int64 = indices.scalar_type() == at::kLong;
+  p.temperature = static_cast<float>(temperature);
+  p.ce_weight = static_cast<float>(ce_weight);
+  p.div_weight = static_cast<float>(div_weight);
+  p.divergence = static_cast<int>(divergence);
+  p.beta = static_cast<float>(beta);
+  p.ignore_index = ignore_index;
+  p.label_smoothing = static_cast<float>(label_smoothing);
+  p.softcap = static_cast<float>(softcap);
+  p.renormalize = renormalize;
+  p.teacher_scale = static_cast<float>(teacher_scale);
+
+  // The top-k is read only when the divergence is evaluated.
+  const bool reads_topk = div_weight != 0 || terms.has_value();
+  if (p.indices_int64) {
+    check_row_indices(p, static_cast<const int64_t*>(p.indices), reads_topk);
+  } else {
+    check_row_indices(p, static_cast<const int32_t*>(p.indices), reads_topk);
+  }
+  if (!(grad_student.has_value() && grad_student->is_same(student))) {
+    advise_huge_pages(grad_student);
+  }
+  const SparseRowsFn rows_fn = select_rows_fn();
+  const int64_t block = std::max<int64_t>(1, kElementsPerBlock / vocab);
+  RowQueue queue(n, block);
+  const int64_t tasks = n * vocab >= kMinElementsToSplit ? at::get_num_threads() : 1;
+  at::parallel_for(0, tasks, 1, [&](int64_t, int64_t) { rows_fn(p, queue); });
+  return rows;
+}
+
+}  // namespace
+}  // namespace fastkd::cpu
+
+TORCH_LIBRARY_IMPL(fastkd, CPU, m) {
+  m.impl("sparse_kd", &fastkd::cpu::sparse_kd_cpu);
+}

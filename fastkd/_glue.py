@@ -1,0 +1,106 @@
+"""Glue shared by the public losses: loss weights and kernel options, dtype rules (float64,
+autocast, per-side heads), the in-place check, DTensor detection and component reduction."""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+
+from ._validation import reduce_rows
+from .reference import DIVERGENCES
+
+
+def loss_weights(target_given: bool, alpha: float, temperature: float,
+                 scale_by_t2: bool) -> tuple:
+    """(ce_weight, div_weight) of `alpha * CE + (1 - alpha) * k * D`, k = T^2 or 1.
+
+    With no target there is no hard term and the loss is `k * D` (alpha unused).
+    """
+    k = float(temperature) ** 2 if scale_by_t2 else 1.0
+    if not target_given:
+        return 0.0, k
+    return float(alpha), (1.0 - float(alpha)) * k
+
+
+def kernel_options(target_given: bool, *, temperature, alpha, divergence, beta, scale_by_t2,
+                   ignore_index, label_smoothing, softcap) -> tuple:
+    """The kernel's scalar arguments (temperature, ce_weight, div_weight, divergence code,
+    beta, ignore_index, label_smoothing, softcap with 0 = off)."""
+    ce_weight, div_weight = loss_weights(target_given, alpha, temperature, scale_by_t2)
+    return (float(temperature), ce_weight, div_weight, DIVERGENCES.index(divergence),
+            float(beta), int(ignore_index), float(label_smoothing),
+            float(softcap) if softcap is not None else 0.0)
+
+
+def _is_dtensor(*tensors) -> bool:
+    """Whether any tensor is a DTensor; free (no import) when torch.distributed.tensor was
+    never imported, since no DTensor can exist then (False while compiling)."""
+    if torch.compiler.is_compiling():
+        return False
+    module = sys.modules.get("torch.distributed.tensor")
+    cls = getattr(module, "DTensor", None) if module is not None else None
+    return cls is not None and any(isinstance(t, cls) for t in tensors)
+
+
+def _flat_target(target):
+    return None if target is None else target.reshape(-1).to(torch.int64).contiguous()
+
+
+def _valid_count(flat_target, ignore_index):
+    return None if flat_target is None else (flat_target != ignore_index).sum()
+
+
+def _with_components(loss, terms, valid, reduction, num_items_in_batch, lead_shape):
+    """(loss, ce, divergence): the per-row terms (N, 2) reduced exactly like the loss."""
+    ce, div = (reduce_rows(terms[:, i].detach(), valid, reduction, num_items_in_batch,
+                           lead_shape) for i in (0, 1))
+    return loss, ce, div
+
+
+def _to_float64_if_any(*tensors):
+    """float64 on either side: every tensor in float64 (autograd casts the gradients back)."""
+    if not any(t is not None and t.dtype == torch.float64 for t in tensors):
+        return tensors
+    return tuple(None if t is None else t.to(torch.float64) for t in tensors)
+
+
+def _check_inplace(student_logits, copied: bool, upcast: bool) -> None:
+    """inplace_backward=True needs the kernel to read (and overwrite) the user's storage."""
+    overlapping = any(stride == 0 and size > 1
+                      for size, stride in zip(student_logits.shape, student_logits.stride()))
+    if not (copied or upcast or overlapping):
+        return
+    if upcast:
+        why = ("its dtype is raised to float64 to match the float64 teacher, so the kernel "
+               "would read a copy")
+    elif overlapping:
+        why = ("it is broadcast (a stride of 0), so several gradient rows would share one "
+               "row of storage")
+    else:
+        why = (f"its strides {tuple(student_logits.stride())} have no view as rows with a "
+               "contiguous last dimension, so the kernel would read a copy")
+    raise ValueError(f"inplace_backward=True cannot write the gradient into student_logits: "
+                     f"{why}. Pass inplace_backward=False, or logits whose last dimension "
+                     "is contiguous, in the teacher's precision.")
+
+
+def _autocast_head(hidden, weight, bias):
+    """Under torch.autocast the lm-head matmul behaves like nn.Linear's: fp32/bf16/fp16
+    hidden, weight and bias are cast to the autocast dtype (float64 is left alone); the
+    loss itself is still computed in float32."""
+    device = hidden.device.type
+    if device not in ("cpu", "cuda") or not torch.is_autocast_enabled(device):
+        return hidden, weight, bias
+    dtype = torch.get_autocast_dtype(device)
+    return tuple(None if x is None or x.dtype == torch.float64 else x.to(dtype)
+                 for x in (hidden, weight, bias))
+
+
+def _head_dtype(*tensors) -> torch.dtype:
+    """The promoted dtype of one side's (hidden, weight, bias): the lm-head matmul's."""
+    dtype = tensors[0].dtype
+    for t in tensors[1:]:
+        if t is not None:
+            dtype = torch.promote_types(dtype, t.dtype)
+    return dtype
