@@ -117,3 +117,32 @@ def test_offline_store_checks(tmp_path, data_module):
                             args=arguments(tmp_path, teacher_topk_store=store))
     with pytest.raises(ValueError, match="on-policy"):
         arguments(tmp_path, teacher_topk_store=store, lmbda=0.5)
+
+
+def test_offline_store_at_another_temperature_is_re_tempered(tmp_path, data_module):
+    import fastkd
+
+    student, teacher = llama(seed=0), llama(hidden=48, seed=1)
+    exs = examples(3)
+    with data_module.TopKWriter(str(tmp_path / "store"), k=8, vocab_size=VOCAB,
+                                temperature=1.0, value_dtype=torch.float32) as writer:
+        for ex in exs:
+            writer.append(ex["key"], *topk_rows(teacher, ex["input_ids"], 8, 1.0))
+    tr = DistillationTrainer(model=student, teacher_model=None,
+                             args=arguments(tmp_path, teacher_topk_store=str(tmp_path / "store"),
+                                            teacher_topk_tail="renormalize"))  # T = 2
+    b = tr.data_collator(exs)
+    loss = tr.compute_loss(tr.model, b)
+    with torch.no_grad():
+        s_logits = student(b["input_ids"], attention_mask=b["attention_mask"]).logits
+    # the stored T=1 top-8 re-tempered to T=2 is the teacher's T=2 distribution over them
+    lp8, idx8 = b["teacher_topk_logprobs"], b["teacher_topk_indices"]
+    tempered = lp8.double() / 2.0
+    tempered = tempered - tempered.logsumexp(-1, keepdim=True)
+    ref = fastkd.sparse_distillation_loss(s_logits.double(), tempered, idx8,
+                                          b["shift_labels"], tail="renormalize",
+                                          backend="torch", **KW)
+    torch.testing.assert_close(loss.double(), ref, rtol=1e-5, atol=0)
+    with pytest.raises(ValueError, match="bucket"):
+        DistillationTrainer(model=student, teacher_model=None,
+                            args=arguments(tmp_path, teacher_topk_store=str(tmp_path / "store")))

@@ -247,6 +247,11 @@ class DistillationTrainer(Trainer):
         stored = float(self.store.metadata["temperature"])
         if stored == float(self.args.temperature):
             return {}
+        if self.args.teacher_topk_tail == "bucket":
+            raise ValueError(f"the top-k store was written at temperature {stored} but "
+                             f"args.temperature is {self.args.temperature}: re-tempering "
+                             "stored log-probabilities needs teacher_topk_tail='renormalize' "
+                             "(the tail bucket's mass at another temperature is unknown)")
         import fastkd
 
         if "teacher_temperature" not in inspect.signature(
