@@ -19,7 +19,12 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
-from transformers import Trainer, TrainingArguments
+
+try:
+    from transformers import Trainer, TrainingArguments
+except ImportError as exc:  # pragma: no cover - depends on the environment
+    raise ImportError("fastkd.integrations.transformers needs transformers and accelerate: "
+                      "pip install 'fastkd[hf]'") from exc
 
 from ._hf_heads import head_plan, unwrap_model
 from ._hf_loss import causal_lm_distillation_loss, shift_labels
