@@ -291,6 +291,24 @@ def _ce_rows_and_grad(z_s, y, glob, label_smoothing, vocab_start_index, vocab_si
     return ce, grad
 
 
+def _masked(x: torch.Tensor, valid) -> torch.Tensor:
+    """x with the ignored rows zeroed (`valid` (c, 1) bool, or None: every row counts)."""
+    return x if valid is None else torch.where(valid, x, 0.0)
+
+
+def store_chunk(start: int, stop: int, loss, ce_term, div_term, valid, rows, terms,
+                grad_student, d_zs, dcap_s) -> None:
+    """Writes one chunk's rows, its unweighted (CE, D) terms (when `terms` is given) and
+    its student gradient (times the softcap derivative `dcap_s`, when given); ignored rows
+    get zeros."""
+    rows[start:stop] = _masked(loss, valid)[:, 0]
+    if terms is not None:
+        terms[start:stop] = _masked(torch.cat([ce_term, div_term], dim=-1), valid)
+    if grad_student is not None:
+        d_zs = d_zs * dcap_s if dcap_s is not None else d_zs
+        grad_student[start:stop] = _masked(d_zs, valid)
+
+
 def shard_rows_and_grads(student, teacher, target, grad_student, grad_teacher, glob,
                          temperature, ce_weight, div_weight, divergence, beta, ignore_index,
                          label_smoothing, softcap, vocab_start_index,
@@ -338,16 +356,9 @@ def shard_rows_and_grads(student, teacher, target, grad_student, grad_teacher, g
                     loss = loss + ce_weight * ce_term
                     if d_zs is not None:
                         d_zs = d_zs + ce_weight * g_ce
-        if valid is not None:
-            loss = torch.where(valid, loss, 0.0)
-        rows[start:stop] = loss[:, 0]
-        if want_terms:
-            both = torch.cat([ce_term, div_term], dim=-1)
-            terms[start:stop] = both if valid is None else torch.where(valid, both, 0.0)
-        if grad_student is not None:
-            d_zs = d_zs * dcap_s if dcap_s is not None else d_zs
-            grad_student[start:stop] = d_zs if valid is None else torch.where(valid, d_zs, 0.0)
+        store_chunk(start, stop, loss, ce_term, div_term, valid, rows, terms, grad_student,
+                    d_zs, dcap_s)
         if grad_teacher is not None:
             d_zt = torch.zeros_like(z_s) if d_zt is None else d_zt
-            grad_teacher[start:stop] = d_zt if valid is None else torch.where(valid, d_zt, 0.0)
+            grad_teacher[start:stop] = _masked(d_zt, valid)
     return rows

@@ -35,6 +35,7 @@ from .vocab_parallel import (
     _local_max_sumexp,
     _local_target_logit,
     compute_dtype,
+    store_chunk,
 )
 
 
@@ -159,14 +160,8 @@ def sparse_shard_rows_and_grads(student, indices, target, grad_student, glob, te
                     loss = loss + ce_weight * ce_term
                     if d_z is not None:
                         d_z = d_z + ce_weight * g_ce
-            loss = torch.where(valid, loss, 0.0)
-        rows[start:stop] = loss[:, 0]
-        if terms is not None:
-            both = torch.cat([ce_term, div_term], dim=-1)
-            terms[start:stop] = both if valid is None else torch.where(valid, both, 0.0)
-        if grad_student is not None:
-            d_z = d_z * dcap if dcap is not None else d_z
-            grad_student[start:stop] = d_z if valid is None else torch.where(valid, d_z, 0.0)
+        store_chunk(start, stop, loss, ce_term, div_term, valid, rows, terms, grad_student,
+                    d_z, dcap)
     return rows
 
 
