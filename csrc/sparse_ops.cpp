@@ -18,4 +18,11 @@ TORCH_LIBRARY_FRAGMENT(fastkd, m) {
       "Tensor(a!)? grad_student, Tensor(b!)? terms, float temperature, float ce_weight, "
       "float div_weight, int divergence, float beta, int ignore_index, float label_smoothing, "
       "float softcap, bool renormalize, float teacher_scale) -> Tensor");
+  // Eager validation helper of the API (CPU tensors): one pass over the (N, k) top-k rows
+  // whose `valid` entry is true (all rows when absent). Returns int64 (3,): 1 + the first
+  // row with an index outside [0, vocab), with a repeated index, with exp-sum > max_mass
+  // (or NaN); 0 where no row fails.
+  m.def(
+      "sparse_kd_check(Tensor topk_logprobs, Tensor topk_indices, Tensor? valid, int vocab, "
+      "float max_mass) -> Tensor");
 }

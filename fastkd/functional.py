@@ -172,26 +172,46 @@ def _check_topk(logprobs, indices, lead_shape, vocab: int, valid_rows) -> None:
     if torch.compiler.is_compiling() or indices.numel() == 0:
         return
     indices, logprobs = indices.reshape(-1, k), logprobs.reshape(-1, k)
-    # Per row: index out of range, repeated index, mass > 1; one host sync for all three.
-    ordered = indices.sort(dim=-1).values
-    lse = torch.logsumexp(logprobs.float(), dim=-1)
-    flags = torch.stack([((indices < 0) | (indices >= vocab)).any(-1),
-                         (ordered[:, 1:] == ordered[:, :-1]).any(-1),
-                         ~(lse <= TOPK_MASS_TOLERANCE)])
-    if valid_rows is not None:  # only the rows that are read
-        flags &= valid_rows.reshape(1, -1)
-    out_of_range, repeated, too_much = flags.any(-1).tolist()
-    if out_of_range:
-        bad = indices[flags[0]]
+    valid = None if valid_rows is None else valid_rows.reshape(-1)
+    max_mass = math.exp(TOPK_MASS_TOLERANCE)
+    first = _first_bad_rows_cpu(logprobs, indices, valid, vocab, max_mass)
+    if first is None:
+        # Per row: index out of range, repeated index, mass > 1; one host sync for all
+        # three. Few passes over (N, k) (sort, compare, exp, sum), the rest on (N,) vectors.
+        ordered = indices.sort(dim=-1).values
+        mass = logprobs.float().exp().sum(-1)  # log-probs <= ~0: no overflow; NaN stays
+        flags = torch.stack([(ordered[:, 0] < 0) | (ordered[:, -1] >= vocab),
+                             (ordered[:, 1:] == ordered[:, :-1]).any(-1),
+                             ~(mass <= max_mass)])
+        if valid is not None:  # only the rows that are read
+            flags &= valid.reshape(1, -1)
+        found = flags.any(-1)
+        first = (torch.where(found, flags.int().argmax(-1) + 1, 0)).tolist()
+    bad_range, repeated, too_much = first
+    if bad_range:
+        row = indices[bad_range - 1]
         raise ValueError(f"teacher_topk_indices must lie in [0, {vocab}) on rows that are not "
-                         f"ignored, got min {bad.min().item()}, max {bad.max().item()}")
+                         f"ignored; row {bad_range - 1} (flattened) holds min "
+                         f"{row.min().item()}, max {row.max().item()}")
     if repeated:
         raise ValueError("teacher_topk_indices must be unique within each row that is not "
-                         "ignored")
+                         f"ignored; row {repeated - 1} (flattened) repeats an index")
     if too_much:
+        lse = torch.logsumexp(logprobs[too_much - 1].double(), dim=-1).item()
         raise ValueError("teacher_topk_logprobs must be log-probabilities (at "
-                         "teacher_temperature) whose exp sums to <= 1 per row; got a row with "
-                         f"log-sum-exp {lse[flags[2]][0].item():.4g}")
+                         "teacher_temperature) whose exp sums to <= 1 per row; row "
+                         f"{too_much - 1} (flattened) has log-sum-exp {lse:.4g}")
+
+
+def _first_bad_rows_cpu(logprobs, indices, valid, vocab, max_mass):
+    """The checks in one serial C++ pass for CPU tensors (None: use the vectorised path)."""
+    if indices.device.type != "cpu":
+        return None
+    try:
+        from .ops.sparse_native import first_bad_rows
+    except Exception:  # the extension is not importable: vectorised path
+        return None
+    return first_bad_rows(logprobs, indices, valid, vocab, max_mass)
 
 
 def _teacher_scale(teacher_temperature, temperature: float, tail: str) -> float:

@@ -321,6 +321,8 @@ def test_opcheck_cpu_ops():
     torch.library.opcheck(torch.ops.fastkd.sparse_kd.default, args)
     loss_args = args[:4] + args[6:]
     torch.library.opcheck(torch.ops.fastkd.sparse_kd_loss.default, loss_args)
+    torch.library.opcheck(torch.ops.fastkd.sparse_kd_check.default,
+                          (logprobs, indices.int(), target != -100, 40, 1.01))
 
 
 @pytest.mark.skipif(TRITON is None, reason=f"no Triton: {TRITON_REASON}")
@@ -415,3 +417,34 @@ def test_autocast_keeps_float32(backend):
                                                backend=backend)
     assert loss.dtype == torch.float32
     assert_close(loss, expected, 1e-6, what="loss")
+
+
+@pytest.mark.parametrize("path", ["serial C++", "vectorised torch"])
+def test_eager_topk_checks(path, monkeypatch):
+    """Both implementations of the API's eager checks (CPU tensors use the serial op; other
+    devices the vectorised one) find the first bad row and skip ignored rows."""
+    from fastkd import functional
+
+    if path == "serial C++":
+        if NATIVE is None:
+            pytest.skip(f"no fused CPU kernel: {NATIVE_REASON}")
+    else:
+        monkeypatch.setattr(functional, "_first_bad_rows_cpu", lambda *args: None)
+    _, logprobs, indices, _ = make(n=5, vocab=30, k=4, seed=35)
+    valid = torch.tensor([True, True, False, True, True])
+    functional._check_topk(logprobs, indices, (5,), 30, valid)
+    cases = [(indices, "row 3 .* max 30", lambda i, lp: i[3].__setitem__(1, 30)),
+             (indices, "row 4 .*repeats", lambda i, lp: i[4].__setitem__(0, int(i[4, 2]))),
+             (logprobs, "row 1 .*log-sum-exp 0.69", lambda i, lp: lp[1].fill_(-math.log(2.0)))]
+    for _, message, spoil in cases:
+        bad_idx, bad_lp = indices.clone(), logprobs.clone()
+        spoil(bad_idx, bad_lp)
+        with pytest.raises(ValueError, match=message):
+            functional._check_topk(bad_lp, bad_idx, (5,), 30, valid)
+        bad_idx[2], bad_lp[2] = -1, float("nan")  # an ignored row: never checked
+        spoil(bad_idx, bad_lp)
+        with pytest.raises(ValueError, match=message):
+            functional._check_topk(bad_lp, bad_idx, (5,), 30, valid)
+    garbage_idx, garbage_lp = indices.clone(), logprobs.clone()
+    garbage_idx[2], garbage_lp[2] = 99, float("nan")
+    functional._check_topk(garbage_lp, garbage_idx.int(), (5,), 30, valid)

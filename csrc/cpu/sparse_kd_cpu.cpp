@@ -2,16 +2,19 @@
 // the rows that are read, choice of the compiled kernel variant (AVX2 or portable), one
 // at::parallel_for over rows.
 #include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/Version.h>
 #include <c10/util/Exception.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
 #include <optional>
 #include <string>
+#include <vector>
 
 #if defined(__linux__)
 #include <sys/mman.h>
@@ -237,9 +240,63 @@ at::Tensor sparse_kd_cpu(const at::Tensor& student, const at::Tensor& logprobs,
   return rows;
 }
 
+// fastkd::sparse_kd_check (see csrc/sparse_ops.cpp): serial, so a small (N, k) costs no
+// parallel-region wake-ups; sorted copies of one row's indices find repeats.
+template <typename value_t, typename index_t>
+void check_topk_rows(const at::Tensor& logprobs, const at::Tensor& indices, const bool* valid,
+                     int64_t vocab, double max_mass, int64_t* first) {
+  const int64_t n = logprobs.size(0), k = logprobs.size(1);
+  const value_t* lp = logprobs.data_ptr<value_t>();
+  const index_t* idx = indices.data_ptr<index_t>();
+  std::vector<int64_t> sorted(static_cast<size_t>(k));
+  for (int64_t r = 0; r < n; ++r) {
+    if (valid != nullptr && !valid[r]) continue;
+    double mass = 0;
+    for (int64_t j = 0; j < k; ++j) {
+      sorted[j] = static_cast<int64_t>(idx[r * k + j]);
+      mass += std::exp(static_cast<double>(lp[r * k + j]));
+    }
+    std::sort(sorted.begin(), sorted.end());
+    if (first[0] == 0 && (sorted.front() < 0 || sorted.back() >= vocab)) first[0] = r + 1;
+    if (first[1] == 0 && std::adjacent_find(sorted.begin(), sorted.end()) != sorted.end()) {
+      first[1] = r + 1;
+    }
+    if (first[2] == 0 && !(mass <= max_mass)) first[2] = r + 1;
+  }
+}
+
+at::Tensor sparse_kd_check_cpu(const at::Tensor& logprobs_in, const at::Tensor& indices_in,
+                               const std::optional<at::Tensor>& valid_in, int64_t vocab,
+                               double max_mass) {
+  TORCH_CHECK_VALUE(logprobs_in.dim() == 2 && indices_in.sizes() == logprobs_in.sizes(), kOp,
+                    "sparse_kd_check takes (N, k) log-probs and indices of one shape");
+  TORCH_CHECK_TYPE(indices_in.scalar_type() == at::kLong || indices_in.scalar_type() == at::kInt,
+                   kOp, "topk_indices must be int64 or int32, got ", indices_in.scalar_type());
+  const at::Tensor logprobs = logprobs_in.contiguous(), indices = indices_in.contiguous();
+  at::Tensor valid;
+  if (valid_in.has_value()) {
+    valid = valid_in->to(at::kBool).contiguous();
+    TORCH_CHECK_VALUE(valid.numel() == logprobs.size(0), kOp, "valid must have N entries");
+  }
+  at::Tensor first = at::zeros({3}, logprobs.options().dtype(at::kLong));
+  const bool* valid_ptr = valid.defined() ? valid.data_ptr<bool>() : nullptr;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logprobs.scalar_type(),
+                                  "sparse_kd_check", [&] {
+    if (indices.scalar_type() == at::kLong) {
+      check_topk_rows<scalar_t, int64_t>(logprobs, indices, valid_ptr, vocab, max_mass,
+                                         first.data_ptr<int64_t>());
+    } else {
+      check_topk_rows<scalar_t, int32_t>(logprobs, indices, valid_ptr, vocab, max_mass,
+                                         first.data_ptr<int64_t>());
+    }
+  });
+  return first;
+}
+
 }  // namespace
 }  // namespace fastkd::cpu
 
 TORCH_LIBRARY_IMPL(fastkd, CPU, m) {
   m.impl("sparse_kd", &fastkd::cpu::sparse_kd_cpu);
+  m.impl("sparse_kd_check", &fastkd::cpu::sparse_kd_check_cpu);
 }

@@ -65,6 +65,32 @@ if HAS_CPU:
     def _sparse_kd_loss_fake(student, topk_logprobs, topk_indices, target, *options):
         return _fake_rows(student, topk_logprobs, topk_indices)
 
+    @torch.library.register_fake("fastkd::sparse_kd_check")
+    def _sparse_kd_check_fake(topk_logprobs, topk_indices, valid, vocab, max_mass):
+        return topk_logprobs.new_empty((3,), dtype=torch.int64)
+
+
+def first_bad_rows(topk_logprobs: torch.Tensor, topk_indices: torch.Tensor,
+                   valid: Optional[torch.Tensor], vocab: int, max_mass: float):
+    """The API's eager top-k checks on CPU tensors in one serial pass (no parallel-region
+    wake-ups for a small (N, k)); None when the extension lacks the op.
+
+    Parameters
+    ----------
+    topk_logprobs : (N, k) floating CPU tensor; topk_indices : (N, k) int64 / int32.
+    valid : (N,) bool or None: only these rows are checked.
+    vocab : int, indices must lie in [0, vocab); max_mass : float, largest row exp-sum.
+
+    Returns
+    -------
+    list of 3 ints or None: 1 + the first row failing the range, uniqueness and mass checks
+    (0 where none fails).
+    """
+    if not HAS_CPU:
+        return None
+    return torch.ops.fastkd.sparse_kd_check(topk_logprobs, topk_indices, valid, int(vocab),
+                                            float(max_mass)).tolist()
+
 
 def sparse_kd_native(
     student: torch.Tensor,
