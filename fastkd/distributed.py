@@ -26,6 +26,7 @@ import torch.distributed as dist
 
 from ._dtensor import dtensor_distillation_loss, dtensor_fused_linear_distillation_loss
 from ._glue import _autocast_head, _flat_target, _valid_count, kernel_options
+from ._sparse_api import TOPK_MASS_TOLERANCE, _check_tail, _teacher_scale
 from ._validation import (
     check_chunk_size,
     check_floating,
@@ -34,7 +35,6 @@ from ._validation import (
     check_target,
     reduce_rows,
 )
-from .functional import TOPK_MASS_TOLERANCE, _check_tail, _teacher_scale
 from .ops.dense import autocast_off
 from .ops.vocab_parallel import (
     vocab_parallel_kd_rows,
