@@ -46,9 +46,9 @@ def _check_tail(tail) -> None:
         raise ValueError(f"tail must be one of {TAILS}, got {tail!r}")
 
 
-def _check_topk(logprobs, indices, lead_shape, vocab: int, valid_rows) -> None:
-    """Shapes and dtypes; in eager mode also, on the rows that are not ignored, index range,
-    uniqueness and mass <= 1 (vectorised). Ignored rows may hold anything."""
+def _check_topk_shapes(logprobs, indices, lead_shape, vocab: Optional[int]) -> int:
+    """Dtypes and shapes of (..., k) top-k rows for a student of leading shape `lead_shape`;
+    returns k. `vocab` None (a vocabulary slice, as in the vocab-parallel loss): k >= 1 only."""
     check_floating("teacher_topk_logprobs", logprobs)
     if not isinstance(indices, torch.Tensor) or indices.dtype not in (torch.int64, torch.int32):
         raise TypeError("teacher_topk_indices must be an int64 or int32 tensor of vocabulary "
@@ -60,9 +60,19 @@ def _check_topk(logprobs, indices, lead_shape, vocab: int, valid_rows) -> None:
         raise ValueError(f"teacher_topk_indices shape {tuple(indices.shape)} must equal "
                          f"teacher_topk_logprobs shape {tuple(logprobs.shape)}")
     k = logprobs.shape[-1]
-    if not 1 <= k <= vocab:
+    if vocab is None:
+        if k < 1:
+            raise ValueError("teacher_topk_logprobs must hold k >= 1 entries per row")
+    elif not 1 <= k <= vocab:
         raise ValueError(f"teacher_topk_logprobs must hold 1 <= k <= V={vocab} entries per "
                          f"row, got k={k}")
+    return k
+
+
+def _check_topk(logprobs, indices, lead_shape, vocab: int, valid_rows) -> None:
+    """Shapes and dtypes; in eager mode also, on the rows that are not ignored, index range,
+    uniqueness and mass <= 1 (vectorised). Ignored rows may hold anything."""
+    k = _check_topk_shapes(logprobs, indices, lead_shape, vocab)
     # Data checks read values on the host: eager mode only (see check_target).
     if torch.compiler.is_compiling() or indices.numel() == 0:
         return

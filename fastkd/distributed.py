@@ -26,7 +26,7 @@ import torch.distributed as dist
 
 from ._dtensor import dtensor_distillation_loss, dtensor_fused_linear_distillation_loss
 from ._glue import _autocast_head, _flat_target, _valid_count, kernel_options
-from ._sparse_api import TOPK_MASS_TOLERANCE, _check_tail, _teacher_scale
+from ._sparse_api import TOPK_MASS_TOLERANCE, _check_tail, _check_topk_shapes, _teacher_scale
 from ._validation import (
     check_chunk_size,
     check_floating,
@@ -308,18 +308,7 @@ def vocab_parallel_fused_linear_distillation_loss(
 def _check_topk_replicated(logprobs, indices, lead_shape, valid_rows) -> None:
     """Shapes, dtypes, uniqueness and mass of the replicated top-k teacher (the index range
     needs the global vocabulary: checked with the statistics' gather)."""
-    check_floating("teacher_topk_logprobs", logprobs)
-    if not isinstance(indices, torch.Tensor) or indices.dtype not in (torch.int64, torch.int32):
-        raise TypeError("teacher_topk_indices must be an int64 tensor of GLOBAL vocabulary "
-                        f"indices, got {getattr(indices, 'dtype', type(indices).__name__)}")
-    if logprobs.dim() != len(lead_shape) + 1 or logprobs.shape[:-1] != lead_shape:
-        raise ValueError(f"teacher_topk_logprobs must have shape {tuple(lead_shape)} + (k,), "
-                         f"got {tuple(logprobs.shape)}")
-    if indices.shape != logprobs.shape:
-        raise ValueError(f"teacher_topk_indices shape {tuple(indices.shape)} must equal "
-                         f"teacher_topk_logprobs shape {tuple(logprobs.shape)}")
-    if logprobs.shape[-1] < 1:
-        raise ValueError("teacher_topk_logprobs must hold k >= 1 entries per row")
+    _check_topk_shapes(logprobs, indices, lead_shape, None)
     if torch.compiler.is_compiling() or indices.numel() == 0:
         return
     ordered = indices.sort(dim=-1).values
