@@ -28,7 +28,17 @@ from typing import Dict, Optional
 
 import torch
 
-from .dense import CHUNK_ELEMENTS, JSD, KL, REVERSE_KL, TVD, _capped, _xlogy_diff
+from .dense import (
+    CHUNK_ELEMENTS,
+    JSD,
+    KL,
+    REVERSE_KL,
+    TVD,
+    _capped,
+    _masked,
+    _xlogy_diff,
+    store_chunk,
+)
 
 
 def compute_dtype(*dtypes: torch.dtype) -> torch.dtype:
@@ -289,24 +299,6 @@ def _ce_rows_and_grad(z_s, y, glob, label_smoothing, vocab_start_index, vocab_si
         ce = ce - label_smoothing * glob["sum_z"] / vocab_size
         grad = grad - label_smoothing / vocab_size
     return ce, grad
-
-
-def _masked(x: torch.Tensor, valid) -> torch.Tensor:
-    """x with the ignored rows zeroed (`valid` (c, 1) bool, or None: every row counts)."""
-    return x if valid is None else torch.where(valid, x, 0.0)
-
-
-def store_chunk(start: int, stop: int, loss, ce_term, div_term, valid, rows, terms,
-                grad_student, d_zs, dcap_s) -> None:
-    """Writes one chunk's rows, its unweighted (CE, D) terms (when `terms` is given) and
-    its student gradient (times the softcap derivative `dcap_s`, when given); ignored rows
-    get zeros."""
-    rows[start:stop] = _masked(loss, valid)[:, 0]
-    if terms is not None:
-        terms[start:stop] = _masked(torch.cat([ce_term, div_term], dim=-1), valid)
-    if grad_student is not None:
-        d_zs = d_zs * dcap_s if dcap_s is not None else d_zs
-        grad_student[start:stop] = _masked(d_zs, valid)
 
 
 def shard_rows_and_grads(student, teacher, target, grad_student, grad_teacher, glob,

@@ -27,7 +27,7 @@ from typing import Dict
 
 import torch
 
-from .dense import CHUNK_ELEMENTS, _capped
+from .dense import CHUNK_ELEMENTS, _capped, store_chunk
 from .sparse import _category_divergence, _teacher_categories
 from .vocab_parallel import (
     _ce_rows_and_grad,
@@ -35,7 +35,6 @@ from .vocab_parallel import (
     _local_max_sumexp,
     _local_target_logit,
     compute_dtype,
-    store_chunk,
 )
 
 
