@@ -61,6 +61,15 @@ def _with_components(loss, terms, valid, reduction, num_items_in_batch, lead_sha
     return loss, ce, div
 
 
+def _reduced(rows, terms, valid, reduction, num_items_in_batch, lead_shape):
+    """The loss reduced from per-row values (N,), or `(loss, ce, divergence)` when the
+    per-row terms (N, 2) are given (None: the loss alone)."""
+    loss = reduce_rows(rows, valid, reduction, num_items_in_batch, lead_shape)
+    if terms is None:
+        return loss
+    return _with_components(loss, terms, valid, reduction, num_items_in_batch, lead_shape)
+
+
 def _to_float64_if_any(*tensors):
     """float64 on either side: every tensor in float64 (autograd casts the gradients back)."""
     if not any(t is not None and t.dtype == torch.float64 for t in tensors):

@@ -18,8 +18,8 @@ from ._glue import (
     _autocast_head,
     _flat_target,
     _fused_linear_loss,
+    _reduced,
     _valid_count,
-    _with_components,
     kernel_options,
 )
 from ._validation import check_chunk_size as _check_chunk_size
@@ -28,7 +28,6 @@ from ._validation import (
     check_options,
     check_same_device,
     check_target,
-    reduce_rows,
 )
 from ._validation import check_linear_head as _check_linear_head
 from .ops.dense import autocast_off
@@ -289,11 +288,7 @@ def sparse_distillation_loss(
             inplace_backward=inplace_backward, return_terms=return_components)
         rows, terms = rows if return_components else (rows, None)
         valid = _valid_count(flat_target, ignore_index)
-        loss = reduce_rows(rows, valid, reduction, num_items_in_batch, lead_shape)
-        if not return_components:
-            return loss
-        return _with_components(loss, terms, valid, reduction, num_items_in_batch,
-                                lead_shape)
+        return _reduced(rows, terms, valid, reduction, num_items_in_batch, lead_shape)
 
 
 @fill_doc

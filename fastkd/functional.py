@@ -21,9 +21,9 @@ from ._glue import (
     _flat_target,
     _fused_linear_loss,
     _is_dtensor,
+    _reduced,
     _to_float64_if_any,
     _valid_count,
-    _with_components,
     kernel_options,
     loss_weights,  # noqa: F401  (part of this module's namespace for other modules)
 )
@@ -38,7 +38,6 @@ from ._validation import (
     check_options,
     check_same_device,
     check_target,
-    reduce_rows,
 )
 from ._validation import check_linear_head as _check_linear_head
 from .ops import dense_distillation_rows
@@ -135,11 +134,7 @@ def distillation_loss(
     rows, terms = out if return_components else (out, None)
     valid = _valid_count(flat_target, ignore_index)
     with autocast_off(rows.device):
-        loss = reduce_rows(rows, valid, reduction, num_items_in_batch, lead_shape)
-        if not return_components:
-            return loss
-        return _with_components(loss, terms, valid, reduction, num_items_in_batch,
-                                lead_shape)
+        return _reduced(rows, terms, valid, reduction, num_items_in_batch, lead_shape)
 
 
 # --- Large vocabularies: the lm-head fused in, logits chunk by chunk ----------------------------
