@@ -10,7 +10,7 @@ import torch
 
 from ._validation import reduce_rows
 from .ops.dense import autocast_off
-from .ops.fused_linear import default_chunk_rows, fused_linear_rows
+from .ops.fused_linear import _head_dtype, default_chunk_rows, fused_linear_rows
 from .reference import DIVERGENCES
 
 
@@ -107,15 +107,6 @@ def _autocast_head(hidden, weight, bias):
     dtype = torch.get_autocast_dtype(device)
     return tuple(None if x is None or x.dtype == torch.float64 else x.to(dtype)
                  for x in (hidden, weight, bias))
-
-
-def _head_dtype(*tensors) -> torch.dtype:
-    """The promoted dtype of one side's (hidden, weight, bias): the lm-head matmul's."""
-    dtype = tensors[0].dtype
-    for t in tensors[1:]:
-        if t is not None:
-            dtype = torch.promote_types(dtype, t.dtype)
-    return dtype
 
 
 def _fused_linear_loss(student_hidden, student_weight, student_bias, target, teacher, kernel,
