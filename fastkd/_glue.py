@@ -1,5 +1,6 @@
 """Glue shared by the public losses: loss weights and kernel options, dtype rules (float64,
-autocast, per-side heads), the in-place check, DTensor detection and component reduction."""
+autocast, per-side heads), the in-place check, DTensor detection, component reduction and the
+chunked fused-linear driver of the dense and top-k lm-head losses."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ import sys
 import torch
 
 from ._validation import reduce_rows
+from .ops.dense import autocast_off
+from .ops.fused_linear import _head_dtype, default_chunk_rows, fused_linear_rows
 from .reference import DIVERGENCES
 
 
@@ -58,6 +61,15 @@ def _with_components(loss, terms, valid, reduction, num_items_in_batch, lead_sha
     return loss, ce, div
 
 
+def _reduced(rows, terms, valid, reduction, num_items_in_batch, lead_shape):
+    """The loss reduced from per-row values (N,), or `(loss, ce, divergence)` when the
+    per-row terms (N, 2) are given (None: the loss alone)."""
+    loss = reduce_rows(rows, valid, reduction, num_items_in_batch, lead_shape)
+    if terms is None:
+        return loss
+    return _with_components(loss, terms, valid, reduction, num_items_in_batch, lead_shape)
+
+
 def _to_float64_if_any(*tensors):
     """float64 on either side: every tensor in float64 (autograd casts the gradients back)."""
     if not any(t is not None and t.dtype == torch.float64 for t in tensors):
@@ -97,10 +109,34 @@ def _autocast_head(hidden, weight, bias):
                  for x in (hidden, weight, bias))
 
 
-def _head_dtype(*tensors) -> torch.dtype:
-    """The promoted dtype of one side's (hidden, weight, bias): the lm-head matmul's."""
-    dtype = tensors[0].dtype
-    for t in tensors[1:]:
-        if t is not None:
-            dtype = torch.promote_types(dtype, t.dtype)
-    return dtype
+def _fused_linear_loss(student_hidden, student_weight, student_bias, target, teacher, kernel,
+                       options, sparse, chunk_size, reduction, num_items_in_batch, ignore_index,
+                       return_components=False):
+    """The reduced loss (or `(loss, ce, divergence)`) of the chunked fused-linear sweep.
+
+    `teacher` is (hidden (N, Ht), weight, bias) for the dense teacher or (logprobs (N, k),
+    indices (N, k), None) with `sparse`; None `chunk_size` is the memory-budget default.
+    """
+    lead_shape = student_hidden.shape[:-1]
+    hidden = student_hidden.reshape(-1, student_hidden.shape[-1])
+    flat_target = _flat_target(target)
+    n, vocab = hidden.shape[0], student_weight.shape[0]
+    itemsize = _head_dtype(hidden, student_weight, student_bias).itemsize
+    chunk = chunk_size or default_chunk_rows(n, vocab, itemsize, hidden.device, sparse)
+    with autocast_off(hidden.device):
+        out = fused_linear_rows(hidden, student_weight, student_bias, flat_target, teacher,
+                                kernel, options, sparse, chunk, reduction == "none",
+                                with_terms=return_components)
+        out, terms = out if return_components else (out, None)
+        if reduction == "none":
+            loss = out.reshape(lead_shape)
+        else:
+            valid = _valid_count(flat_target, ignore_index)
+            if valid is None:
+                valid = torch.full((), n, dtype=torch.int64, device=out.device)
+            loss = reduce_rows(out.reshape(1), valid, reduction, num_items_in_batch,
+                               lead_shape)
+        if not return_components:
+            return loss
+        return _with_components(loss, terms, _valid_count(flat_target, ignore_index),
+                                reduction, num_items_in_batch, lead_shape)

@@ -19,21 +19,22 @@ leading shapes, targets and keywords. Semantics: `docs/semantics.md`.
 from __future__ import annotations
 
 import functools
-import math
 from typing import Optional
 
 import torch
 import torch.distributed as dist
 
 from ._dtensor import dtensor_distillation_loss, dtensor_fused_linear_distillation_loss
+from ._glue import _autocast_head, _flat_target, _valid_count, kernel_options
+from ._sparse_api import TOPK_MASS_TOLERANCE, _check_tail, _check_topk_shapes, _teacher_scale
 from ._validation import (
+    check_chunk_size,
     check_floating,
     check_logits_pair,
     check_options,
     check_target,
     reduce_rows,
 )
-from .functional import kernel_options
 from .ops.dense import autocast_off
 from .ops.vocab_parallel import (
     vocab_parallel_kd_rows,
@@ -41,15 +42,33 @@ from .ops.vocab_parallel import (
     vocab_parallel_sparse_kd_rows,
 )
 from .ops.vocab_parallel_fused import agreed_chunk_rows, vocab_parallel_fused_rows
-from .reference.sparse import TAILS
 from .reference.vocab_parallel import compute_dtype
 
 __all__ = ["vocab_parallel_distillation_loss", "vocab_parallel_fused_linear_distillation_loss",
            "vocab_parallel_sparse_distillation_loss", "dtensor_distillation_loss",
            "dtensor_fused_linear_distillation_loss"]
 
-#: A top-k teacher row's probabilities may sum to at most exp(this) (stored rounding).
-TOPK_MASS_TOLERANCE = 1e-2
+#: The loss options the fused-linear and top-k losses take as **keywords, with defaults.
+_OPTION_DEFAULTS = dict(temperature=1.0, alpha=0.5, divergence="kl", beta=0.5,
+                        scale_by_t2=True, ignore_index=-100, label_smoothing=0.0, softcap=None)
+
+
+def _split_keywords(keywords: dict) -> tuple:
+    """(options with defaults filled in, reduction, num_items_in_batch) of a loss's
+    **keywords; an unknown name raises TypeError."""
+    keywords = dict(keywords)
+    reduction = keywords.pop("reduction", "mean")
+    num_items = keywords.pop("num_items_in_batch", None)
+    unknown = set(keywords) - set(_OPTION_DEFAULTS)
+    if unknown:
+        raise TypeError(f"unexpected keyword argument(s) {sorted(unknown)}")
+    return {**_OPTION_DEFAULTS, **keywords}, reduction, num_items
+
+
+def _check_keywords(options_kw: dict, reduction, num_items) -> None:
+    """Validates the options (scale_by_t2 is any truth value), reduction and divisor."""
+    check_options(reduction=reduction, num_items_in_batch=num_items,
+                  **{k: v for k, v in options_kw.items() if k != "scale_by_t2"})
 
 
 def _check_vocab_start(vocab_start_index) -> None:
@@ -157,7 +176,7 @@ def vocab_parallel_distillation_loss(
 
     student = _flat_logits("student_logits_shard", student_logits_shard, inplace_backward)
     teacher = teacher_logits_shard.reshape(-1, local_vocab).contiguous()
-    flat_target = None if target is None else target.reshape(-1).to(torch.int64)
+    flat_target = _flat_target(target)
     options = kernel_options(target is not None, temperature=temperature, alpha=alpha,
                              divergence=divergence, beta=beta, scale_by_t2=scale_by_t2,
                              ignore_index=ignore_index, label_smoothing=label_smoothing,
@@ -173,19 +192,8 @@ def vocab_parallel_distillation_loss(
 
     with autocast_off(student.device):
         rows = vocab_parallel_rows(student, teacher, call, True, inplace_backward)
-    valid = None if flat_target is None else (flat_target != ignore_index).sum()
+    valid = _valid_count(flat_target, ignore_index)
     return _finish(rows, terms, valid, reduction, num_items_in_batch, lead_shape)
-
-
-def _autocast_head(hidden, weight, bias):
-    """Under torch.autocast: fp32/bf16/fp16 hidden, weight and bias cast to the autocast
-    dtype, as nn.Linear would (float64 left alone); otherwise unchanged."""
-    device = hidden.device.type
-    if device not in ("cpu", "cuda") or not torch.is_autocast_enabled(device):
-        return hidden, weight, bias
-    dtype = torch.get_autocast_dtype(device)
-    return tuple(None if x is None or x.dtype == torch.float64 else x.to(dtype)
-                 for x in (hidden, weight, bias))
 
 
 def _check_head_shard(prefix: str, hidden, weight, bias) -> None:
@@ -254,14 +262,7 @@ def vocab_parallel_fused_linear_distillation_loss(
         logits per head; one all_gather of per-row statistics per chunk (jsd / tvd: one
         all_reduce more) and one all_reduce of the (N, Hs) hidden gradient per step.
     """
-    options_kw = dict(temperature=1.0, alpha=0.5, divergence="kl", beta=0.5,
-                      scale_by_t2=True, ignore_index=-100, label_smoothing=0.0, softcap=None)
-    reduction = keywords.pop("reduction", "mean")
-    num_items = keywords.pop("num_items_in_batch", None)
-    unknown = set(keywords) - set(options_kw)
-    if unknown:
-        raise TypeError(f"unexpected keyword argument(s) {sorted(unknown)}")
-    options_kw.update(keywords)
+    options_kw, reduction, num_items = _split_keywords(keywords)
     _check_head_shard("student", student_hidden, student_weight_shard, student_bias_shard)
     _check_head_shard("teacher", teacher_hidden, teacher_weight_shard, teacher_bias_shard)
     lead_shape = student_hidden.shape[:-1]
@@ -272,18 +273,15 @@ def vocab_parallel_fused_linear_distillation_loss(
         raise ValueError(f"teacher_weight_shard has {teacher_weight_shard.shape[0]} rows but "
                          f"student_weight_shard has {student_weight_shard.shape[0]}; both "
                          "heads must be split at the same vocabulary rows")
-    check_options(reduction=reduction, num_items_in_batch=num_items,
-                  **{k: v for k, v in options_kw.items() if k != "scale_by_t2"})
+    _check_keywords(options_kw, reduction, num_items)
     _check_vocab_start(vocab_start_index)
-    if chunk_size is not None and (not isinstance(chunk_size, int)
-                                   or isinstance(chunk_size, bool) or chunk_size < 1):
-        raise ValueError(f"chunk_size must be None or an int >= 1, got {chunk_size!r}")
+    check_chunk_size(chunk_size)
     if target is not None:
         check_target(target, lead_shape, None, options_kw["ignore_index"])
     _check_process_group()
     hidden = student_hidden.reshape(-1, student_hidden.shape[-1])
     n, local_vocab = hidden.shape[0], student_weight_shard.shape[0]
-    flat_target = None if target is None else target.reshape(-1).to(torch.int64).contiguous()
+    flat_target = _flat_target(target)
     chunk = chunk_size or agreed_chunk_rows(n, local_vocab, hidden.element_size(),
                                             hidden.device, group)
     options = kernel_options(target is not None, **options_kw)
@@ -310,18 +308,7 @@ def vocab_parallel_fused_linear_distillation_loss(
 def _check_topk_replicated(logprobs, indices, lead_shape, valid_rows) -> None:
     """Shapes, dtypes, uniqueness and mass of the replicated top-k teacher (the index range
     needs the global vocabulary: checked with the statistics' gather)."""
-    check_floating("teacher_topk_logprobs", logprobs)
-    if not isinstance(indices, torch.Tensor) or indices.dtype not in (torch.int64, torch.int32):
-        raise TypeError("teacher_topk_indices must be an int64 tensor of GLOBAL vocabulary "
-                        f"indices, got {getattr(indices, 'dtype', type(indices).__name__)}")
-    if logprobs.dim() != len(lead_shape) + 1 or logprobs.shape[:-1] != lead_shape:
-        raise ValueError(f"teacher_topk_logprobs must have shape {tuple(lead_shape)} + (k,), "
-                         f"got {tuple(logprobs.shape)}")
-    if indices.shape != logprobs.shape:
-        raise ValueError(f"teacher_topk_indices shape {tuple(indices.shape)} must equal "
-                         f"teacher_topk_logprobs shape {tuple(logprobs.shape)}")
-    if logprobs.shape[-1] < 1:
-        raise ValueError("teacher_topk_logprobs must hold k >= 1 entries per row")
+    _check_topk_shapes(logprobs, indices, lead_shape, None)
     if torch.compiler.is_compiling() or indices.numel() == 0:
         return
     ordered = indices.sort(dim=-1).values
@@ -334,23 +321,6 @@ def _check_topk_replicated(logprobs, indices, lead_shape, valid_rows) -> None:
     if bool(bad.any()):
         raise ValueError("teacher_topk_logprobs must be log-probabilities whose exp sums to "
                          f"<= 1 per row; got a row with log-sum-exp {lse[bad][0].item():.4g}")
-
-
-def _teacher_scale(teacher_temperature, temperature: float, tail: str) -> float:
-    """teacher_temperature / temperature (1.0 for None); re-tempering needs the
-    renormalize tail (the bucket's tail mass at another temperature is unknown)."""
-    if teacher_temperature is None:
-        return 1.0
-    if isinstance(teacher_temperature, bool) or not isinstance(teacher_temperature,
-                                                               (int, float)) \
-            or not math.isfinite(teacher_temperature) or teacher_temperature <= 0:
-        raise ValueError("teacher_temperature must be None or a finite number > 0, got "
-                         f"{teacher_temperature!r}")
-    scale = float(teacher_temperature) / float(temperature)
-    if scale != 1.0 and tail != "renormalize":
-        raise ValueError(f"teacher_temperature={teacher_temperature} differs from "
-                         f"temperature={temperature}: re-tempering needs tail='renormalize'")
-    return scale
 
 
 def vocab_parallel_sparse_distillation_loss(
@@ -397,21 +367,12 @@ def vocab_parallel_sparse_distillation_loss(
         backward gives this slice's student gradient. One all_gather of per-row statistics
         (about 7 + k values per row) per call.
     """
-    options_kw = dict(temperature=1.0, alpha=0.5, divergence="kl", beta=0.5,
-                      scale_by_t2=True, ignore_index=-100, label_smoothing=0.0, softcap=None)
-    reduction = keywords.pop("reduction", "mean")
-    num_items = keywords.pop("num_items_in_batch", None)
-    unknown = set(keywords) - set(options_kw)
-    if unknown:
-        raise TypeError(f"unexpected keyword argument(s) {sorted(unknown)}")
-    options_kw.update(keywords)
+    options_kw, reduction, num_items = _split_keywords(keywords)
     check_floating("student_logits_shard", student_logits_shard)
     if student_logits_shard.dim() < 1:
         raise ValueError("student_logits_shard must have at least one dimension (..., V)")
-    check_options(reduction=reduction, num_items_in_batch=num_items,
-                  **{k: v for k, v in options_kw.items() if k != "scale_by_t2"})
-    if tail not in TAILS:
-        raise ValueError(f"tail must be one of {TAILS}, got {tail!r}")
+    _check_keywords(options_kw, reduction, num_items)
+    _check_tail(tail)
     _check_vocab_start(vocab_start_index)
     scale = _teacher_scale(teacher_temperature, options_kw["temperature"], tail)
     lead_shape, local_vocab = student_logits_shard.shape[:-1], student_logits_shard.shape[-1]
@@ -427,7 +388,7 @@ def vocab_parallel_sparse_distillation_loss(
     if scale != 1.0:  # re-tempered; the renormalize tail renormalises over the k entries
         logprobs = logprobs.to(torch.promote_types(logprobs.dtype, torch.float32)) * scale
     indices = teacher_topk_indices.reshape(-1, k).to(torch.int64).contiguous()
-    flat_target = None if target is None else target.reshape(-1).to(torch.int64)
+    flat_target = _flat_target(target)
     options = kernel_options(target is not None, **options_kw) + (tail == "renormalize",)
     terms = _terms_buffer(student.shape[0], (student.dtype,), student.device,
                           return_components)
@@ -440,5 +401,5 @@ def vocab_parallel_sparse_distillation_loss(
 
     with autocast_off(student.device):
         rows = vocab_parallel_rows(student, logprobs, call, False)
-    valid = None if flat_target is None else (flat_target != ignore_index).sum()
+    valid = _valid_count(flat_target, ignore_index)
     return _finish(rows, terms, valid, reduction, num_items, lead_shape)

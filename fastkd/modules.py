@@ -13,6 +13,7 @@ from torch import nn
 from . import functional as F
 from ._dispatch import check_backend_name
 from ._docs import fill_doc
+from ._sparse_api import _check_tail, _teacher_scale
 from ._validation import check_options
 
 
@@ -175,8 +176,8 @@ class SparseDistillationLoss(_LossModule):
                  backend: str = "auto", return_components: bool = False,
                  teacher_temperature: Optional[float] = None):
         super().__init__()
-        F._check_tail(tail)
-        F._teacher_scale(teacher_temperature, temperature, tail)
+        _check_tail(tail)
+        _teacher_scale(teacher_temperature, temperature, tail)
         self.options = _loss_keywords(temperature, alpha, divergence, beta, ignore_index,
                                       label_smoothing, softcap, reduction, backend)
         self.options.update(tail=tail, scale_by_t2=scale_by_t2, backend=backend,

@@ -32,6 +32,28 @@ def gemma2(hidden=32, softcap=0.5, seed=0, vocab=VOCAB):
     return transformers.Gemma2ForCausalLM(config).eval()
 
 
+def full_logits(model, b):
+    """The model's (B, T, V) logits of batch `b`."""
+    return model(b["input_ids"], attention_mask=b["attention_mask"]).logits
+
+
+def logits_without_grad(b, *models):
+    """Each model's full logits of batch `b`, computed under torch.no_grad()."""
+    with torch.no_grad():
+        return tuple(full_logits(model, b) for model in models)
+
+
+def tiny_config_model(name: str, **config):
+    """transformers' `{name}ForCausalLM` from a one-layer `{name}Config` (vocabulary VOCAB,
+    hidden 32), seeded with 0, eval mode; `config` adds the architecture's own fields."""
+    torch.manual_seed(0)
+    config = getattr(transformers, f"{name}Config")(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=2, pad_token_id=0, bos_token_id=1,
+        eos_token_id=2, **config)
+    return getattr(transformers, f"{name}ForCausalLM")(config).eval()
+
+
 def batch(b=3, t=9, vocab=VOCAB, seed=1, prompt=2):
     """input_ids (b, t), attention_mask with right padding, labels with a masked prompt."""
     g = torch.Generator().manual_seed(seed)

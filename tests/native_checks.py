@@ -10,6 +10,10 @@ the float64 oracle of tests/oracle.py; nothing here imports fastkd.
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import torch
 from kernel_checks import OUTPUTS, kernel_args, max_error, oracle_rows, poisoned
 from oracle import oracle_loss, random_logits, random_target
@@ -177,3 +181,12 @@ def check_causal_shift_in_place(kernel, dtype, device="cpu", **options):
             assert_rounded(rows, exact[0], torch.float32, f"rows of batch element {b}")
             assert_rounded(logits[b, :-1], exact[1], dtype, f"in-place grad of element {b}")
         assert torch.equal(logits[:, -1], original[:, -1]), "the last position was written"
+
+
+def run_with_portable_kernel(script: str) -> subprocess.CompletedProcess:
+    """Runs `script` (a template whose ``{tests}`` is this folder) in a fresh Python with
+    ATEN_CPU_CAPABILITY=default, which selects the CPU kernel built without AVX2 flags."""
+    tests_dir = os.path.dirname(os.path.abspath(__file__))
+    env = dict(os.environ, ATEN_CPU_CAPABILITY="default")
+    return subprocess.run([sys.executable, "-c", script.format(tests=tests_dir)], env=env,
+                          capture_output=True, text=True, timeout=600)

@@ -77,7 +77,7 @@ def test_device_slug_is_file_safe():
 
 # --- cost models ---------------------------------------------------------------------------
 
-def test_dense_byte_floor_matches_design_doc():
+def test_dense_byte_floor_reads_both_sides_and_writes_the_gradient_once():
     # N=8192, V=128256, bf16 fwd+bwd reads s, t and writes the gradient once: 6.3 GB.
     nbytes = models.dense_bytes("fwd+bwd", 8192, 128256, 2)
     assert nbytes == 3 * 8192 * 128256 * 2 == 6_304_038_912
@@ -85,7 +85,7 @@ def test_dense_byte_floor_matches_design_doc():
     assert models.dense_bytes("bwd", 2048, 32000, 4) == 2 * 2048 * 32000 * 4
 
 
-def test_fused_linear_flop_floor_matches_design_doc():
+def test_fused_linear_flop_floor_counts_three_student_matmuls_and_one_teacher():
     flops = models.fused_linear_flops("fwd+bwd", 8192, 128256, 2048, 4096)
     assert flops == 2 * 8192 * 128256 * (3 * 2048 + 4096)
     assert abs(flops / 1e12 - 21.5) < 0.05  # "21.5 TFLOP"

@@ -11,11 +11,9 @@ portable (non-AVX2) kernel variant is checked in a subprocess with ATEN_CPU_CAPA
 from __future__ import annotations
 
 import math
-import os
-import subprocess
-import sys
 
 import kernel_checks
+import native_checks
 import pytest
 import torch
 from kernel_checks import DIVERGENCE_CASES, DIVERGENCE_IDS, assert_close, inputs, oracle_rows
@@ -380,8 +378,5 @@ print("portable-ok")
 
 def test_portable_kernel_variant():
     """ATEN_CPU_CAPABILITY=default selects the kernel built without AVX2 flags."""
-    tests_dir = os.path.dirname(os.path.abspath(__file__))
-    env = dict(os.environ, ATEN_CPU_CAPABILITY="default")
-    result = subprocess.run([sys.executable, "-c", PORTABLE_CHECK.format(tests=tests_dir)],
-                            env=env, capture_output=True, text=True, timeout=600)
+    result = native_checks.run_with_portable_kernel(PORTABLE_CHECK)
     assert result.returncode == 0 and "portable-ok" in result.stdout, result.stderr[-3000:]

@@ -11,10 +11,6 @@ subprocess with ATEN_CPU_CAPABILITY=default.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import native_checks
 import pytest
 import torch
@@ -175,8 +171,5 @@ print("portable-ok")
 
 def test_portable_kernel_variant():
     """ATEN_CPU_CAPABILITY=default selects the kernel built without AVX2 flags."""
-    tests_dir = os.path.dirname(os.path.abspath(__file__))
-    env = dict(os.environ, ATEN_CPU_CAPABILITY="default")
-    result = subprocess.run([sys.executable, "-c", PORTABLE_CHECK.format(tests=tests_dir)],
-                            env=env, capture_output=True, text=True, timeout=600)
+    result = native_checks.run_with_portable_kernel(PORTABLE_CHECK)
     assert result.returncode == 0 and "portable-ok" in result.stdout, result.stderr[-3000:]

@@ -6,15 +6,20 @@ import logging
 
 import pytest
 import torch
-from hf_models import VOCAB, batch, gemma2, llama, textbook, transformers
+from hf_models import (
+    VOCAB,
+    batch,
+    full_logits,
+    gemma2,
+    llama,
+    textbook,
+    tiny_config_model,
+    transformers,
+)
 
 from fastkd.integrations.transformers import causal_lm_distillation_loss
 
 KW = dict(temperature=2.0, alpha=0.3)
-
-
-def full_logits(model, b):
-    return model(b["input_ids"], attention_mask=b["attention_mask"]).logits
 
 
 def check_value_and_grads(student, teacher, b, rtol=1e-5, **kw):
@@ -78,12 +83,7 @@ def test_peft_lora_student():
 
 
 def test_cohere_logit_scale():
-    torch.manual_seed(0)
-    config = transformers.CohereConfig(
-        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-        num_attention_heads=2, num_key_value_heads=2, logit_scale=0.25, pad_token_id=0,
-        bos_token_id=1, eos_token_id=2)
-    student = transformers.CohereForCausalLM(config).eval()
+    student = tiny_config_model("Cohere", logit_scale=0.25)
     check_value_and_grads(student, llama(hidden=48, seed=1), batch())
 
 
@@ -178,12 +178,7 @@ def test_bf16_teacher_fp32_student():
 
 
 def test_granite_logits_scaling_divides():
-    torch.manual_seed(0)
-    config = transformers.GraniteConfig(
-        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-        num_attention_heads=2, num_key_value_heads=2, logits_scaling=4.0, pad_token_id=0,
-        bos_token_id=1, eos_token_id=2)
-    student = transformers.GraniteForCausalLM(config).eval()
+    student = tiny_config_model("Granite", logits_scaling=4.0)
     check_value_and_grads(student, llama(hidden=48, seed=1), batch())
     from fastkd.integrations._hf_heads import head_plan
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from hf_models import VOCAB, collate, examples, llama, textbook
+from hf_models import VOCAB, collate, examples, llama, logits_without_grad, textbook
 from test_hf_trainer import KW, arguments, trainer
 
 from fastkd.integrations.transformers import DistillationTrainer
@@ -75,9 +75,7 @@ def test_offline_store_with_k_equal_v_equals_online_dense(tmp_path, data_module)
                              train_dataset=exs)
     b = tr.data_collator(exs[:3])
     loss = tr.compute_loss(tr.model, b)
-    with torch.no_grad():
-        t_logits = teacher(b["input_ids"], attention_mask=b["attention_mask"]).logits
-        s_logits = student(b["input_ids"], attention_mask=b["attention_mask"]).logits
+    s_logits, t_logits = logits_without_grad(b, student, teacher)
     ref = textbook(s_logits.double(), t_logits.double(), b["labels"], **KW)
     torch.testing.assert_close(loss.double(), ref, rtol=1e-5, atol=0)
     before = student.lm_head.weight.detach().clone()
@@ -96,8 +94,7 @@ def test_offline_store_top8_equals_sparse_loss_on_full_logits(tmp_path, data_mod
                                             teacher_topk_tail="renormalize"))
     b = tr.data_collator(exs)
     loss = tr.compute_loss(tr.model, b)
-    with torch.no_grad():
-        s_logits = student(b["input_ids"], attention_mask=b["attention_mask"]).logits
+    s_logits, = logits_without_grad(b, student)
     ref = fastkd.sparse_distillation_loss(
         s_logits.double(), b["teacher_topk_logprobs"].double(), b["teacher_topk_indices"],
         b["shift_labels"], tail="renormalize", backend="torch", **KW)
@@ -133,8 +130,7 @@ def test_offline_store_at_another_temperature_is_re_tempered(tmp_path, data_modu
                                             teacher_topk_tail="renormalize"))  # T = 2
     b = tr.data_collator(exs)
     loss = tr.compute_loss(tr.model, b)
-    with torch.no_grad():
-        s_logits = student(b["input_ids"], attention_mask=b["attention_mask"]).logits
+    s_logits, = logits_without_grad(b, student)
     # the stored T=1 top-8 re-tempered to T=2 is the teacher's T=2 distribution over them
     lp8, idx8 = b["teacher_topk_logprobs"], b["teacher_topk_indices"]
     tempered = lp8.double() / 2.0

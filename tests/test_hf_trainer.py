@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hf_models import batch, collate, examples, gemma2, llama, textbook
+from hf_models import batch, collate, examples, gemma2, llama, logits_without_grad, textbook
 
 from fastkd.integrations.transformers import DistillationArguments, DistillationTrainer
 
@@ -49,9 +49,7 @@ def test_compute_loss_equals_textbook(name, tmp_path):
     assert not any(p.requires_grad for p in tr.teacher_model.parameters())
     b = batch()
     loss = tr.compute_loss(tr.model, b)
-    with torch.no_grad():
-        t_logits = teacher(b["input_ids"], attention_mask=b["attention_mask"]).logits
-        s_logits = student(b["input_ids"], attention_mask=b["attention_mask"]).logits
+    s_logits, t_logits = logits_without_grad(b, student, teacher)
     ref = textbook(s_logits.double(), t_logits.double(), b["labels"], **KW)
     torch.testing.assert_close(loss.double(), ref, rtol=1e-5, atol=0)
     # with the Trainer's item count: sum over this batch / count of the whole step
@@ -133,9 +131,7 @@ def test_bf16_mixed_precision_keeps_the_fused_head(tmp_path, fresh_accelerate_st
     assert plan.verified and not plan.dense and plan.softcap == 0.5
     b = batch()
     loss = tr.compute_loss(tr.model, b)
-    with torch.no_grad():
-        t_logits = teacher(b["input_ids"], attention_mask=b["attention_mask"]).logits
-        s_logits = student(b["input_ids"], attention_mask=b["attention_mask"]).logits
+    s_logits, t_logits = logits_without_grad(b, student, teacher)
     ref = textbook(s_logits.double(), t_logits.double(), b["labels"], **KW)
     assert loss.dtype == torch.float32
     torch.testing.assert_close(loss.double(), ref, rtol=2e-2, atol=0)

@@ -331,7 +331,7 @@ def _backend_or_skip(backend):
 
 
 def test_auto_picks_the_fused_cpu_kernel():
-    from fastkd.functional import _sparse_kernel
+    from fastkd._sparse_api import _sparse_kernel
     from fastkd.ops.sparse_native import sparse_kd_native
 
     _backend_or_skip("cpu")

@@ -21,28 +21,19 @@ import pytest
 import torch
 from kernel_checks import DIVERGENCE_CASES, DIVERGENCE_IDS, HALF_ULP, assert_close, oracle_rows
 from oracle import oracle_with_grads, random_target
+from triton_checks import DEVICE, DIVERGENCE_FOUR, FOUR_IDS, ON_CPU, module_marks
 
 import fastkd
 
 triton = pytest.importorskip("triton")
 triton_dense = pytest.importorskip("fastkd.ops.triton_dense")
 
-ON_CPU = os.environ.get("TRITON_INTERPRET", "0") == "1"
-DEVICE = "cpu" if ON_CPU else "cuda"
-needs_device = pytest.mark.skipif(not ON_CPU and not torch.cuda.is_available(),
-                                  reason="needs CUDA or TRITON_INTERPRET=1")
 gpu = pytest.mark.gpu
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 compiled_kernels = pytest.mark.skipif(ON_CPU, reason="real sizes need compiled kernels: run "
                                       "with TRITON_INTERPRET=0 on a CUDA machine")
-# numpy warns about inf - inf / overflow in lanes the kernels compute and then discard (masked
-# columns, ignored rows); only the interpreter's warnings are silenced.
-pytestmark = [needs_device,
-              pytest.mark.filterwarnings("ignore::RuntimeWarning:triton.runtime.interpreter")]
+pytestmark = module_marks()
 
-#: One case per divergence, for the tests that multiply parameters.
-DIVERGENCE_FOUR = DIVERGENCE_CASES[:3] + DIVERGENCE_CASES[4:]
-FOUR_IDS = ["kl", "reverse_kl", "jsd", "tvd"]
 #: Kernel paths: the default launch (single-load for these V), and the multi-pass kernel
 #: forced with 512-element chunks so rows span several chunks and end in a partial one.
 PATHS = {"single": {}, "multi": dict(max_single_v=0, block_v=512)}

@@ -15,28 +15,18 @@ repeats the mixed / strided / terms check at a real vocabulary on CUDA.
 from __future__ import annotations
 
 import functools
-import os
 
 import kernel_checks
 import oracle
 import pytest
 import torch
-from kernel_checks import DIVERGENCE_CASES, assert_close, oracle_rows
+from kernel_checks import assert_close, oracle_rows
+from triton_checks import DEVICE, DIVERGENCE_FOUR, FOUR_IDS, ON_CPU, module_marks
 
 triton = pytest.importorskip("triton")
 triton_dense = pytest.importorskip("fastkd.ops.triton_dense")
 
-ON_CPU = os.environ.get("TRITON_INTERPRET", "0") == "1"
-DEVICE = "cpu" if ON_CPU else "cuda"
-needs_device = pytest.mark.skipif(not ON_CPU and not torch.cuda.is_available(),
-                                  reason="needs CUDA or TRITON_INTERPRET=1")
-# numpy warns about inf - inf / overflow in lanes the kernels compute and then discard.
-pytestmark = [needs_device,
-              pytest.mark.filterwarnings("ignore::RuntimeWarning:triton.runtime.interpreter")]
-
-DIVERGENCE_FOUR = DIVERGENCE_CASES[:3] + DIVERGENCE_CASES[4:]
-FOUR_IDS = ["kl", "reverse_kl", "jsd", "tvd"]
-
+pytestmark = module_marks()
 
 #: Paths for V <= 300: the multi-pass kernel with 128-element chunks (several, last partial).
 SMALL_PATHS = {"single": {}, "multi": dict(max_single_v=0, block_v=128)}

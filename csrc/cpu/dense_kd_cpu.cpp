@@ -7,20 +7,14 @@
 // element, big[:, :V]) are read and written where they are, never copied.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
-#include <ATen/Version.h>
 #include <c10/util/Exception.h>
 #include <torch/library.h>
 
 #include <cmath>
 #include <cstdint>
-#include <cstdlib>
 #include <optional>
-#include <string>
 
-#if defined(__linux__)
-#include <sys/mman.h>
-#endif
-
+#include "cpu/cpu_host.h"
 #include "cpu/dense_kd_cpu.h"
 #include "dense_kd_params.h"
 
@@ -32,42 +26,15 @@ constexpr int64_t kElementsPerBlock = 1 << 16;
 // Inputs below this many elements stay on the calling thread.
 constexpr int64_t kMinElementsToSplit = 1 << 16;
 
-bool cpu_has_avx2_fma() {
-#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
-  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-         __builtin_cpu_supports("f16c");
-#else
-  return false;
-#endif
-}
-
 // AVX2 variant when it was compiled, the CPU has it, and ATen's own capability (which
 // honours ATEN_CPU_CAPABILITY=default) allows it; the portable variant otherwise.
 DenseRowsFn select_rows_fn() {
-  static const DenseRowsFn fn = [] {
-    const std::string capability = at::get_cpu_capability();
-    const bool aten_allows = capability == "AVX2" || capability == "AVX512";
-    return (avx2_variant_compiled() && aten_allows && cpu_has_avx2_fma())
-               ? &dense_kd_rows_avx2
-               : &dense_kd_rows_default;
-  }();
+  static const DenseRowsFn fn =
+      use_avx2_variant(avx2_variant_compiled()) ? &dense_kd_rows_avx2 : &dense_kd_rows_default;
   return fn;
 }
 
-ElementType element_type(const at::Tensor& t, const char* name) {
-  switch (t.scalar_type()) {
-    case at::kFloat:
-      return ElementType::kFloat32;
-    case at::kBFloat16:
-      return ElementType::kBFloat16;
-    case at::kHalf:
-      return ElementType::kFloat16;
-    default:
-      TORCH_CHECK_TYPE(false, "fastkd::dense_kd: ", name, " must be float32, bfloat16 or "
-                       "float16, got ", t.scalar_type());
-  }
-  return ElementType::kFloat32;
-}
+constexpr const char* kOp = "fastkd::dense_kd: ";
 
 // A CPU (N, V) tensor shaped like student, of dtype `dtype`, with unit column stride and
 // rows that do not overlap (any row stride >= V).
@@ -96,8 +63,8 @@ void check_tensors(const at::Tensor& student, const at::Tensor& teacher,
                     student.dim(), " dimensions");
   TORCH_CHECK_VALUE(student.size(1) > 0 || student.size(0) == 0,
                     "fastkd::dense_kd: student must have a non-empty vocabulary (V > 0)");
-  element_type(student, "student");
-  element_type(teacher, "teacher");
+  element_type(student, kOp, "student");
+  element_type(teacher, kOp, "teacher");
   check_matrix(student, "student", student, student.scalar_type(), "student");
   check_matrix(teacher, "teacher", student, teacher.scalar_type(), "teacher");
   if (target.has_value()) {
@@ -161,28 +128,6 @@ void check_labels(const int64_t* target, int64_t n, int64_t vocab, int64_t ignor
   }
 }
 
-// The gradient buffers are usually fresh [N, V] allocations whose pages are first touched by
-// this kernel: with 4 KiB pages, faulting them in costs several times the kernel's own
-// writes. Transparent huge pages (2 MiB) cut that; Linux honours the hint only where THP is
-// in "madvise" or "always" mode. FASTKD_CPU_HUGEPAGES=0 turns the hint off.
-void advise_huge_pages(const std::optional<at::Tensor>& buffer) {
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-  constexpr uintptr_t kHuge = uintptr_t{2} << 20;
-  constexpr size_t kMinBytes = size_t{16} << 20;
-  static const bool enabled = [] {
-    const char* flag = std::getenv("FASTKD_CPU_HUGEPAGES");
-    return flag == nullptr || std::string(flag) != "0";
-  }();
-  if (!enabled || !buffer.has_value() || buffer->nbytes() < kMinBytes) return;
-  const auto start = reinterpret_cast<uintptr_t>(buffer->data_ptr());
-  const uintptr_t begin = (start + kHuge - 1) & ~(kHuge - 1);
-  const uintptr_t end = (start + buffer->nbytes()) & ~(kHuge - 1);
-  if (end > begin) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);
-#else
-  (void)buffer;
-#endif
-}
-
 void* data_or_null(const std::optional<at::Tensor>& t) {
   return t.has_value() ? t->data_ptr() : nullptr;
 }
@@ -226,8 +171,8 @@ at::Tensor dense_kd_cpu(const at::Tensor& student, const at::Tensor& teacher,
 
   advise_huge_pages(grad_student);
   advise_huge_pages(grad_teacher);
-  const ElementType student_type = element_type(student, "student");
-  const ElementType teacher_type = element_type(teacher, "teacher");
+  const ElementType student_type = element_type(student, kOp, "student");
+  const ElementType teacher_type = element_type(teacher, kOp, "teacher");
   const DenseRowsFn rows_fn = select_rows_fn();
   if (params.target != nullptr) check_labels(params.target, n, vocab, ignore_index);
   // One parallel region; its tasks ignore their static ranges and drain the shared queue.

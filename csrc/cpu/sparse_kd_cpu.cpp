@@ -4,22 +4,16 @@
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
-#include <ATen/Version.h>
 #include <c10/util/Exception.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <cstdlib>
 #include <optional>
-#include <string>
 #include <vector>
 
-#if defined(__linux__)
-#include <sys/mman.h>
-#endif
-
+#include "cpu/cpu_host.h"
 #include "cpu/sparse_kd_cpu.h"
 
 namespace fastkd::cpu {
@@ -31,41 +25,13 @@ constexpr int64_t kElementsPerBlock = 1 << 16;
 // Inputs below this many elements stay on the calling thread.
 constexpr int64_t kMinElementsToSplit = 1 << 16;
 
-bool cpu_has_avx2_fma() {
-#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
-  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-         __builtin_cpu_supports("f16c");
-#else
-  return false;
-#endif
-}
-
 // AVX2 variant when compiled, supported by the CPU and allowed by ATen's capability (which
 // honours ATEN_CPU_CAPABILITY=default); the portable variant otherwise.
 SparseRowsFn select_rows_fn() {
-  static const SparseRowsFn fn = [] {
-    const std::string capability = at::get_cpu_capability();
-    const bool aten_allows = capability == "AVX2" || capability == "AVX512";
-    return (sparse_avx2_variant_compiled() && aten_allows && cpu_has_avx2_fma())
-               ? &sparse_kd_rows_avx2
-               : &sparse_kd_rows_default;
-  }();
+  static const SparseRowsFn fn = use_avx2_variant(sparse_avx2_variant_compiled())
+                                     ? &sparse_kd_rows_avx2
+                                     : &sparse_kd_rows_default;
   return fn;
-}
-
-ElementType floating_type(const at::Tensor& t, const char* name) {
-  switch (t.scalar_type()) {
-    case at::kFloat:
-      return ElementType::kFloat32;
-    case at::kBFloat16:
-      return ElementType::kBFloat16;
-    case at::kHalf:
-      return ElementType::kFloat16;
-    default:
-      TORCH_CHECK_TYPE(false, kOp, name, " must be float32, bfloat16 or float16, got ",
-                       t.scalar_type());
-  }
-  return ElementType::kFloat32;
 }
 
 // A CPU (rows, cols) tensor with contiguous columns (any row stride).
@@ -87,14 +53,14 @@ void check_tensors(const at::Tensor& student, const at::Tensor& logprobs,
                     student.dim(), " dimensions");
   const int64_t n = student.size(0), vocab = student.size(1);
   TORCH_CHECK_VALUE(vocab > 0 || n == 0, kOp, "student must have a non-empty vocabulary");
-  floating_type(student, "student");
+  element_type(student, kOp, "student");
   check_matrix(student, "student", n, vocab);
   TORCH_CHECK_VALUE(logprobs.dim() == 2, kOp, "topk_logprobs must be 2-D (N, k), got ",
                     logprobs.dim(), " dimensions");
   const int64_t k = logprobs.size(1);
   TORCH_CHECK_VALUE(n == 0 || (k >= 1 && k <= vocab), kOp, "topk_logprobs must hold 1 <= k",
                     " <= V = ", vocab, " entries per row, got k = ", k);
-  floating_type(logprobs, "topk_logprobs");
+  element_type(logprobs, kOp, "topk_logprobs");
   check_matrix(logprobs, "topk_logprobs", n, k);
   TORCH_CHECK_TYPE(indices.scalar_type() == at::kLong || indices.scalar_type() == at::kInt,
                    kOp, "topk_indices must be int64 or int32, got ", indices.scalar_type());
@@ -159,26 +125,6 @@ void check_row_indices(const SparseKDParams& p, const index_t* indices, bool any
   }
 }
 
-// A fresh gradient buffer's pages are first touched by the kernel: transparent huge pages
-// (where Linux allows them) make that much cheaper. FASTKD_CPU_HUGEPAGES=0 turns it off.
-void advise_huge_pages(const std::optional<at::Tensor>& buffer) {
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-  constexpr uintptr_t kHuge = uintptr_t{2} << 20;
-  constexpr size_t kMinBytes = size_t{16} << 20;
-  static const bool enabled = [] {
-    const char* flag = std::getenv("FASTKD_CPU_HUGEPAGES");
-    return flag == nullptr || std::string(flag) != "0";
-  }();
-  if (!enabled || !buffer.has_value() || buffer->nbytes() < kMinBytes) return;
-  const auto start = reinterpret_cast<uintptr_t>(buffer->data_ptr());
-  const uintptr_t begin = (start + kHuge - 1) & ~(kHuge - 1);
-  const uintptr_t end = (start + buffer->nbytes()) & ~(kHuge - 1);
-  if (end > begin) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);
-#else
-  (void)buffer;
-#endif
-}
-
 at::Tensor sparse_kd_cpu(const at::Tensor& student, const at::Tensor& logprobs,
                          const at::Tensor& indices, const std::optional<at::Tensor>& target,
                          const std::optional<at::Tensor>& grad_student,
@@ -208,8 +154,8 @@ at::Tensor sparse_kd_cpu(const at::Tensor& student, const at::Tensor& logprobs,
   p.grad_row_stride = grad_student.has_value() ? grad_student->stride(0) : 0;
   p.logprob_row_stride = logprobs.stride(0);
   p.index_row_stride = indices.stride(0);
-  p.student_type = floating_type(student, "student");
-  p.logprob_type = floating_type(logprobs, "topk_logprobs");
+  p.student_type = element_type(student, kOp, "student");
+  p.logprob_type = element_type(logprobs, kOp, "topk_logprobs");
   p.indices_int64 = indices.scalar_type() == at::kLong;
   p.temperature = static_cast<float>(temperature);
   p.ce_weight = static_cast<float>(ce_weight);

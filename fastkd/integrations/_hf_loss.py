@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import functools
-import inspect
 import logging
 import weakref
 from typing import Optional
@@ -31,10 +29,6 @@ LOSS_KEYWORDS = frozenset({"temperature", "alpha", "divergence", "beta", "scale_
                            "num_items_in_batch", "chunk_size", "backend"})
 #: Extra keywords of the top-k (offline) teacher.
 TOPK_KEYWORDS = frozenset({"tail", "teacher_temperature"})
-
-
-def _accepts(fn, name: str) -> bool:
-    return name in inspect.signature(fn).parameters
 
 
 def shift_labels(labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
@@ -97,38 +91,21 @@ def _run(model, input_ids, attention_mask, raise_on_dense: bool, role: str,
 _TEACHER_HEADS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def _teacher_head(plan: HeadPlan, rows: int, device, dtype):
-    """Teacher weight / bias rows [:rows] on the student's device (in `dtype` unless None);
-    copies (when the device or dtype differs) are cached while the weight is unchanged."""
+def _teacher_head(plan: HeadPlan, rows: int, device):
+    """Teacher weight / bias rows [:rows] on the student's device, in their own dtype (the
+    losses read each side in its own dtype); copies to another device are cached while the
+    weight is unchanged."""
     weight, bias = plan.weight.detach()[:rows], plan.bias
     bias = None if bias is None else bias.detach()[:rows]
-    if weight.device == device and (dtype is None or weight.dtype == dtype):
+    if weight.device == device:
         return weight, bias
-    key = (weight.data_ptr(), plan.weight._version, rows, device, dtype)
+    key = (weight.data_ptr(), plan.weight._version, rows, device)
     cached = _TEACHER_HEADS.get(plan.module)
     if cached is None or cached[0] != key:
-        moved = (weight.to(device=device, dtype=dtype or weight.dtype),
-                 None if bias is None else bias.to(device=device, dtype=dtype or bias.dtype))
+        moved = (weight.to(device), None if bias is None else bias.to(device))
         cached = (key, moved)
         _TEACHER_HEADS[plan.module] = cached
     return cached[1]
-
-
-@functools.cache
-def _mixed_dtypes(backend: str, device_type: str) -> bool:
-    """Whether this build's kernel for `backend` reads a bf16 teacher with an fp32 student.
-
-    Builds whose kernels need one dtype get the teacher's hidden states and head (or
-    logits) cast to the student's dtype instead (the teacher then loses nothing when it is
-    the wider dtype; a wider student reads a rounded teacher either way).
-    """
-    s = torch.zeros(1, 4, device=device_type)
-    t = torch.zeros(1, 4, dtype=torch.bfloat16, device=device_type)
-    try:
-        fastkd.distillation_loss(s, t, backend=backend)
-    except (TypeError, ValueError, RuntimeError):
-        return False
-    return True
 
 
 def causal_lm_distillation_loss(student: nn.Module, teacher: Optional[nn.Module],
@@ -233,13 +210,9 @@ def causal_lm_distillation_loss(student: nn.Module, teacher: Optional[nn.Module]
                            return_components, loss_keywords)
     with torch.no_grad():
         t_logits = teacher_side.full_logits(rows).to(device)
-    s_logits = student_side.full_logits()
-    backend = loss_keywords.get("backend", "auto")
-    if t_logits.dtype != s_logits.dtype and not _mixed_dtypes(backend, device.type):
-        t_logits = t_logits.to(s_logits.dtype)
     keywords = {k: v for k, v in loss_keywords.items() if k != "chunk_size"}
-    return _call(fastkd.distillation_loss, s_logits, t_logits, shifted_labels,
-                 return_components=return_components, **keywords)
+    return fastkd.distillation_loss(student_side.full_logits(), t_logits, shifted_labels,
+                                    return_components=return_components, **keywords)
 
 
 def _teacher_pass(teacher, input_ids, attention_mask, raise_on_dense, extra) -> _Side:
@@ -257,28 +230,6 @@ def _teacher_pass(teacher, input_ids, attention_mask, raise_on_dense, extra) -> 
                     raise_on_dense, "teacher", extra)
 
 
-_NO_TERMS: set = set()
-
-
-def _call(fn, *args, return_components: bool, **keywords):
-    """fn(..., return_components=...) where supported; else (loss, None, None)."""
-    key = (fn, keywords.get("backend", "auto"), args[0].device.type)
-    if _accepts(fn, "return_components") and key not in _NO_TERMS:
-        try:
-            return fn(*args, return_components=return_components, **keywords)
-        except TypeError as exc:
-            # a kernel backend of this build that predates the loss components (its
-            # signature has no `terms`): compute the loss alone (nothing ran yet)
-            if not return_components or "'terms'" not in str(exc):
-                raise
-            _NO_TERMS.add(key)
-            warn_once(("no-terms", fn.__name__),
-                      f"fastkd: {fn.__name__} cannot return loss components with this "
-                      f"backend ({exc}); ce / kd are not logged")
-    loss = fn(*args, **keywords)
-    return (loss, None, None) if return_components else loss
-
-
 def _scaled(plan: HeadPlan, hidden: torch.Tensor, weight: torch.Tensor, bias):
     """(hidden, bias) with the plan's logit scale folded in; hidden cast to the weight's
     dtype (autocast leaves hidden states in another dtype than the head)."""
@@ -294,15 +245,14 @@ def _fused_loss(student_side, teacher_side, rows, device, target, return_compone
     splan, tplan = student_side.plan, teacher_side.plan
     s_weight = splan.weight
     s_hidden, s_bias = _scaled(splan, student_side.hidden, s_weight, splan.bias)
-    mixed = _mixed_dtypes(keywords.get("backend", "auto"), device.type)
-    dtype = None if mixed else s_weight.dtype
-    t_weight, t_bias = _teacher_head(tplan, rows, device, dtype)
+    t_weight, t_bias = _teacher_head(tplan, rows, device)
     with torch.no_grad():
         t_hidden = teacher_side.hidden.to(device)
         t_hidden, t_bias = _scaled(tplan, t_hidden, t_weight, t_bias)
-    return _call(fastkd.fused_linear_distillation_loss, s_hidden, s_weight, t_hidden,
-                 t_weight, target.to(device), student_bias=s_bias, teacher_bias=t_bias,
-                 softcap=splan.softcap, return_components=return_components, **keywords)
+    return fastkd.fused_linear_distillation_loss(
+        s_hidden, s_weight, t_hidden, t_weight, target.to(device), student_bias=s_bias,
+        teacher_bias=t_bias, softcap=splan.softcap, return_components=return_components,
+        **keywords)
 
 
 def _offline_loss(student_side, target, logprobs, indices, return_components, keywords):
@@ -312,9 +262,10 @@ def _offline_loss(student_side, target, logprobs, indices, return_components, ke
                          "teacher_topk_indices")
     if student_side.hidden is None:
         keywords = {k: v for k, v in keywords.items() if k != "chunk_size"}
-        return _call(fastkd.sparse_distillation_loss, student_side.logits, logprobs, indices,
-                     target, return_components=return_components, **keywords)
+        return fastkd.sparse_distillation_loss(student_side.logits, logprobs, indices, target,
+                                               return_components=return_components,
+                                               **keywords)
     hidden, bias = _scaled(plan, student_side.hidden, plan.weight, plan.bias)
-    return _call(fastkd.fused_linear_sparse_distillation_loss, hidden, plan.weight, logprobs,
-                 indices, target, student_bias=bias, softcap=plan.softcap,
-                 return_components=return_components, **keywords)
+    return fastkd.fused_linear_sparse_distillation_loss(
+        hidden, plan.weight, logprobs, indices, target, student_bias=bias,
+        softcap=plan.softcap, return_components=return_components, **keywords)

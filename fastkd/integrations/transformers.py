@@ -224,7 +224,7 @@ class DistillationTrainer(Trainer):
         -------
         tuple
             ``(loss, ce, kd)``: float32 scalars; ``ce`` and ``kd`` are detached and
-            unweighted, or None on a kernel backend without loss components.
+            unweighted.
         """
         keywords = self.args.loss_keywords()
         if num_items_in_batch is not None:
@@ -305,7 +305,7 @@ class DistillationTrainer(Trainer):
         scale = self._dp_scale(num_items_in_batch)
         if scale != 1:
             loss = loss * scale
-        if model.training and ce is not None:
+        if model.training:
             # what training_step does to the loss, so the logs match the logged loss
             steps = 1 if num_items_in_batch is not None else \
                 self.args.gradient_accumulation_steps
@@ -330,11 +330,10 @@ class DistillationTrainer(Trainer):
         inputs = self._prepare_inputs(inputs)
         with torch.no_grad(), self.accelerator.autocast():
             loss, ce, kd = self.distillation_terms(model, inputs)
-        if ce is not None:
-            n = inputs["input_ids"].shape[0]
-            terms = torch.stack([ce * n, kd * n, torch.tensor(float(n), device=ce.device)])
-            terms = terms.float().to(self.args.device)
-            self._eval_terms = terms if self._eval_terms is None else self._eval_terms + terms
+        n = inputs["input_ids"].shape[0]
+        terms = torch.stack([ce * n, kd * n, torch.tensor(float(n), device=ce.device)])
+        terms = terms.float().to(self.args.device)
+        self._eval_terms = terms if self._eval_terms is None else self._eval_terms + terms
         return loss.detach(), None, None
 
     def evaluation_loop(self, *args, **kwargs):

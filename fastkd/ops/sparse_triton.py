@@ -18,17 +18,13 @@ from typing import Optional
 
 import torch
 
+from .triton_dense import KERNEL_DTYPES, LOG2E, _next_pow2
+
 #: Columns per chunk of the row sweeps; warps per program.
 BLOCK_V_MAX = 2048
 NUM_WARPS = 8
 #: Largest k: the k teacher entries are one register vector of next_pow2(k) elements.
 MAX_K = 16384
-LOG2E = 1.4426950408889634
-KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-
-
-def _next_pow2(x: int) -> int:
-    return 1 << max(0, int(x) - 1).bit_length()
 
 
 def _check_inputs(student, logprobs, indices, target, grad_student, terms) -> None:

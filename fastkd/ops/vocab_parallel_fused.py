@@ -19,19 +19,12 @@ the default is agreed with one all_reduce(MIN) of an int per call.
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Callable
 
 import torch
 import torch.distributed as dist
 
-from .fused_linear import default_chunk_rows
-
-
-def _linear(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]):
-    """(c, H) @ (V_local, H).T + (V_local,) -> (c, V_local) contiguous, in the input dtype."""
-    if bias is None:
-        return torch.mm(hidden, weight.t())
-    return torch.addmm(bias, hidden, weight.t())
+from .fused_linear import _accumulate, _linear, default_chunk_rows
 
 
 def agreed_chunk_rows(n: int, local_vocab: int, itemsize: int, device: torch.device,
@@ -81,15 +74,8 @@ def vocab_parallel_sweep(hidden, weight, bias, target, teacher, kernel: Callable
             continue
         if row_scale is not None:
             grad.mul_(row_scale[start:stop].unsqueeze(-1).to(grad.dtype))
-        if grad_h is not None:
-            grad_h[start:stop] = torch.mm(grad, weight)
-        if grad_w is not None:
-            if grad.dtype == acc:
-                grad_w.addmm_(grad.t(), h)
-            else:
-                grad_w.addmm_(grad.t().to(acc), h.to(acc))
-        if grad_b is not None:
-            grad_b.add_(grad.sum(0, dtype=acc))
+        _accumulate(grad, h, weight, None if grad_h is None else grad_h[start:stop], grad_w,
+                    grad_b)
     if grad_h is not None:
         dist.all_reduce(grad_h, op=dist.ReduceOp.SUM, group=group)
     return rows, grad_h, grad_w, grad_b

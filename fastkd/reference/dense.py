@@ -88,6 +88,24 @@ def _divergence_and_grads(divergence, beta, a_s, a_t, need_teacher):
     return d, grad_s, grad_t
 
 
+def _masked(x: torch.Tensor, valid) -> torch.Tensor:
+    """x with the ignored rows zeroed (`valid` (c, 1) bool, or None: every row counts)."""
+    return x if valid is None else torch.where(valid, x, 0.0)
+
+
+def store_chunk(start: int, stop: int, loss, ce_term, div_term, valid, rows, terms,
+                grad_student, d_zs, dcap_s) -> None:
+    """Writes one chunk's rows, its unweighted (CE, D) terms (when `terms` is given) and
+    its student gradient (times the softcap derivative `dcap_s`, when given); ignored rows
+    get zeros."""
+    rows[start:stop] = _masked(loss, valid)[:, 0]
+    if terms is not None:
+        terms[start:stop] = _masked(torch.cat([ce_term, div_term], dim=-1), valid)
+    if grad_student is not None:
+        d_zs = d_zs * dcap_s if dcap_s is not None else d_zs
+        grad_student[start:stop] = _masked(d_zs, valid)
+
+
 def _cross_entropy_and_grad(z, y, label_smoothing):
     """CE at temperature 1 with label smoothing (PyTorch's convention) and dCE/dz."""
     lse = torch.logsumexp(z, dim=-1, keepdim=True)
@@ -179,25 +197,9 @@ def dense_kd_rows(
                     loss = loss + ce_weight * ce_term
                     if d_zs is not None:
                         d_zs = d_zs + ce_weight * g_ce
-        if valid is not None:
-            loss = torch.where(valid, loss, 0.0)
-        rows[start:stop] = loss[:, 0]
-        if terms is not None:
-            if valid is not None:
-                ce_term = torch.where(valid, ce_term, 0.0)
-                div_term = torch.where(valid, div_term, 0.0)
-            terms[start:stop, 0] = ce_term[:, 0]
-            terms[start:stop, 1] = div_term[:, 0]
-        if grad_student is not None:
-            if dcap_s is not None:
-                d_zs = d_zs * dcap_s
-            if valid is not None:
-                d_zs = torch.where(valid, d_zs, 0.0)
-            grad_student[start:stop] = d_zs
+        store_chunk(start, stop, loss, ce_term, div_term, valid, rows, terms, grad_student,
+                    d_zs, dcap_s)
         if grad_teacher is not None:
-            if d_zt is None:
-                d_zt = torch.zeros_like(z_s)
-            if valid is not None:
-                d_zt = torch.where(valid, d_zt, 0.0)
-            grad_teacher[start:stop] = d_zt
+            d_zt = torch.zeros_like(z_s) if d_zt is None else d_zt
+            grad_teacher[start:stop] = _masked(d_zt, valid)
     return rows

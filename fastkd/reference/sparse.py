@@ -50,6 +50,7 @@ from .dense import (
     _capped,
     _cross_entropy_and_grad,
     _xlogy_diff,
+    store_chunk,
 )
 
 TAILS = ("bucket", "renormalize")
@@ -191,16 +192,5 @@ def sparse_kd_rows(
             loss = loss + ce_weight * ce
             if d_zs is not None and ce_weight != 0.0:
                 d_zs = d_zs + ce_weight * g_ce
-        if valid is not None:
-            loss = torch.where(valid, loss, 0.0)
-        rows[start:stop] = loss[:, 0]
-        if terms is not None:
-            both = torch.cat([ce, d], dim=-1)
-            terms[start:stop] = both if valid is None else torch.where(valid, both, 0.0)
-        if grad_student is not None:
-            if dcap_s is not None:
-                d_zs = d_zs * dcap_s
-            if valid is not None:
-                d_zs = torch.where(valid, d_zs, 0.0)
-            grad_student[start:stop] = d_zs
+        store_chunk(start, stop, loss, ce, d, valid, rows, terms, grad_student, d_zs, dcap_s)
     return rows

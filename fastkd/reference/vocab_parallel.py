@@ -28,7 +28,17 @@ from typing import Dict, Optional
 
 import torch
 
-from .dense import CHUNK_ELEMENTS, JSD, KL, REVERSE_KL, TVD, _capped, _xlogy_diff
+from .dense import (
+    CHUNK_ELEMENTS,
+    JSD,
+    KL,
+    REVERSE_KL,
+    TVD,
+    _capped,
+    _masked,
+    _xlogy_diff,
+    store_chunk,
+)
 
 
 def compute_dtype(*dtypes: torch.dtype) -> torch.dtype:
@@ -338,16 +348,9 @@ def shard_rows_and_grads(student, teacher, target, grad_student, grad_teacher, g
                     loss = loss + ce_weight * ce_term
                     if d_zs is not None:
                         d_zs = d_zs + ce_weight * g_ce
-        if valid is not None:
-            loss = torch.where(valid, loss, 0.0)
-        rows[start:stop] = loss[:, 0]
-        if want_terms:
-            both = torch.cat([ce_term, div_term], dim=-1)
-            terms[start:stop] = both if valid is None else torch.where(valid, both, 0.0)
-        if grad_student is not None:
-            d_zs = d_zs * dcap_s if dcap_s is not None else d_zs
-            grad_student[start:stop] = d_zs if valid is None else torch.where(valid, d_zs, 0.0)
+        store_chunk(start, stop, loss, ce_term, div_term, valid, rows, terms, grad_student,
+                    d_zs, dcap_s)
         if grad_teacher is not None:
             d_zt = torch.zeros_like(z_s) if d_zt is None else d_zt
-            grad_teacher[start:stop] = d_zt if valid is None else torch.where(valid, d_zt, 0.0)
+            grad_teacher[start:stop] = _masked(d_zt, valid)
     return rows

@@ -27,7 +27,7 @@ from typing import Dict
 
 import torch
 
-from .dense import CHUNK_ELEMENTS, _capped
+from .dense import CHUNK_ELEMENTS, _capped, store_chunk
 from .sparse import _category_divergence, _teacher_categories
 from .vocab_parallel import (
     _ce_rows_and_grad,
@@ -159,14 +159,8 @@ def sparse_shard_rows_and_grads(student, indices, target, grad_student, glob, te
                     loss = loss + ce_weight * ce_term
                     if d_z is not None:
                         d_z = d_z + ce_weight * g_ce
-            loss = torch.where(valid, loss, 0.0)
-        rows[start:stop] = loss[:, 0]
-        if terms is not None:
-            both = torch.cat([ce_term, div_term], dim=-1)
-            terms[start:stop] = both if valid is None else torch.where(valid, both, 0.0)
-        if grad_student is not None:
-            d_z = d_z * dcap if dcap is not None else d_z
-            grad_student[start:stop] = d_z if valid is None else torch.where(valid, d_z, 0.0)
+        store_chunk(start, stop, loss, ce_term, div_term, valid, rows, terms, grad_student,
+                    d_z, dcap)
     return rows
 
 
