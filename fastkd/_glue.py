@@ -4,6 +4,7 @@ chunked fused-linear driver of the dense and top-k lm-head losses."""
 
 from __future__ import annotations
 
+import math
 import sys
 
 import torch
@@ -61,10 +62,49 @@ def _with_components(loss, terms, valid, reduction, num_items_in_batch, lead_sha
     return loss, ce, div
 
 
-def _reduced(rows, terms, valid, reduction, num_items_in_batch, lead_shape):
+def host_reduction_weight(student, flat_target, ignore_index, reduction, num_items_in_batch):
+    """The factor the reduction applies to every row, when knowing it on the host is free
+    (CPU logits, eager mode); else None.
+
+    The kernels then fold it into their loss weights (`weighted_options`): the loss is the
+    plain sum of the rows they return and the gradient they write is already final, so the
+    backward's per-row rescale sees factors of exactly 1 in the usual ``loss.backward()`` and
+    skips its pass over `(N, V)` (`ops.dense.scale_rows_`). Elsewhere (a device sync) and
+    while compiling (a data-dependent value) the rows are reduced afterwards instead.
+    """
+    if reduction == "none" or student.device.type != "cpu" or torch.compiler.is_compiling():
+        return None
+    if reduction == "sum":
+        return 1.0
+    if isinstance(num_items_in_batch, torch.Tensor):
+        if num_items_in_batch.device.type != "cpu" or num_items_in_batch.numel() != 1:
+            return None
+        count = float(num_items_in_batch)
+    elif num_items_in_batch is not None:
+        count = float(num_items_in_batch)
+    elif flat_target is None:
+        count = float(max(math.prod(student.shape[:-1]), 1))
+    else:
+        count = float(max(int((flat_target != ignore_index).sum()), 1))
+    return 1.0 / count if 0.0 < count < float("inf") else None
+
+
+def weighted_options(options: tuple, weight) -> tuple:
+    """Kernel options (`kernel_options` order) with both loss weights times `weight`."""
+    if weight is None or weight == 1.0:
+        return options
+    return (options[0], options[1] * weight, options[2] * weight) + tuple(options[3:])
+
+
+def _reduced(rows, terms, valid, reduction, num_items_in_batch, lead_shape, weight=None):
     """The loss reduced from per-row values (N,), or `(loss, ce, divergence)` when the
-    per-row terms (N, 2) are given (None: the loss alone)."""
-    loss = reduce_rows(rows, valid, reduction, num_items_in_batch, lead_shape)
+    per-row terms (N, 2) are given (None: the loss alone). `weight`: the rows already carry
+    the reduction's factor (`host_reduction_weight`), so the loss is their sum; the terms
+    never do."""
+    if weight is None:
+        loss = reduce_rows(rows, valid, reduction, num_items_in_batch, lead_shape)
+    else:
+        loss = rows.sum()
     if terms is None:
         return loss
     return _with_components(loss, terms, valid, reduction, num_items_in_batch, lead_shape)

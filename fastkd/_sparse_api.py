@@ -20,7 +20,9 @@ from ._glue import (
     _fused_linear_loss,
     _reduced,
     _valid_count,
+    host_reduction_weight,
     kernel_options,
+    weighted_options,
 )
 from ._validation import check_chunk_size as _check_chunk_size
 from ._validation import (
@@ -281,14 +283,17 @@ def sparse_distillation_loss(
                          f"student_logits: its strides {tuple(student_logits.stride())} have "
                          "no view as rows with a contiguous last dimension, so the kernel "
                          "would read a copy. Pass inplace_backward=False.")
+    weight = host_reduction_weight(student, flat_target, ignore_index, reduction,
+                                   num_items_in_batch)
     with autocast_off(student.device):  # float32 arithmetic and result under autocast too
         rows = sparse_distillation_rows(
             student, _topk_rows(teacher_topk_logprobs, k, kernel),
-            _topk_rows(teacher_topk_indices, k, kernel), flat_target, kernel, options,
-            inplace_backward=inplace_backward, return_terms=return_components)
+            _topk_rows(teacher_topk_indices, k, kernel), flat_target, kernel,
+            weighted_options(options, weight), inplace_backward=inplace_backward,
+            return_terms=return_components)
         rows, terms = rows if return_components else (rows, None)
         valid = _valid_count(flat_target, ignore_index)
-        return _reduced(rows, terms, valid, reduction, num_items_in_batch, lead_shape)
+        return _reduced(rows, terms, valid, reduction, num_items_in_batch, lead_shape, weight)
 
 
 @fill_doc

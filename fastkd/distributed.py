@@ -25,7 +25,14 @@ import torch
 import torch.distributed as dist
 
 from ._dtensor import dtensor_distillation_loss, dtensor_fused_linear_distillation_loss
-from ._glue import _autocast_head, _flat_target, _valid_count, kernel_options
+from ._glue import (
+    _autocast_head,
+    _flat_target,
+    _valid_count,
+    host_reduction_weight,
+    kernel_options,
+    weighted_options,
+)
 from ._sparse_api import TOPK_MASS_TOLERANCE, _check_tail, _check_topk_shapes, _teacher_scale
 from ._validation import (
     check_chunk_size,
@@ -91,10 +98,13 @@ def _terms_buffer(n: int, dtypes: tuple, device, wanted: bool):
 
 
 def _finish(rows_or_total, terms, valid, reduction, num_items_in_batch, lead_shape,
-            summed: bool = False):
+            summed: bool = False, weight=None):
     """Reduces the loss (rows (N,), or an already summed scalar) and, with `terms`, the
-    unweighted components the same way: loss or (loss, ce, divergence)."""
-    if summed:
+    unweighted components the same way: loss or (loss, ce, divergence). `weight`: the rows
+    already carry the reduction's factor (`host_reduction_weight`): the loss is their sum."""
+    if weight is not None:
+        loss = rows_or_total.sum()
+    elif summed:
         loss = reduce_rows(rows_or_total.reshape(1), valid, reduction, num_items_in_batch,
                            lead_shape)
     else:
@@ -177,10 +187,12 @@ def vocab_parallel_distillation_loss(
     student = _flat_logits("student_logits_shard", student_logits_shard, inplace_backward)
     teacher = teacher_logits_shard.reshape(-1, local_vocab).contiguous()
     flat_target = _flat_target(target)
-    options = kernel_options(target is not None, temperature=temperature, alpha=alpha,
-                             divergence=divergence, beta=beta, scale_by_t2=scale_by_t2,
-                             ignore_index=ignore_index, label_smoothing=label_smoothing,
-                             softcap=softcap)
+    weight = host_reduction_weight(student, flat_target, ignore_index, reduction,
+                                   num_items_in_batch)
+    options = weighted_options(kernel_options(
+        target is not None, temperature=temperature, alpha=alpha, divergence=divergence,
+        beta=beta, scale_by_t2=scale_by_t2, ignore_index=ignore_index,
+        label_smoothing=label_smoothing, softcap=softcap), weight)
     terms = _terms_buffer(student.shape[0], (student.dtype, teacher.dtype), student.device,
                           return_components)
     kernel = functools.partial(vocab_parallel_kd_rows, vocab_start_index=vocab_start_index,
@@ -193,7 +205,8 @@ def vocab_parallel_distillation_loss(
     with autocast_off(student.device):
         rows = vocab_parallel_rows(student, teacher, call, True, inplace_backward)
     valid = _valid_count(flat_target, ignore_index)
-    return _finish(rows, terms, valid, reduction, num_items_in_batch, lead_shape)
+    return _finish(rows, terms, valid, reduction, num_items_in_batch, lead_shape,
+                   weight=weight)
 
 
 def _check_head_shard(prefix: str, hidden, weight, bias) -> None:
@@ -389,7 +402,9 @@ def vocab_parallel_sparse_distillation_loss(
         logprobs = logprobs.to(torch.promote_types(logprobs.dtype, torch.float32)) * scale
     indices = teacher_topk_indices.reshape(-1, k).to(torch.int64).contiguous()
     flat_target = _flat_target(target)
-    options = kernel_options(target is not None, **options_kw) + (tail == "renormalize",)
+    weight = host_reduction_weight(student, flat_target, ignore_index, reduction, num_items)
+    options = weighted_options(kernel_options(target is not None, **options_kw), weight) + (
+        tail == "renormalize",)
     terms = _terms_buffer(student.shape[0], (student.dtype,), student.device,
                           return_components)
     check = not torch.compiler.is_compiling()
@@ -402,4 +417,4 @@ def vocab_parallel_sparse_distillation_loss(
     with autocast_off(student.device):
         rows = vocab_parallel_rows(student, logprobs, call, False)
     valid = _valid_count(flat_target, ignore_index)
-    return _finish(rows, terms, valid, reduction, num_items, lead_shape)
+    return _finish(rows, terms, valid, reduction, num_items, lead_shape, weight=weight)

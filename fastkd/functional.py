@@ -24,8 +24,10 @@ from ._glue import (
     _reduced,
     _to_float64_if_any,
     _valid_count,
+    host_reduction_weight,
     kernel_options,
     loss_weights,  # noqa: F401  (part of this module's namespace for other modules)
+    weighted_options,
 )
 from ._sparse_api import (  # the top-k teacher losses, public from here
     fused_linear_sparse_distillation_loss,
@@ -128,13 +130,16 @@ def distillation_loss(
                              divergence=divergence, beta=beta, scale_by_t2=scale_by_t2,
                              ignore_index=ignore_index, label_smoothing=label_smoothing,
                              softcap=softcap)
-    out = dense_distillation_rows(student, teacher, flat_target, dense_kernel(name), options,
+    weight = host_reduction_weight(student, flat_target, ignore_index, reduction,
+                                   num_items_in_batch)
+    out = dense_distillation_rows(student, teacher, flat_target, dense_kernel(name),
+                                  weighted_options(options, weight),
                                   inplace_backward=inplace_backward,
                                   with_terms=return_components)
     rows, terms = out if return_components else (out, None)
     valid = _valid_count(flat_target, ignore_index)
     with autocast_off(rows.device):
-        return _reduced(rows, terms, valid, reduction, num_items_in_batch, lead_shape)
+        return _reduced(rows, terms, valid, reduction, num_items_in_batch, lead_shape, weight)
 
 
 # --- Large vocabularies: the lm-head fused in, logits chunk by chunk ----------------------------

@@ -5,8 +5,8 @@ it reads student/teacher logits `(N, V)` (each in its own dtype, any row stride,
 dimension contiguous) once per pass, writes the gradient of the per-row weighted loss into
 preallocated buffers during the forward pass, and returns the per-row loss `(N,)` in float32;
 with a `terms` buffer `(N, 2)` it also writes the unweighted CE and divergence of each row.
-Backward is then a per-row rescale by the incoming gradient: no second sweep over the logits
-and no `[N, V]` temporaries.
+Backward is then a per-row rescale by the incoming gradient (skipped when it is exactly 1,
+see `scale_rows_`): no second sweep over the logits and no `[N, V]` temporaries.
 
 Rows are read where they are (`rows_layout`): `(..., V)` logits whose last dimension is
 contiguous become a 2-D `(N, V)` view when their leading dimensions merge, else a 3-D
@@ -18,6 +18,7 @@ dimension is strided (or whose leading dimensions cannot be split that way) are 
 from __future__ import annotations
 
 import contextlib
+import functools
 from typing import Callable, Optional
 
 import torch
@@ -34,6 +35,46 @@ def consume_once(ctx) -> None:
         raise RuntimeError("fastkd: the distillation loss's backward can run only once per "
                            "forward (its fused gradient is scaled in place)")
     ctx.consumed = True
+
+
+@functools.cache
+def _cpu_gradient_cache():
+    """`torch.ops.fastkd.cpu_cached_empty` when the native extension is built, else None."""
+    try:
+        from .. import _C  # noqa: F401  (registers the op)
+    except ImportError:
+        return None
+    return getattr(torch.ops.fastkd, "cpu_cached_empty", None)
+
+
+def new_gradient(like: torch.Tensor) -> torch.Tensor:
+    """An uninitialised contiguous buffer of `like`'s shape and dtype for a fused gradient.
+
+    CPU buffers of 32 MiB or more come from the native gradient cache in eager mode: a
+    training step's gradient lands in the block the previous step freed, which is already
+    mapped, instead of in fresh memory the OS must fault in and zero every step
+    (csrc/cpu/gradient_cache.cpp; FASTKD_CPU_GRADIENT_CACHE_MB sets its limit, 0 turns it
+    off).
+    """
+    if like.device.type == "cpu" and not torch.compiler.is_compiling():
+        cached_empty = _cpu_gradient_cache()
+        if cached_empty is not None:
+            return cached_empty(list(like.shape), like.dtype)
+    return torch.empty(like.shape, dtype=like.dtype, device=like.device)
+
+
+def scale_rows_(grad: torch.Tensor, grad_rows: torch.Tensor) -> torch.Tensor:
+    """grad `(..., V)` times grad_rows `(...)` per row, in place.
+
+    The pass over `grad` is skipped when every factor is exactly 1: the usual
+    ``loss.backward()`` of a loss whose reduction weight the kernel already applied
+    (`fastkd._glue.host_reduction_weight`). Checked only for CPU tensors in eager mode,
+    where reading the factors costs no device sync and no graph break.
+    """
+    if (grad.device.type == "cpu" and not torch.compiler.is_compiling()
+            and bool((grad_rows == 1).all())):
+        return grad
+    return grad.mul_(grad_rows.reshape(grad.shape[:-1] + (1,)).to(grad.dtype))
 
 
 def autocast_off(device: torch.device):
@@ -149,10 +190,10 @@ class DenseDistillationFunction(torch.autograd.Function):
         if inplace_backward and need_student_grad:
             grad_student = student  # overwritten row by row after its last read
         elif need_student_grad:
-            grad_student = torch.empty_like(student)
+            grad_student = new_gradient(student)
         else:
             grad_student = None
-        grad_teacher = torch.empty_like(teacher) if need_teacher_grad else None
+        grad_teacher = new_gradient(teacher) if need_teacher_grad else None
         terms = _terms_buffer(student, teacher, with_terms)
         with autocast_off(student.device):
             rows = run_kernel(kernel, student, teacher, target, grad_student, grad_teacher,
@@ -169,7 +210,7 @@ class DenseDistillationFunction(torch.autograd.Function):
         grad_student, grad_teacher = ctx.saved_tensors
         for grad in (grad_student, grad_teacher):
             if grad is not None:
-                grad.mul_(grad_rows.reshape(grad.shape[:-1] + (1,)).to(grad.dtype))
+                scale_rows_(grad, grad_rows)
         return grad_student, grad_teacher, None, None, None, None, None, None, None
 
 

@@ -13,7 +13,7 @@ from typing import Callable, Optional
 
 import torch
 
-from .dense import consume_once, rows_layout
+from .dense import consume_once, new_gradient, rows_layout, scale_rows_
 
 
 def student_rows(student_logits: torch.Tensor):
@@ -46,7 +46,7 @@ class SparseDistillationFunction(torch.autograd.Function):
     def forward(ctx, student, topk_logprobs, topk_indices, target, kernel: Callable,
                 options: tuple, inplace_backward: bool, need_terms: bool):
         # In place: each row is overwritten by its gradient after its last read.
-        grad_student = student if inplace_backward else torch.empty_like(student)
+        grad_student = student if inplace_backward else new_gradient(student)
         terms = _terms_buffer(student) if need_terms else None
         rows = _run(kernel, student, topk_logprobs, topk_indices, target, grad_student,
                     options, terms)
@@ -60,8 +60,7 @@ class SparseDistillationFunction(torch.autograd.Function):
     def backward(ctx, grad_rows, grad_terms):
         consume_once(ctx)  # the fused gradient is scaled in place: one backward only
         (grad_student,) = ctx.saved_tensors
-        scale = grad_rows.reshape(grad_student.shape[:-1]).unsqueeze(-1)
-        grad_student = grad_student.mul_(scale.to(grad_student.dtype))
+        grad_student = scale_rows_(grad_student, grad_rows)
         return grad_student, None, None, None, None, None, None, None
 
 

@@ -40,6 +40,7 @@ from ..reference.vocab_parallel_sparse import (
     sparse_shard_stats,
     sparse_stat_names,
 )
+from .dense import new_gradient, scale_rows_
 
 
 def _all_gather_stacked(local: torch.Tensor, group) -> torch.Tensor:
@@ -170,10 +171,10 @@ class VocabParallelRowsFunction(torch.autograd.Function):
     def forward(ctx, student, teacher, call: Callable, need_student: bool,
                 need_teacher: bool, inplace_backward: bool):
         if need_student:
-            grad_student = student if inplace_backward else torch.empty_like(student)
+            grad_student = student if inplace_backward else new_gradient(student)
         else:
             grad_student = None
-        grad_teacher = torch.empty_like(teacher) if need_teacher else None
+        grad_teacher = new_gradient(teacher) if need_teacher else None
         rows = call(grad_student, grad_teacher)
         ctx.save_for_backward(grad_student, grad_teacher)
         return rows
@@ -184,8 +185,7 @@ class VocabParallelRowsFunction(torch.autograd.Function):
             raise RuntimeError("fastkd: the vocab-parallel loss's backward can run only once "
                                "per forward (its gradient is scaled in place)")
         ctx.consumed = True
-        scale = grad_rows.unsqueeze(-1)
-        grads = [None if g is None else g.mul_(scale.to(g.dtype)) for g in ctx.saved_tensors]
+        grads = [None if g is None else scale_rows_(g, grad_rows) for g in ctx.saved_tensors]
         return grads[0], grads[1], None, None, None, None
 
 
