@@ -9,7 +9,7 @@ TOOLS  := numpy triton pytest hypothesis pytest-benchmark scikit-learn tqdm ruff
           accelerate peft safetensors tokenizers
 NATIVE := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cpu/*.h)
 
-.PHONY: test demo bench lint cuda-check gpu-check gpu-wheels clean
+.PHONY: test demo bench cpu-roofline lint cuda-check gpu-check gpu-wheels clean
 
 $(VENV)/.tools:
 	test -x $(VPY) || $(PYTHON) -m venv $(VENV)
@@ -33,6 +33,12 @@ BENCH_ARGS ?= --plot
 bench: $(VENV)/.built
 	$(VPY) -c "import matplotlib" 2>/dev/null || $(PIP) install matplotlib
 	$(VPY) -m fastkd bench --out bench/results $(BENCH_ARGS)
+
+# The dense cpu kernel in a training loop (fresh gradient / inplace_backward) against the copy
+# roofline measured in the same run, N = 256..8192, V = 32000 (issue 15, item 2).
+cpu-roofline: $(VENV)/.built
+	$(VPY) -c "import matplotlib" 2>/dev/null || $(PIP) install matplotlib
+	$(VPY) -m bench.cpu_roofline --out bench/results/cpu-roofline $(ROOFLINE_ARGS)
 
 lint: $(VENV)/.tools
 	$(VENV)/bin/ruff check fastkd kernels tests bench scripts

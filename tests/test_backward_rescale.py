@@ -132,7 +132,7 @@ def test_topk_loss_and_gradient_with_the_weight_folded(backend, upstream, monkey
 
 # --- The CPU gradient cache (csrc/cpu/gradient_cache.cpp) -----------------------------------
 
-BIG = (320, 32768)  # 40 MiB of float32: above the cache's 32 MiB threshold
+BIG = (320, 32768)  # 40 MiB of float32: above the cache's 16 MiB threshold
 
 
 def test_gradient_cache_hands_a_freed_block_to_the_next_step():
@@ -149,7 +149,7 @@ def test_gradient_cache_hands_a_freed_block_to_the_next_step():
     assert cache.cpu_gradient_cache_bytes() >= like.nbytes
     again = new_gradient(like)
     assert again.data_ptr() == pointer and cache.cpu_gradient_cache_bytes() == 0
-    small = new_gradient(torch.empty(4, 32000))  # below the threshold: plain at::empty
+    small = new_gradient(torch.empty(64, 32000))  # 8 MiB, below the threshold: at::empty
     del again, small
     assert cache.cpu_gradient_cache_release() >= like.nbytes
     assert cache.cpu_gradient_cache_bytes() == 0

@@ -14,6 +14,7 @@ import torch
 from fastkd.bench import cli, models, providers, report, results_io, timing
 
 import fastkd
+from fastkd._dispatch import unavailable_reason
 
 EXPECTED_COLUMNS = [
     "loss", "provider", "mode", "dtype", "n", "v", "h_student", "h_teacher", "median_ms",
@@ -409,3 +410,29 @@ def test_presets_hold_the_issue_goals():
     assert {"liger", "cce"} <= set(gpu["fused_linear_distillation"].providers)
     assert gpu["sparse_distillation"].shapes == (providers.Shape(8192, 128256, k=64),)
     assert all(job.dtypes == bf16 and job.modes == ("fwd+bwd",) for job in gpu.values())
+
+
+def test_cpu_roofline_sweep_writes_rows_against_its_own_copy_probe(tmp_path, capsys):
+    """bench/cpu_roofline.py: one row per (variant, N) whose roofline % is 1.5 copies over
+    the step time, both measured in the run, plus the plot."""
+    from fastkd.bench import cpu_roofline
+
+    reason = unavailable_reason("cpu", torch.device("cpu"), torch.float32)
+    if reason is not None:
+        pytest.skip(reason)
+    assert cpu_roofline.main(["--n", "8,16", "--v", "300", "--reps", "2", "--warmup", "0",
+                              "--out", str(tmp_path)]) == 0
+    [csv_path] = tmp_path.glob("*.csv")
+    rows = list(csv.DictReader(open(csv_path)))
+    assert [(r["variant"], r["n"]) for r in rows] == [
+        ("fresh", "8"), ("inplace", "8"), ("fresh", "16"), ("inplace", "16")]
+    for r in rows:
+        step, copy = float(r["step_ms"]), float(r["copy_ms"])
+        assert step > 0 and copy > 0 and float(r["floor_ms"]) == pytest.approx(1.5 * copy,
+                                                                               abs=2e-3)
+        assert float(r["roofline_pct"]) == pytest.approx(100 * 1.5 * copy / step, rel=0.02,
+                                                         abs=0.1)
+        assert r["git_rev"] and r["device"] and r["timestamp"].endswith("Z")
+    printed = capsys.readouterr().out
+    assert "of roofline" in printed
+    assert list(tmp_path.glob("*.png")) or "matplotlib is not installed" in printed

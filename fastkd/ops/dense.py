@@ -50,7 +50,7 @@ def _cpu_gradient_cache():
 def new_gradient(like: torch.Tensor) -> torch.Tensor:
     """An uninitialised contiguous buffer of `like`'s shape and dtype for a fused gradient.
 
-    CPU buffers of 32 MiB or more come from the native gradient cache in eager mode: a
+    CPU buffers of 16 MiB or more come from the native gradient cache in eager mode: a
     training step's gradient lands in the block the previous step freed, which is already
     mapped, instead of in fresh memory the OS must fault in and zero every step
     (csrc/cpu/gradient_cache.cpp; FASTKD_CPU_GRADIENT_CACHE_MB sets its limit, 0 turns it
