@@ -94,6 +94,11 @@ def _timed(prepare: Callable[[InputSet], Callable[[], None]], s: InputSet):
             (after.ru_stime - before.ru_stime) * 1e3, after.ru_minflt - before.ru_minflt)
 
 
+def _figures(ms: float) -> float:
+    """Four significant figures (the timings' noise is far larger)."""
+    return float(f"{ms:.4g}")
+
+
 def sweep_one(n: int, v: int, reps: int, warmup: int, seed: int) -> List[dict]:
     """Rows of both variants at one N, steps and copies interleaved rep by rep."""
     set_bytes = 3 * n * v * 4
@@ -113,9 +118,9 @@ def sweep_one(n: int, v: int, reps: int, warmup: int, seed: int) -> List[dict]:
         wall = [x[0] for x in samples[name]]
         step_ms = statistics.median(wall)
         rows.append(dict(
-            variant=name, n=n, v=v, step_ms=round(step_ms, 3),
-            step_p20_ms=round(quantile(wall, 0.2), 3), step_p80_ms=round(quantile(wall, 0.8), 3),
-            copy_ms=round(copy_ms, 3), floor_ms=round(1.5 * copy_ms, 3),
+            variant=name, n=n, v=v, step_ms=_figures(step_ms),
+            step_p20_ms=_figures(quantile(wall, 0.2)), step_p80_ms=_figures(quantile(wall, 0.8)),
+            copy_ms=_figures(copy_ms), floor_ms=_figures(1.5 * copy_ms),
             roofline_pct=round(100 * 1.5 * copy_ms / step_ms, 1),
             user_ms=round(statistics.median(x[1] for x in samples[name]), 1),
             sys_ms=round(statistics.median(x[2] for x in samples[name]), 1),
