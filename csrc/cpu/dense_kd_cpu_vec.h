@@ -76,6 +76,24 @@ inline Vec keep_lanes(const Vec& v, int64_t n, float fill) {
   return n == kLanes ? v : Vec::set(Vec(fill), v, n);
 }
 
+// Lane-wise compares and selects. ATen's AVX-512 compare returns a lane mask that its blendv
+// turns back into a bit mask (two instructions more per select than the compare and blend
+// the hardware has), so the AVX-512 build keeps the bit mask (__mmask16) instead.
+#if defined(CPU_CAPABILITY_AVX512)
+using Mask = __mmask16;
+inline Mask greater(const Vec& a, const Vec& b) { return _mm512_cmp_ps_mask(a, b, _CMP_GT_OQ); }
+inline Mask greater_equal(const Vec& a, const Vec& b) {
+  return _mm512_cmp_ps_mask(a, b, _CMP_GE_OQ);
+}
+inline Vec select(Mask m, const Vec& a, const Vec& b) { return _mm512_mask_blend_ps(m, a, b); }
+#else
+using Mask = Vec;
+inline Mask greater(const Vec& a, const Vec& b) { return a > b; }
+inline Mask greater_equal(const Vec& a, const Vec& b) { return a >= b; }
+inline Vec select(const Mask& m, const Vec& a, const Vec& b) { return Vec::blendv(a, b, m); }
+#endif
+// select(m, a, b): b in the lanes where m holds, a elsewhere.
+
 #if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
 // Register-level primitives at this build's width (8 lanes AVX2, 16 lanes AVX-512), so that
 // fast_exp / fast_log below are written once for both. AVX-512 compares give a bit mask
@@ -209,7 +227,7 @@ inline void store_fence() {}
 
 // v where p > 0, else 0: drops the 0 * (+-inf) and NaN products of zero-probability columns.
 inline Vec where_positive(const Vec& p, const Vec& v) {
-  return Vec::blendv(Vec(0.f), v, p > Vec(0.f));
+  return select(greater(p, Vec(0.f)), Vec(0.f), v);
 }
 
 // JSD log-ratios (log(p_s / m), log(p_t / m)), m = beta p_t + (1 - beta) p_s, from the
@@ -222,13 +240,14 @@ inline Vec where_positive(const Vec& p, const Vec& v) {
 // one is 0 that side's ratio is -inf: callers mask both with where_positive.
 inline void jsd_log_ratios(const Vec& ps, const Vec& pt, const Vec& d, const Vec& beta,
                            const Vec& one_minus_beta, Vec& log_ratio_s, Vec& log_ratio_t) {
-  const Vec u = at::vec::minimum(ps, pt) / at::vec::maximum(ps, pt);
-  const Vec student_larger = ps >= pt;
-  const Vec lg = Vec(0.f) - fast_log(Vec::blendv(at::vec::fmadd(one_minus_beta, u, beta),
-                                                 at::vec::fmadd(beta, u, one_minus_beta),
-                                                 student_larger));
-  log_ratio_s = Vec::blendv(lg + d, lg, student_larger);
-  log_ratio_t = Vec::blendv(lg, lg - d, student_larger);
+  const Mask student_larger = greater_equal(ps, pt);  // false where either is NaN
+  // min / max, NaN where either is NaN (then the compare is false: ps / pt).
+  const Vec u = select(student_larger, ps, pt) / select(student_larger, pt, ps);
+  const Vec lg = Vec(0.f) - fast_log(select(student_larger,
+                                            at::vec::fmadd(one_minus_beta, u, beta),
+                                            at::vec::fmadd(beta, u, one_minus_beta)));
+  log_ratio_s = select(student_larger, lg + d, lg);
+  log_ratio_t = select(student_larger, lg, lg - d);
 }
 
 // Running argmax of a row's non-negative values, one candidate per lane. Column indices are
@@ -240,9 +259,9 @@ struct LaneArgmax {
   const Vec iota = Vec::arange(0.f, 1.f);
 
   FASTKD_INLINE void update(const Vec& v, int64_t j) {
-    const Vec better = v > best;
-    best = Vec::blendv(best, v, better);
-    column = Vec::blendv(column, iota + Vec(static_cast<float>(j)), better);
+    const Mask better = greater(v, best);
+    best = select(better, best, v);
+    column = select(better, column, iota + Vec(static_cast<float>(j)));
   }
 
   // The column of the largest value, clamped into [0, vocab).
@@ -261,7 +280,7 @@ struct LaneArgmax {
 // g = sign(d) / 2, the TVD subgradient (0 where d == 0).
 inline Vec half_sign(const Vec& d) {
   const Vec half(0.5f), zero(0.f);
-  return Vec::blendv(zero, half, d > zero) - Vec::blendv(zero, half, d < zero);
+  return select(greater(d, zero), zero, half) - select(greater(zero, d), zero, half);
 }
 
 }  // namespace CPU_CAPABILITY
