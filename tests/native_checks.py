@@ -183,16 +183,17 @@ def check_causal_shift_in_place(kernel, dtype, device="cpu", **options):
         assert torch.equal(logits[:, -1], original[:, -1]), "the last position was written"
 
 
-#: ATEN_CPU_CAPABILITY value -> the CPU kernel build it selects (what
-#: torch.ops.fastkd.cpu_kernel_variant reports), for the variants checked in a subprocess.
+#: The CPU kernel builds checked in subprocesses, named as ATEN_CPU_CAPABILITY takes them and
+#: torch.ops.fastkd.cpu_kernel_variant reports them (the test process itself runs the widest
+#: build the CPU allows: AVX-512 where present).
 CPU_VARIANTS = ("default", "avx2")
 _CAPABILITY_RANK = {"DEFAULT": 0, "AVX2": 1, "AVX512": 2}
 
 
 def cpu_variant_skip_reason(variant: str):
     """None when this machine can run the CPU kernel build `variant` ("default", "avx2",
-    "avx512"); else why not. ATen's own capability says what the CPU supports (it is AVX512
-    only with AVX-512 F/BW/VL/DQ, AVX2 only with AVX2 + FMA), lowered by any
+    "avx512"); else why not. ATen's own capability says what the CPU supports (AVX512 only
+    with AVX-512 VL/BW/DQ + FMA, AVX2 only with AVX2 + FMA), lowered by any
     ATEN_CPU_CAPABILITY this process runs under."""
     capability = torch.backends.cpu.get_cpu_capability()
     if _CAPABILITY_RANK.get(capability, 0) < _CAPABILITY_RANK[variant.upper()]:

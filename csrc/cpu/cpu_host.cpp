@@ -1,8 +1,6 @@
 // Host-side helpers shared by the CPU ops; see cpu_host.h.
 #include "cpu/cpu_host.h"
 
-#include "cpu/sparse_kd_cpu.h"
-
 #include <ATen/Version.h>
 #include <c10/util/Exception.h>
 
@@ -13,6 +11,8 @@
 #if defined(__linux__)
 #include <sys/mman.h>
 #endif
+
+#include "cpu/sparse_kd_cpu.h"  // the top-k kernel's compiled variants
 
 namespace fastkd::cpu {
 namespace {

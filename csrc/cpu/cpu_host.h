@@ -15,11 +15,12 @@ namespace fastkd::cpu {
 // The compiled builds of a row kernel (dense_kd_cpu_rows.h, sparse_kd_cpu_rows.h).
 enum class KernelVariant { kDefault, kAVX2, kAVX512 };
 
-// The variant a kernel runs, following ATen's own capability (at::get_cpu_capability(), which
-// honours ATEN_CPU_CAPABILITY=avx512 / avx2 / default and is AVX512 only on CPUs with
-// AVX-512 F/BW/VL/DQ): AVX-512 when it was compiled, ATen says AVX512 and the CPU has
-// AVX-512 F/BW/VL/DQ + FMA + F16C; else AVX2 when it was compiled, ATen says AVX2 or AVX512
-// and the CPU has AVX2 + FMA + F16C; the portable variant otherwise.
+// The variant a kernel runs, following ATen's own capability (at::get_cpu_capability(): AVX512
+// on CPUs with AVX-512 VL/BW/DQ + FMA, unless ATEN_CPU_CAPABILITY=avx2 / default lowers it;
+// that variable is not checked against the CPU, hence the checks here): AVX-512 when it was
+// compiled, ATen says AVX512 and the CPU has AVX-512 F/BW/VL/DQ + FMA + F16C; else AVX2 when
+// it was compiled, ATen says AVX2 or AVX512 and the CPU has AVX2 + FMA + F16C; the portable
+// variant otherwise.
 KernelVariant select_variant(bool avx2_compiled, bool avx512_compiled);
 
 // "default", "avx2" or "avx512".
