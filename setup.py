@@ -12,7 +12,11 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 
 # Sources compiled with extra instruction-set flags (x86-64 only); their kernels run only
 # after a run-time CPU check, so the extension still loads on older CPUs.
-ISA_FLAGS = {"_avx2.cpp": ["-mavx2", "-mfma", "-mf16c"]}
+ISA_FLAGS = {
+    "_avx2.cpp": ["-mavx2", "-mfma", "-mf16c"],
+    "_avx512.cpp": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx2", "-mfma",
+                    "-mf16c"],
+}
 X86 = platform.machine().lower() in ("x86_64", "amd64")
 
 

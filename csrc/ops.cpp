@@ -6,6 +6,8 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include "cpu/cpu_host.h"  // cpu_kernel_variant
+
 // `import fastkd._C` only needs the module to exist: loading the shared object runs the
 // static registrations below.
 extern "C" PyObject* PyInit__C(void) {
@@ -28,4 +30,8 @@ TORCH_LIBRARY(fastkd, m) {
       "Tensor(b!)? grad_teacher, float temperature, float ce_weight, float div_weight, "
       "int divergence, float beta, int ignore_index, float label_smoothing, float softcap, "
       "Tensor(c!)? terms=None) -> Tensor");
+  // The build of the CPU kernel of `op` ("dense_kd" or "sparse_kd") that runs in this
+  // process: "avx512", "avx2" or "default" (see csrc/cpu/cpu_host.h). No tensors: one kernel
+  // for every dispatch key.
+  m.def("cpu_kernel_variant(str op) -> str", &fastkd::cpu::cpu_kernel_variant);
 }

@@ -183,10 +183,43 @@ def check_causal_shift_in_place(kernel, dtype, device="cpu", **options):
         assert torch.equal(logits[:, -1], original[:, -1]), "the last position was written"
 
 
-def run_with_portable_kernel(script: str) -> subprocess.CompletedProcess:
+#: The CPU kernel builds checked in subprocesses, named as ATEN_CPU_CAPABILITY takes them and
+#: torch.ops.fastkd.cpu_kernel_variant reports them (the test process itself runs the widest
+#: build the CPU allows: AVX-512 where present).
+CPU_VARIANTS = ("default", "avx2")
+_CAPABILITY_RANK = {"DEFAULT": 0, "AVX2": 1, "AVX512": 2}
+
+
+def cpu_variant_skip_reason(variant: str):
+    """None when this machine can run the CPU kernel build `variant` ("default", "avx2",
+    "avx512"); else why not. ATen's own capability says what the CPU supports (AVX512 only
+    with AVX-512 VL/BW/DQ + FMA, AVX2 only with AVX2 + FMA), lowered by any
+    ATEN_CPU_CAPABILITY this process runs under."""
+    capability = torch.backends.cpu.get_cpu_capability()
+    if _CAPABILITY_RANK.get(capability, 0) < _CAPABILITY_RANK[variant.upper()]:
+        return (f"ATen's CPU capability here is {capability}: this CPU (or the "
+                f"ATEN_CPU_CAPABILITY of this run) does not allow the {variant} kernel build")
+    return None
+
+
+_VARIANT_PRELUDE = """
+import sys, torch
+sys.path.insert(0, {tests!r})
+import fastkd.ops.native, fastkd.ops.sparse_native
+for _op in ("dense_kd", "sparse_kd"):
+    _got = torch.ops.fastkd.cpu_kernel_variant(_op)
+    assert _got == {variant!r}, f"{{_op}} runs the {{_got}} build, expected {variant!r}"
+"""
+
+
+def run_with_cpu_variant(script: str, variant: str) -> subprocess.CompletedProcess:
     """Runs `script` (a template whose ``{tests}`` is this folder) in a fresh Python with
-    ATEN_CPU_CAPABILITY=default, which selects the CPU kernel built without AVX2 flags."""
+    ATEN_CPU_CAPABILITY=`variant`, which selects that build of the CPU kernels ("default":
+    the portable one, "avx2"), after checking there that both the dense and the top-k kernel
+    run it (an AssertionError, so a non-zero return code, otherwise)."""
     tests_dir = os.path.dirname(os.path.abspath(__file__))
-    env = dict(os.environ, ATEN_CPU_CAPABILITY="default")
-    return subprocess.run([sys.executable, "-c", script.format(tests=tests_dir)], env=env,
-                          capture_output=True, text=True, timeout=600)
+    code = _VARIANT_PRELUDE.format(tests=tests_dir, variant=variant) + \
+        script.format(tests=tests_dir)
+    env = dict(os.environ, ATEN_CPU_CAPABILITY=variant)
+    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                          text=True, timeout=600)

@@ -4,8 +4,9 @@ Raw op calls are checked row by row (loss rows and d sum(rows) / d logits, gradi
 poisoned with NaN first); the public API `fastkd.distillation_loss(..., backend="cpu")` end to
 end, under torch.compile(fullgraph=True) too. Tolerances (docs/semantics.md §10): float32
 within 1e-5 (max-norm relative) of the oracle; bf16 / fp16 within twice the error of the same-dtype
-eager formula, and also within the rounding of the float32 result to the input dtype. The
-portable (non-AVX2) kernel variant is checked in a subprocess with ATEN_CPU_CAPABILITY=default.
+eager formula, and also within the rounding of the float32 result to the input dtype. This
+process runs the widest kernel build the CPU allows (AVX-512 on CPUs that have it); the
+portable and AVX2 builds are checked in subprocesses with ATEN_CPU_CAPABILITY=default / avx2.
 """
 
 from __future__ import annotations
@@ -52,10 +53,12 @@ def test_divergences_and_vocab_sizes(divergence, beta, vocab):
              label_smoothing=0.1)
 
 
+@pytest.mark.parametrize("vocab", [32000, 31999])
 @pytest.mark.parametrize("divergence,beta", DIVERGENCE_CASES, ids=DIVERGENCE_IDS)
-def test_llm_vocabulary(divergence, beta):
-    """V = 32000 (a Llama-2 vocabulary): long rows, several rows per thread."""
-    student, teacher, target = inputs(3, 32000, seed=11)
+def test_llm_vocabulary(divergence, beta, vocab):
+    """V = 32000 (a Llama-2 vocabulary) and 31999 (a partial last vector): long rows, several
+    rows per thread."""
+    student, teacher, target = inputs(3, vocab, seed=11)
     check_op(student, teacher, target, divergence=divergence, beta=beta, label_smoothing=0.05)
 
 
@@ -359,9 +362,7 @@ def test_torch_compile_forward_only_and_teacher_only():
     assert_close(t.grad, ref_gt, what="teacher grad")
 
 
-PORTABLE_CHECK = """
-import torch, sys
-sys.path.insert(0, {tests!r})
+VARIANT_CHECK = """
 from test_cpu_dense import check_op, inputs, DIVERGENCE_CASES
 for divergence, beta in DIVERGENCE_CASES:
     for dtype in (torch.float32, torch.bfloat16):
@@ -372,11 +373,28 @@ for divergence, beta in DIVERGENCE_CASES:
 import kernel_checks
 from test_cpu_dense import run_op
 kernel_checks.check_jsd_near_one_hot(run_op, inputs)
-print("portable-ok")
+print("variant-ok")
 """
 
 
-def test_portable_kernel_variant():
-    """ATEN_CPU_CAPABILITY=default selects the kernel built without AVX2 flags."""
-    result = native_checks.run_with_portable_kernel(PORTABLE_CHECK)
-    assert result.returncode == 0 and "portable-ok" in result.stdout, result.stderr[-3000:]
+@pytest.mark.parametrize("variant", native_checks.CPU_VARIANTS)
+def test_other_kernel_variants(variant):
+    """ATEN_CPU_CAPABILITY=default / avx2 selects the portable / AVX2 build of the kernel
+    (checked in the subprocess), which passes the same checks."""
+    reason = native_checks.cpu_variant_skip_reason(variant)
+    if reason is not None:
+        pytest.skip(reason)
+    result = native_checks.run_with_cpu_variant(VARIANT_CHECK, variant)
+    assert result.returncode == 0 and "variant-ok" in result.stdout, result.stderr[-3000:]
+
+
+def test_widest_kernel_variant_runs():
+    """On a CPU with AVX-512 (ATen's capability AVX512) both CPU kernels run their AVX-512
+    build; the op names the build that runs."""
+    reason = native_checks.cpu_variant_skip_reason("avx512")
+    if reason is not None:
+        pytest.skip(reason)
+    assert native.cpu_kernel_variant("dense_kd") == "avx512"
+    assert native.cpu_kernel_variant("sparse_kd") == "avx512"
+    with pytest.raises(ValueError, match="dense_kd"):
+        native.cpu_kernel_variant("dense")

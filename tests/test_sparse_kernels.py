@@ -19,6 +19,7 @@ import os
 import subprocess
 import sys
 
+import native_checks
 import pytest
 import torch
 import torch.nn.functional as F
@@ -293,19 +294,38 @@ def test_llm_vocabulary(backend):
     check(backend, student, logprobs, indices, target, divergence="kl", label_smoothing=0.1)
 
 
+def test_large_gradient_buffer():
+    """A gradient of >= 16 MiB is written with streaming stores (rows that start on a vector
+    boundary only: with V = 32771, one row in 16 at 64 bytes, one in 8 at 32 bytes), and the
+    last vector of every row is partial."""
+    student, logprobs, indices, target = make(n=130, vocab=32771, k=32, seed=29, ignore=0.1)
+    assert student.numel() * 4 >= 16 << 20
+    check("cpu", student, logprobs, indices, target, divergence="kl", label_smoothing=0.1)
+
+
+VARIANT_CHECK = """
+import test_sparse_kernels as t
+for d in t.DIVERGENCES:
+    for tail in t.TAILS:
+        t.check('cpu', *t.make(seed=3), divergence=d, tail=tail, softcap=4.0)
+t.test_top_k_holding_nearly_all_mass('cpu')
+t.test_low_precision_students('cpu', t.torch.bfloat16)
+t.test_llm_vocabulary('cpu')
+t.test_large_gradient_buffer()
+print("variant-ok")
+"""
+
+
 @pytest.mark.skipif(NATIVE is None, reason=f"no fused CPU kernel: {NATIVE_REASON}")
-def test_portable_cpu_variant():
-    """The non-AVX2 build of the C++ kernel (ATEN_CPU_CAPABILITY=default) in a subprocess."""
-    code = ("import test_sparse_kernels as t\n"
-            "for d in t.DIVERGENCES:\n"
-            "    for tail in t.TAILS:\n"
-            "        t.check('cpu', *t.make(seed=3), divergence=d, tail=tail, softcap=4.0)\n"
-            "t.test_top_k_holding_nearly_all_mass('cpu')\n"
-            "t.test_low_precision_students('cpu', t.torch.bfloat16)\n")
-    env = dict(os.environ, ATEN_CPU_CAPABILITY="default")
-    done = subprocess.run([sys.executable, "-c", code], cwd=os.path.dirname(__file__), env=env,
-                          capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
+@pytest.mark.parametrize("variant", native_checks.CPU_VARIANTS)
+def test_other_cpu_variants(variant):
+    """The portable and AVX2 builds of the C++ kernel (ATEN_CPU_CAPABILITY=default / avx2) in
+    a subprocess; this process runs the widest build the CPU allows (AVX-512 where present)."""
+    reason = native_checks.cpu_variant_skip_reason(variant)
+    if reason is not None:
+        pytest.skip(reason)
+    done = native_checks.run_with_cpu_variant(VARIANT_CHECK, variant)
+    assert done.returncode == 0 and "variant-ok" in done.stdout, done.stderr[-3000:]
 
 
 def _op_args(student, logprobs, indices, target, grad, terms):

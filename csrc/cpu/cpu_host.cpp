@@ -12,6 +12,8 @@
 #include <sys/mman.h>
 #endif
 
+#include "cpu/sparse_kd_cpu.h"  // the top-k kernel's compiled variants
+
 namespace fastkd::cpu {
 namespace {
 
@@ -24,12 +26,45 @@ bool cpu_has_avx2_fma() {
 #endif
 }
 
+bool cpu_has_avx512() {
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+  return cpu_has_avx2_fma() && __builtin_cpu_supports("avx512f") &&
+         __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
+         __builtin_cpu_supports("avx512dq");
+#else
+  return false;
+#endif
+}
+
 }  // namespace
 
-bool use_avx2_variant(bool compiled) {
+KernelVariant select_variant(bool avx2_compiled, bool avx512_compiled) {
   const std::string capability = at::get_cpu_capability();
-  const bool aten_allows = capability == "AVX2" || capability == "AVX512";
-  return compiled && aten_allows && cpu_has_avx2_fma();
+  if (avx512_compiled && capability == "AVX512" && cpu_has_avx512()) {
+    return KernelVariant::kAVX512;
+  }
+  if (avx2_compiled && (capability == "AVX2" || capability == "AVX512") && cpu_has_avx2_fma()) {
+    return KernelVariant::kAVX2;
+  }
+  return KernelVariant::kDefault;
+}
+
+const char* variant_name(KernelVariant variant) {
+  switch (variant) {
+    case KernelVariant::kAVX512: return "avx512";
+    case KernelVariant::kAVX2: return "avx2";
+    default: return "default";
+  }
+}
+
+std::string cpu_kernel_variant(const std::string& op) {
+  if (op == "dense_kd") {
+    return variant_name(select_variant(avx2_variant_compiled(), avx512_variant_compiled()));
+  }
+  TORCH_CHECK_VALUE(op == "sparse_kd", "fastkd::cpu_kernel_variant: op must be \"dense_kd\" or "
+                    "\"sparse_kd\", got \"", op, "\"");
+  return variant_name(
+      select_variant(sparse_avx2_variant_compiled(), sparse_avx512_variant_compiled()));
 }
 
 ElementType element_type(const at::Tensor& t, const char* op, const char* name) {

@@ -1,5 +1,5 @@
 // CPU implementation of fastkd::dense_kd: argument checks, choice of the compiled kernel
-// variant (AVX2 or portable), one at::parallel_for over rows.
+// variant (AVX-512, AVX2 or portable), one at::parallel_for over rows.
 //
 // Student and teacher may have different dtypes (fp32 / bf16 / fp16 each); each gradient is
 // written in its own input's dtype. Every (N, V) tensor needs only a unit column stride: its
@@ -26,11 +26,15 @@ constexpr int64_t kElementsPerBlock = 1 << 16;
 // Inputs below this many elements stay on the calling thread.
 constexpr int64_t kMinElementsToSplit = 1 << 16;
 
-// AVX2 variant when it was compiled, the CPU has it, and ATen's own capability (which
-// honours ATEN_CPU_CAPABILITY=default) allows it; the portable variant otherwise.
+// The variant select_variant picks (cpu_host.h), chosen once per process.
 DenseRowsFn select_rows_fn() {
-  static const DenseRowsFn fn =
-      use_avx2_variant(avx2_variant_compiled()) ? &dense_kd_rows_avx2 : &dense_kd_rows_default;
+  static const DenseRowsFn fn = [] {
+    switch (select_variant(avx2_variant_compiled(), avx512_variant_compiled())) {
+      case KernelVariant::kAVX512: return &dense_kd_rows_avx512;
+      case KernelVariant::kAVX2: return &dense_kd_rows_avx2;
+      default: return &dense_kd_rows_default;
+    }
+  }();
   return fn;
 }
 

@@ -1,7 +1,8 @@
 // Entry points of the fused CPU distillation kernel, one per compiled CPU capability.
 //
-// The row kernel (dense_kd_cpu_rows.h) is compiled twice: for the baseline x86-64 / any CPU
-// (dense_kd_cpu_default.cpp) and for AVX2 + FMA + F16C (dense_kd_cpu_avx2.cpp).
+// The row kernel (dense_kd_cpu_rows.h) is compiled three times: for the baseline x86-64 / any
+// CPU (dense_kd_cpu_default.cpp), for AVX2 + FMA + F16C (dense_kd_cpu_avx2.cpp) and for
+// AVX-512 F/BW/VL/DQ + FMA + F16C (dense_kd_cpu_avx512.cpp).
 // dense_kd_cpu.cpp picks one at run time and calls it from inside at::parallel_for.
 // No torch types here, only the plain parameter block.
 #pragma once
@@ -48,5 +49,10 @@ void dense_kd_rows_default(const DenseKDParams& params, ElementType student,
 bool avx2_variant_compiled();
 void dense_kd_rows_avx2(const DenseKDParams& params, ElementType student, ElementType teacher,
                         RowQueue& queue);
+
+// false when the compiler could not build the AVX-512 variant (then it must not be called).
+bool avx512_variant_compiled();
+void dense_kd_rows_avx512(const DenseKDParams& params, ElementType student,
+                          ElementType teacher, RowQueue& queue);
 
 }  // namespace fastkd::cpu

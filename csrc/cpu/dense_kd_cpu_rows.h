@@ -357,7 +357,7 @@ class RowKernel {
   }
 
   bool streamable(const float* dst, bool direct) const {
-    return direct && stream_outputs_ && reinterpret_cast<uintptr_t>(dst) % 32 == 0;
+    return direct && stream_outputs_ && reinterpret_cast<uintptr_t>(dst) % kStreamAlign == 0;
   }
 
   // Sweep C: d rows / d z for the student and / or the teacher:

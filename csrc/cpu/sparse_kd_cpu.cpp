@@ -1,5 +1,5 @@
 // CPU implementation of fastkd::sparse_kd: argument checks, the index / label range check of
-// the rows that are read, choice of the compiled kernel variant (AVX2 or portable), one
+// the rows that are read, choice of the compiled kernel variant (AVX-512, AVX2 or portable), one
 // at::parallel_for over rows.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -25,12 +25,15 @@ constexpr int64_t kElementsPerBlock = 1 << 16;
 // Inputs below this many elements stay on the calling thread.
 constexpr int64_t kMinElementsToSplit = 1 << 16;
 
-// AVX2 variant when compiled, supported by the CPU and allowed by ATen's capability (which
-// honours ATEN_CPU_CAPABILITY=default); the portable variant otherwise.
+// The variant select_variant picks (cpu_host.h), chosen once per process.
 SparseRowsFn select_rows_fn() {
-  static const SparseRowsFn fn = use_avx2_variant(sparse_avx2_variant_compiled())
-                                     ? &sparse_kd_rows_avx2
-                                     : &sparse_kd_rows_default;
+  static const SparseRowsFn fn = [] {
+    switch (select_variant(sparse_avx2_variant_compiled(), sparse_avx512_variant_compiled())) {
+      case KernelVariant::kAVX512: return &sparse_kd_rows_avx512;
+      case KernelVariant::kAVX2: return &sparse_kd_rows_avx2;
+      default: return &sparse_kd_rows_default;
+    }
+  }();
   return fn;
 }
 

@@ -1,5 +1,5 @@
 // Fused CPU kernel of the top-k (offline) teacher distillation loss: parameter block and the
-// entry points of its compiled variants (AVX2 + FMA + F16C, and portable).
+// entry points of its compiled variants (AVX-512, AVX2 + FMA + F16C, and portable).
 //
 // Contract: fastkd.reference.sparse.sparse_kd_rows. No torch types here.
 #pragma once
@@ -47,5 +47,9 @@ void sparse_kd_rows_default(const SparseKDParams& params, RowQueue& queue);
 // false when the compiler could not build the AVX2 variant (then it must not be called).
 bool sparse_avx2_variant_compiled();
 void sparse_kd_rows_avx2(const SparseKDParams& params, RowQueue& queue);
+
+// false when the compiler could not build the AVX-512 variant (then it must not be called).
+bool sparse_avx512_variant_compiled();
+void sparse_kd_rows_avx512(const SparseKDParams& params, RowQueue& queue);
 
 }  // namespace fastkd::cpu

@@ -107,3 +107,14 @@ def dense_kd_native(
     # as it does with a gradient buffer.
     return torch.ops.fastkd.dense_kd(student, teacher, target, grad_student, grad_teacher,
                                      *options, terms)
+
+
+def cpu_kernel_variant(op: str = "dense_kd") -> str:
+    """The build of the fused CPU kernel of `op` ("dense_kd" or "sparse_kd") that runs in this
+    process: "avx512", "avx2" or "default" (portable).
+
+    The widest build that was compiled, that the CPU supports and that ATen's CPU capability
+    allows; ``ATEN_CPU_CAPABILITY=avx2`` or ``=default`` (set before torch is imported)
+    selects a narrower one.
+    """
+    return torch.ops.fastkd.cpu_kernel_variant(op)
