@@ -390,7 +390,12 @@ class RowKernel {
     const float label_weight = p_.ce_weight * (1.f - eps);
     const int64_t label_block = label >= 0 ? label - label % kLanes : -1;
     const int64_t full = full_, rest = rest_;
-    const bool stream_s = streamable(dst_s, kIsFloat), stream_t = streamable(dst_t, direct_t);
+    // An in-place gradient overwrites lines this row has just read, still in cache: plain
+    // stores hit them, while a streaming store would first have to evict each one (measured:
+    // the in-place step went from 5% slower than a fresh gradient to 3-5% faster).
+    const bool in_place = static_cast<const void*>(dst_s) == static_cast<const void*>(s_.logits);
+    const bool stream_s = streamable(dst_s, kIsFloat) && !in_place;
+    const bool stream_t = streamable(dst_t, direct_t);
     auto step = [&](int64_t j, int64_t n) FASTKD_INLINE {
       const Vec es = Vec::loadu(es_buf + j);
       const Vec ps = es * inv_s;

@@ -382,8 +382,10 @@ class SparseRowKernel {
     const Vec ce_scale(ce_scale_f), ce_shift(ce_shift_f);
     const float label_weight = p_.ce_weight * (1.f - eps);
     const int64_t label_block = label >= 0 ? label - label % kLanes : -1;
-    const bool stream =
-        kIsFloat && stream_ && reinterpret_cast<uintptr_t>(dst) % kStreamAlign == 0;
+    // In place (out == the row read): plain stores hit the lines just read (see the dense
+    // kernel's write_grads).
+    const bool stream = kIsFloat && stream_ && static_cast<const void*>(out) != r.logits &&
+                        reinterpret_cast<uintptr_t>(dst) % kStreamAlign == 0;
     auto step = [&](int64_t j, int64_t n) FASTKD_INLINE {
       const Vec e = Vec::loadu(e_buf + j);
       Vec g = e * e_coef;
