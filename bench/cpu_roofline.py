@@ -16,8 +16,9 @@ machine load: the median time of ``dst.copy_(src)`` on one (N, V) float32 tensor
 2 N V x 4 bytes. The loss must read student and teacher and write one gradient, 3 N V x 4
 bytes, so its floor is 1.5 copies and ``roofline_pct = 100 * 1.5 * copy_ms / step_ms``.
 Inputs (and the copy's sources) rotate among enough sets to exceed twice the last-level cache,
-so no step finds its inputs in cache. Per step, ``getrusage`` also gives the user and system
-CPU time and the minor page faults (the cost of fresh memory, see docs/cpu_kernel.md).
+call by call, so no step or copy finds its inputs in cache. Per step, ``getrusage`` also gives
+the user and system CPU time and the minor page faults (the cost of fresh memory, see
+docs/cpu_kernel.md).
 
 Writes ``<out>/<device-slug>.csv`` (appending) and, with matplotlib, ``<out>/<device-slug>.png``
 (`make cpu-roofline` installs it).
@@ -106,10 +107,12 @@ def sweep_one(n: int, v: int, reps: int, warmup: int, seed: int) -> List[dict]:
             for i in range(rotation_count(set_bytes, last_level_cache_bytes()))]
     variants = {"fresh": _fresh_step, "inplace": _inplace_step}
     samples = {name: [] for name in (*variants, "copy")}
+    calls = 0
     for rep in range(warmup + reps):
-        s = sets[rep % len(sets)]
         for name, prepare in (*variants.items(), ("copy", _copy_step)):
-            result = _timed(prepare, s)
+            # Every call takes the next set, so none finds what the previous call read.
+            result = _timed(prepare, sets[calls % len(sets)])
+            calls += 1
             if rep >= warmup:
                 samples[name].append(result)
     copy_ms = statistics.median(x[0] for x in samples["copy"])

@@ -36,6 +36,25 @@ class RowQueue {
   const int64_t n_rows_, block_;
 };
 
+// Calls visit(row, next_row) for every row this thread takes from `queue`, where next_row is
+// the row it computes after this one (-1 after its last). The next block is claimed before
+// the current one is done, so the row kernels know the following row at a block's end too and
+// can prefetch it while they compute (at most one extra block per thread at the end).
+template <typename Visit>
+void for_each_row(RowQueue& queue, Visit&& visit) {
+  int64_t begin = 0, end = 0, next_begin = 0, next_end = 0;
+  bool have = queue.next(begin, end);
+  while (have) {
+    const bool more = queue.next(next_begin, next_end);
+    for (int64_t row = begin; row < end; ++row) {
+      visit(row, row + 1 < end ? row + 1 : (more ? next_begin : -1));
+    }
+    begin = next_begin;
+    end = next_end;
+    have = more;
+  }
+}
+
 // Computes rows taken from `queue` until it is empty: params.rows[r] and, when the pointers
 // are set, the gradient rows and the terms. Labels must already be validated (in [0, V) or
 // ignore_index). `student` / `teacher`: the dtypes of the two sides (and their gradients).

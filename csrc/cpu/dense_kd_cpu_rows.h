@@ -71,7 +71,13 @@ class RowKernel {
     teacher_input_ = scratch.slot(RowScratch::kTeacherInput);
   }
 
-  void run(int64_t row) {
+  // next_row: the row this thread computes next (-1: none), prefetched during sweep B.
+  void run(int64_t row, int64_t next_row) {
+    const int64_t ahead = next_row >= 0 ? next_row : row;
+    ahead_s_ = reinterpret_cast<const char*>(static_cast<const scalar_t*>(p_.student) +
+                                             ahead * p_.student_row_stride);
+    ahead_t_ = static_cast<const char*>(p_.teacher) +
+               ahead * p_.teacher_row_stride * teacher_bytes_;
     const int64_t label = p_.target != nullptr ? p_.target[row] : 0;
     if ((p_.target != nullptr && label == p_.ignore_index) || !(eval_ce_ || eval_div_)) {
       write_zero_row(row);
@@ -196,7 +202,13 @@ class RowKernel {
     float* const eq_buf = eq_;
     Vec sum_s(0.f), sum_t(0.f), sum_q(0.f), cross(0.f), shifted_sum(0.f);
     LaneArgmax arg_s, arg_t;  // jsd only
+    const char* const ahead_s = ahead_s_;
+    const char* const ahead_t = ahead_t_;
+    const int64_t teacher_bytes = teacher_bytes_;
     auto step = [&](int64_t j, int64_t n) FASTKD_INLINE {
+      // Sweep A of the next row then reads from L2: its memory traffic overlaps this compute.
+      prefetch_l2(ahead_s + j * static_cast<int64_t>(sizeof(scalar_t)));
+      if (div) prefetch_l2(ahead_t + j * teacher_bytes);
       const Vec xs = xs_at.template at<true>(j, n);
       const Vec es = fast_exp(xs);
       es.store(es_buf + j);
@@ -449,6 +461,8 @@ class RowKernel {
   const int64_t teacher_bytes_;
   StudentSide s_;
   TeacherSide t_;
+  const char* ahead_s_ = nullptr;  // the next row's student / teacher bytes (prefetched)
+  const char* ahead_t_ = nullptr;
   float *eq_, *jsd_s_, *jsd_t_, *staging_s_, *staging_t_, *teacher_input_;
 };
 
@@ -456,10 +470,7 @@ template <typename scalar_t, typename teacher_t>
 void rows_of_type(const DenseKDParams& params, ElementType teacher_type, RowQueue& queue) {
   const RowScratch scratch(params.vocab);
   RowKernel<scalar_t, teacher_t> kernel(params, teacher_type, scratch);
-  int64_t begin = 0, end = 0;
-  while (queue.next(begin, end)) {
-    for (int64_t row = begin; row < end; ++row) kernel.run(row);
-  }
+  for_each_row(queue, [&](int64_t row, int64_t next_row) { kernel.run(row, next_row); });
   store_fence();
 }
 

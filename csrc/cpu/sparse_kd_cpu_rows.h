@@ -107,7 +107,10 @@ class SparseRowKernel {
         stream_(p.n_rows * p.vocab * static_cast<int64_t>(sizeof(scalar_t)) >=
                 kSparseStreamMinBytes) {}
 
-  void run(int64_t row) {
+  // next_row: the row this thread computes next (-1: none), prefetched during sweep B.
+  void run(int64_t row, int64_t next_row) {
+    ahead_ = static_cast<const scalar_t*>(p_.student) +
+             (next_row >= 0 ? next_row : row) * p_.student_row_stride;
     const int64_t label = p_.target != nullptr ? p_.target[row] : -1;
     if ((p_.target != nullptr && label == p_.ignore_index) || !(ce_value_ || div_value_)) {
       zero_row(row);
@@ -218,8 +221,10 @@ class SparseRowKernel {
     const bool ce_other = ce && ce_ratio_ != 1.f && !ce_square;
     const bool smoothing = ce && p_.label_smoothing != 0.f;
     const Vec ratio(ce_ratio_);
+    const scalar_t* const ahead = ahead_;
     Vec sum_e(0.f), sum_q(0.f), sum_x(0.f);
     auto step = [&](int64_t j, int64_t n) FASTKD_INLINE {
+      prefetch_l2(ahead + j);  // the next row's max sweep then reads from L2
       Vec x;
       if constexpr (kSoftcap) {
         const Vec th = (load_logits(logits + j, n) * Vec(inv_cap)).tanh();
@@ -445,16 +450,14 @@ class SparseRowKernel {
   const float scale_;                // 1 / T (1 when only CE is evaluated)
   const float ce_ratio_;             // cap(z) - max cap(z) = ce_ratio * x
   const bool stream_;
+  const scalar_t* ahead_ = nullptr;  // the next row's logits (prefetched)
 };
 
 template <typename scalar_t>
 void sparse_rows_of_type(const SparseKDParams& params, RowQueue& queue) {
   SparseScratch scratch(params.vocab, params.k);
   SparseRowKernel<scalar_t> kernel(params, scratch);
-  int64_t begin = 0, end = 0;
-  while (queue.next(begin, end)) {
-    for (int64_t row = begin; row < end; ++row) kernel.run(row);
-  }
+  for_each_row(queue, [&](int64_t row, int64_t next_row) { kernel.run(row, next_row); });
   store_fence();
 }
 
