@@ -153,6 +153,7 @@ def plot(csv_path: str, png_path: str) -> None:
                                 f"{any_row['git_rev']}")
     ax.set_xticks(sorted({k[1] for k in latest}))
     ax.get_xaxis().set_major_formatter(matplotlib.ticker.ScalarFormatter())
+    ax.get_xaxis().set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax.legend()
     fig.tight_layout()
     fig.savefig(png_path, dpi=110)
