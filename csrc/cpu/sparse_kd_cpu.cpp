@@ -10,6 +10,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <mutex>
 #include <optional>
 #include <vector>
 
@@ -189,21 +190,21 @@ at::Tensor sparse_kd_cpu(const at::Tensor& student, const at::Tensor& logprobs,
   return rows;
 }
 
-// fastkd::sparse_kd_check (see csrc/sparse_ops.cpp): serial, so a small (N, k) costs no
-// parallel-region wake-ups; sorted copies of one row's indices find repeats.
+// fastkd::sparse_kd_check (see csrc/sparse_ops.cpp): rows [begin, end); first[c] = 1 + the
+// first row failing check c (range, repeats, mass), 0 when none does. Sorted copies of a
+// row's indices find repeats. The mass is a float exp summed in double: the tolerance it is
+// held to is far above float32 rounding.
 template <typename value_t, typename index_t>
-void check_topk_rows(const at::Tensor& logprobs, const at::Tensor& indices, const bool* valid,
-                     int64_t vocab, double max_mass, int64_t* first) {
-  const int64_t n = logprobs.size(0), k = logprobs.size(1);
-  const value_t* lp = logprobs.data_ptr<value_t>();
-  const index_t* idx = indices.data_ptr<index_t>();
+void check_topk_rows(const value_t* lp, const index_t* idx, int64_t begin, int64_t end,
+                     int64_t k, const bool* valid, int64_t vocab, double max_mass,
+                     int64_t* first) {
   std::vector<int64_t> sorted(static_cast<size_t>(k));
-  for (int64_t r = 0; r < n; ++r) {
+  for (int64_t r = begin; r < end; ++r) {
     if (valid != nullptr && !valid[r]) continue;
     double mass = 0;
     for (int64_t j = 0; j < k; ++j) {
       sorted[j] = static_cast<int64_t>(idx[r * k + j]);
-      mass += std::exp(static_cast<double>(lp[r * k + j]));
+      mass += std::exp(static_cast<float>(lp[r * k + j]));
     }
     std::sort(sorted.begin(), sorted.end());
     if (first[0] == 0 && (sorted.front() < 0 || sorted.back() >= vocab)) first[0] = r + 1;
@@ -212,6 +213,31 @@ void check_topk_rows(const at::Tensor& logprobs, const at::Tensor& indices, cons
     }
     if (first[2] == 0 && !(mass <= max_mass)) first[2] = r + 1;
   }
+}
+
+// The checks over all rows: serial for a small (N, k) (no parallel-region wake-ups), else in
+// row ranges whose first failures are merged (the smallest row wins, as serially).
+template <typename value_t, typename index_t>
+void check_topk(const at::Tensor& logprobs, const at::Tensor& indices, const bool* valid,
+                int64_t vocab, double max_mass, int64_t* first) {
+  const int64_t n = logprobs.size(0), k = logprobs.size(1);
+  const value_t* lp = logprobs.data_ptr<value_t>();
+  const index_t* idx = indices.data_ptr<index_t>();
+  constexpr int64_t kSerialEntries = 16384;
+  if (n * k < kSerialEntries) {
+    check_topk_rows(lp, idx, 0, n, k, valid, vocab, max_mass, first);
+    return;
+  }
+  std::mutex merge;
+  const int64_t grain = std::max<int64_t>(1, kSerialEntries / std::max<int64_t>(k, 1) / 4);
+  at::parallel_for(0, n, grain, [&](int64_t begin, int64_t end) {
+    int64_t local[3] = {0, 0, 0};
+    check_topk_rows(lp, idx, begin, end, k, valid, vocab, max_mass, local);
+    std::lock_guard<std::mutex> lock(merge);
+    for (int c = 0; c < 3; ++c) {
+      if (local[c] != 0 && (first[c] == 0 || local[c] < first[c])) first[c] = local[c];
+    }
+  });
 }
 
 at::Tensor sparse_kd_check_cpu(const at::Tensor& logprobs_in, const at::Tensor& indices_in,
@@ -232,11 +258,11 @@ at::Tensor sparse_kd_check_cpu(const at::Tensor& logprobs_in, const at::Tensor& 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logprobs.scalar_type(),
                                   "sparse_kd_check", [&] {
     if (indices.scalar_type() == at::kLong) {
-      check_topk_rows<scalar_t, int64_t>(logprobs, indices, valid_ptr, vocab, max_mass,
-                                         first.data_ptr<int64_t>());
+      check_topk<scalar_t, int64_t>(logprobs, indices, valid_ptr, vocab, max_mass,
+                                    first.data_ptr<int64_t>());
     } else {
-      check_topk_rows<scalar_t, int32_t>(logprobs, indices, valid_ptr, vocab, max_mass,
-                                         first.data_ptr<int64_t>());
+      check_topk<scalar_t, int32_t>(logprobs, indices, valid_ptr, vocab, max_mass,
+                                    first.data_ptr<int64_t>());
     }
   });
   return first;

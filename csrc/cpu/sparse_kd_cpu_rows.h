@@ -70,7 +70,8 @@ class SparseScratch {
   SparseScratch(int64_t vocab, int64_t k)
       : padded_((vocab + kLanes - 1) / kLanes * kLanes),
         rows_(new float[static_cast<size_t>(padded_ * 4)]),
-        index(k), gathered(k), exp_covered(k), logq(k + 1), logp(k + 1), g(k + 1) {}
+        index(k), gathered(k), exp_covered(k), logq(k + 1), logp(k + 1), g(k + 1),
+        patch(padded_), covered_column(padded_), covered_vector(padded_ / kLanes) {}
 
   float* exp_row() const { return rows_.get(); }
   float* ce_exp_row() const { return rows_.get() + padded_; }
@@ -86,6 +87,10 @@ class SparseScratch {
   std::vector<float> gathered;      // raw student logits at those indices
   std::vector<float> exp_covered;   // e at those indices
   std::vector<float> logq, logp, g;  // k + 1 categories (the tail last)
+  // The covered columns' gradients, merged into sweep C's stores: flags are 1 at the row's
+  // covered columns / vectors holding one, and back to 0 after the row.
+  std::vector<float> patch;
+  std::vector<uint8_t> covered_column, covered_vector;
 };
 
 // Gradients of at least this many bytes are written with streaming stores.
@@ -391,6 +396,33 @@ class SparseRowKernel {
     // kernel's write_grads).
     const bool stream = kIsFloat && stream_ && static_cast<const void*>(out) != r.logits &&
                         reinterpret_cast<uintptr_t>(dst) % kStreamAlign == 0;
+    // Covered columns: their own value, CE included (the sweep's value there used the
+    // uncovered formula, and a zeroed row buffer when the tail was summed directly). Written
+    // by the sweep itself: patching a streamed row afterwards would read every patched line
+    // back from memory.
+    const bool patch = div_value_;
+    if (patch) {
+      for (int64_t j = 0; j < k_; ++j) {
+        const int64_t v = sc_.index[j];
+        const float e = sc_.exp_covered[j];
+        float gv = div ? div_scale * (sc_.g[j] - r.g_sum * (e / r.sum)) : 0.f;
+        if (ce) {
+          const float eq = ce_same ? e : (ce_square ? e * e : eq_buf[v]);
+          gv += eq * ce_scale_f + ce_shift_f;
+          if (v == label) gv -= label_weight;
+        }
+        if constexpr (kSoftcap) {
+          const float th = tanh_buf[v];
+          gv *= 1.f - th * th;
+        }
+        sc_.patch[v] = gv;
+        sc_.covered_column[v] = 1;
+        sc_.covered_vector[v / kLanes] = 1;
+      }
+    }
+    const float* const patch_buf = sc_.patch.data();
+    const uint8_t* const covered_column = sc_.covered_column.data();
+    const uint8_t* const covered_vector = sc_.covered_vector.data();
     auto step = [&](int64_t j, int64_t n) FASTKD_INLINE {
       const Vec e = Vec::loadu(e_buf + j);
       Vec g = e * e_coef;
@@ -408,6 +440,14 @@ class SparseRowKernel {
         const Vec th = Vec::loadu(tanh_buf + j);
         g = g * (Vec(1.f) - th * th);
       }
+      if (patch && covered_vector[j / kLanes]) {  // k of the row's V / kLanes vectors at most
+        alignas(64) float lanes[kLanes];
+        g.store(lanes);
+        for (int64_t i = 0; i < n; ++i) {
+          if (covered_column[j + i]) lanes[i] = patch_buf[j + i];
+        }
+        g = Vec::loadu(lanes);
+      }
       if (kIsFloat && n < kLanes) {
         g.store(dst + j, n);
       } else if (stream) {
@@ -418,24 +458,11 @@ class SparseRowKernel {
     };
     for (int64_t j = 0; j < full_; j += kLanes) step(j, kLanes);
     if (rest_ > 0) step(full_, rest_);
-    if (stream) store_fence();  // the covered columns below overwrite streamed stores
-    if (div_value_) {
-      // Covered columns: their own value, CE included (the sweep's value there used the
-      // uncovered formula, and a zeroed row buffer when the tail was summed directly).
+    if (patch) {
       for (int64_t j = 0; j < k_; ++j) {
         const int64_t v = sc_.index[j];
-        const float e = sc_.exp_covered[j];
-        float gv = div ? div_scale * (sc_.g[j] - r.g_sum * (e / r.sum)) : 0.f;
-        if (ce) {
-          const float eq = ce_same ? e : (ce_square ? e * e : eq_buf[v]);
-          gv += eq * ce_scale_f + ce_shift_f;
-          if (v == label) gv -= label_weight;
-        }
-        if constexpr (kSoftcap) {
-          const float th = tanh_buf[v];
-          gv *= 1.f - th * th;
-        }
-        dst[v] = gv;
+        sc_.covered_column[v] = 0;
+        sc_.covered_vector[v / kLanes] = 0;
       }
     }
     if constexpr (!kIsFloat) at::vec::convert(dst, out, vocab_);
