@@ -223,3 +223,15 @@ def run_with_cpu_variant(script: str, variant: str) -> subprocess.CompletedProce
     env = dict(os.environ, ATEN_CPU_CAPABILITY=variant)
     return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
                           text=True, timeout=600)
+
+
+def check_cpu_variant(script: str, variant: str) -> None:
+    """Runs `script` (which prints "variant-ok" at its end) under that build of the CPU
+    kernels (`run_with_cpu_variant`); skips, saying why, where the CPU does not allow it."""
+    import pytest
+
+    reason = cpu_variant_skip_reason(variant)
+    if reason is not None:
+        pytest.skip(reason)
+    result = run_with_cpu_variant(script, variant)
+    assert result.returncode == 0 and "variant-ok" in result.stdout, result.stderr[-3000:]
