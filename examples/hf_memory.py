@@ -19,43 +19,13 @@ Goal: fused extra <= 0.25.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import gc
-import os
 import platform
 import tempfile
 
 import torch
 import torch.nn.functional as F
-
-
-@contextlib.contextmanager
-def _quiet_stderr():
-    saved = os.dup(2)
-    try:
-        with open(os.devnull, "w") as null:
-            os.dup2(null.fileno(), 2)
-            yield
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-
-
-def cpu_peak_bytes(step) -> int:
-    """Peak of the running sum of CPU allocations (+) and frees (-) during step()."""
-    from torch.autograd import DeviceType
-    from torch.profiler import ProfilerActivity, profile
-
-    gc.collect()
-    with _quiet_stderr(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as p:
-        step()
-    events = [e for e in p.profiler.kineto_results.events()
-              if e.name() == "[memory]" and e.device_type() == DeviceType.CPU]
-    running = peak = 0
-    for e in sorted(events, key=lambda e: e.start_ns()):
-        running += e.nbytes()
-        peak = max(peak, running)
-    return peak
+from fastkd.bench.timing import cpu_peak_bytes  # the benchmarks' CPU peak (profiler events)
 
 
 def llama(vocab: int, hidden: int, seed: int):
@@ -120,6 +90,7 @@ def main():
     for name, step in (("bodies", bodies), ("fused", fused), ("naive", naive)):
         step()  # warm-up: first-call allocations, the head plans
         zero()
+        gc.collect()
         results[name] = cpu_peak_bytes(step)
         zero()
     n = args.batch * args.seq

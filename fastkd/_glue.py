@@ -62,9 +62,10 @@ def _with_components(loss, terms, valid, reduction, num_items_in_batch, lead_sha
     return loss, ce, div
 
 
-def host_reduction_weight(student, flat_target, ignore_index, reduction, num_items_in_batch):
+def host_reduction_weight(student, valid, reduction, num_items_in_batch):
     """The factor the reduction applies to every row, when knowing it on the host is free
-    (CPU logits, eager mode); else None.
+    (CPU logits, eager mode); else None. `valid`: the count of non-ignored rows
+    (`_valid_count`, a 0-dim tensor), or None without a target.
 
     The kernels then fold it into their loss weights (`weighted_options`): the loss is the
     plain sum of the rows they return and the gradient they write is already final, so the
@@ -82,10 +83,10 @@ def host_reduction_weight(student, flat_target, ignore_index, reduction, num_ite
         count = float(num_items_in_batch)
     elif num_items_in_batch is not None:
         count = float(num_items_in_batch)
-    elif flat_target is None:
+    elif valid is None:
         count = float(max(math.prod(student.shape[:-1]), 1))
     else:
-        count = float(max(int((flat_target != ignore_index).sum()), 1))
+        count = float(max(int(valid), 1))
     return 1.0 / count if 0.0 < count < float("inf") else None
 
 

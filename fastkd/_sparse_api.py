@@ -283,8 +283,8 @@ def sparse_distillation_loss(
                          f"student_logits: its strides {tuple(student_logits.stride())} have "
                          "no view as rows with a contiguous last dimension, so the kernel "
                          "would read a copy. Pass inplace_backward=False.")
-    weight = host_reduction_weight(student, flat_target, ignore_index, reduction,
-                                   num_items_in_batch)
+    valid = _valid_count(flat_target, ignore_index)
+    weight = host_reduction_weight(student, valid, reduction, num_items_in_batch)
     with autocast_off(student.device):  # float32 arithmetic and result under autocast too
         rows = sparse_distillation_rows(
             student, _topk_rows(teacher_topk_logprobs, k, kernel),
@@ -292,7 +292,6 @@ def sparse_distillation_loss(
             weighted_options(options, weight), inplace_backward=inplace_backward,
             return_terms=return_components)
         rows, terms = rows if return_components else (rows, None)
-        valid = _valid_count(flat_target, ignore_index)
         return _reduced(rows, terms, valid, reduction, num_items_in_batch, lead_shape, weight)
 
 

@@ -187,8 +187,8 @@ def vocab_parallel_distillation_loss(
     student = _flat_logits("student_logits_shard", student_logits_shard, inplace_backward)
     teacher = teacher_logits_shard.reshape(-1, local_vocab).contiguous()
     flat_target = _flat_target(target)
-    weight = host_reduction_weight(student, flat_target, ignore_index, reduction,
-                                   num_items_in_batch)
+    valid = _valid_count(flat_target, ignore_index)
+    weight = host_reduction_weight(student, valid, reduction, num_items_in_batch)
     options = weighted_options(kernel_options(
         target is not None, temperature=temperature, alpha=alpha, divergence=divergence,
         beta=beta, scale_by_t2=scale_by_t2, ignore_index=ignore_index,
@@ -204,7 +204,6 @@ def vocab_parallel_distillation_loss(
 
     with autocast_off(student.device):
         rows = vocab_parallel_rows(student, teacher, call, True, inplace_backward)
-    valid = _valid_count(flat_target, ignore_index)
     return _finish(rows, terms, valid, reduction, num_items_in_batch, lead_shape,
                    weight=weight)
 
@@ -402,7 +401,8 @@ def vocab_parallel_sparse_distillation_loss(
         logprobs = logprobs.to(torch.promote_types(logprobs.dtype, torch.float32)) * scale
     indices = teacher_topk_indices.reshape(-1, k).to(torch.int64).contiguous()
     flat_target = _flat_target(target)
-    weight = host_reduction_weight(student, flat_target, ignore_index, reduction, num_items)
+    valid = _valid_count(flat_target, ignore_index)
+    weight = host_reduction_weight(student, valid, reduction, num_items)
     options = weighted_options(kernel_options(target is not None, **options_kw), weight) + (
         tail == "renormalize",)
     terms = _terms_buffer(student.shape[0], (student.dtype,), student.device,
@@ -416,5 +416,4 @@ def vocab_parallel_sparse_distillation_loss(
 
     with autocast_off(student.device):
         rows = vocab_parallel_rows(student, logprobs, call, False)
-    valid = _valid_count(flat_target, ignore_index)
     return _finish(rows, terms, valid, reduction, num_items, lead_shape, weight=weight)

@@ -130,14 +130,13 @@ def distillation_loss(
                              divergence=divergence, beta=beta, scale_by_t2=scale_by_t2,
                              ignore_index=ignore_index, label_smoothing=label_smoothing,
                              softcap=softcap)
-    weight = host_reduction_weight(student, flat_target, ignore_index, reduction,
-                                   num_items_in_batch)
+    valid = _valid_count(flat_target, ignore_index)
+    weight = host_reduction_weight(student, valid, reduction, num_items_in_batch)
     out = dense_distillation_rows(student, teacher, flat_target, dense_kernel(name),
                                   weighted_options(options, weight),
                                   inplace_backward=inplace_backward,
                                   with_terms=return_components)
     rows, terms = out if return_components else (out, None)
-    valid = _valid_count(flat_target, ignore_index)
     with autocast_off(rows.device):
         return _reduced(rows, terms, valid, reduction, num_items_in_batch, lead_shape, weight)
 

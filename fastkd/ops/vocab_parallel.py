@@ -40,7 +40,7 @@ from ..reference.vocab_parallel_sparse import (
     sparse_shard_stats,
     sparse_stat_names,
 )
-from .dense import new_gradient, scale_rows_
+from .dense import consume_once, new_gradient, scale_rows_
 
 
 def _all_gather_stacked(local: torch.Tensor, group) -> torch.Tensor:
@@ -181,10 +181,7 @@ class VocabParallelRowsFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_rows):
-        if getattr(ctx, "consumed", False):
-            raise RuntimeError("fastkd: the vocab-parallel loss's backward can run only once "
-                               "per forward (its gradient is scaled in place)")
-        ctx.consumed = True
+        consume_once(ctx)
         grads = [None if g is None else scale_rows_(g, grad_rows) for g in ctx.saved_tensors]
         return grads[0], grads[1], None, None, None, None
 

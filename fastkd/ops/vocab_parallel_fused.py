@@ -24,6 +24,7 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
+from .dense import consume_once
 from .fused_linear import _accumulate, _linear, default_chunk_rows
 
 
@@ -106,10 +107,7 @@ class VocabParallelFusedLinearFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
-        if getattr(ctx, "consumed", False):
-            raise RuntimeError("fastkd: the vocab-parallel fused loss's backward can run only "
-                               "once per forward")
-        ctx.consumed = True
+        consume_once(ctx)
         kernel, options, chunk, _, needs, group = ctx.setup
         if ctx.per_row:
             hidden, weight, bias, target, t_h, t_w, t_b = ctx.saved_tensors
