@@ -1,6 +1,6 @@
 """The dense fused CPU loss in a training loop against the copy roofline of the same run.
 
-``python -m bench.cpu_roofline [--n 256,512,...] [--v 32000] [--reps 7] [--out DIR]``
+``python -m fastkd.bench.cpu_roofline [--n 256,512,...] [--v 32000] [--reps 7] [--out DIR]``
 
 For each N (V = 32000, float32, Hinton loss with a target, T = 2, alpha = 0.5, mean over
 tokens, ``backend="cpu"``), two training-loop patterns are timed, forward + backward:
@@ -161,7 +161,7 @@ def plot(csv_path: str, png_path: str) -> None:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.cpu_roofline",
+    parser = argparse.ArgumentParser(prog="python -m fastkd.bench.cpu_roofline",
                                      description=__doc__.split("\n\n")[0])
     parser.add_argument("--n", default=",".join(map(str, DEFAULT_N)),
                         help="comma-separated token counts (default %(default)s)")

@@ -8,6 +8,7 @@ the reason from the harness.
 
 import pytest
 import torch
+
 from fastkd.bench.providers import (
     GRAD_LEAVES,
     LossOptions,

@@ -160,7 +160,7 @@ def test_gradient_cache_blocks_are_seen_by_the_profiler_memory_view():
     gradient must still count as allocated while it lives."""
     if _native_missing():
         pytest.skip(_native_missing())
-    from bench.timing import cpu_peak_bytes
+    from fastkd.bench.timing import cpu_peak_bytes
 
     like = torch.empty(BIG)
     assert cpu_peak_bytes(lambda: new_gradient(like)) >= like.nbytes

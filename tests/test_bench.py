@@ -11,10 +11,10 @@ from datetime import datetime, timedelta, timezone
 import numpy as np
 import pytest
 import torch
-from fastkd.bench import cli, models, providers, report, results_io, timing
 
 import fastkd
 from fastkd._dispatch import unavailable_reason
+from fastkd.bench import cli, models, providers, report, results_io, timing
 
 EXPECTED_COLUMNS = [
     "loss", "provider", "mode", "dtype", "n", "v", "h_student", "h_teacher", "median_ms",
