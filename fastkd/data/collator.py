@@ -80,7 +80,11 @@ class TopKCollator:
     store : TopKStore or str
         The store (or its path) written for these sequences: the record of a sequence with
         L tokens holds L rows, row t being the teacher's distribution of token t + 1 (what
-        `fastkd cache-teacher` writes).
+        `fastkd cache-teacher` writes). A pre-padded feature (its `attention_mask` has zeros,
+        left, right or in between) may instead have one row per attended position: row j
+        goes to the j-th attended position and predicts the next attended token; padded
+        positions, and the first attended token's label, are ignored. Any other row count
+        raises `ValueError` naming the key, the rows, the input_ids length and the mask's ones.
     pad_token_id : int
         Filler of `input_ids` past a sequence's end (right padding).
     ignore_index : int
