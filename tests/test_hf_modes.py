@@ -142,3 +142,61 @@ def test_offline_store_at_another_temperature_is_re_tempered(tmp_path, data_modu
     with pytest.raises(ValueError, match="bucket"):
         DistillationTrainer(model=student, teacher_model=None,
                             args=arguments(tmp_path, teacher_topk_store=str(tmp_path / "store")))
+
+
+def pad_example(ex, width, side):
+    """`ex` left- or right-padded to `width` (pad id 0, label -100, attention 0)."""
+    pad = width - len(ex["input_ids"])
+    def fill(values, filler):
+        return [filler] * pad + values if side == "left" else values + [filler] * pad
+    return {"key": ex["key"], "input_ids": fill(ex["input_ids"], 0),
+            "labels": fill(ex["labels"], -100),
+            "attention_mask": fill([1] * len(ex["input_ids"]), 0)}
+
+
+def loss_and_grads(tr, b, num_items):
+    tr.model.zero_grad()
+    loss = tr.compute_loss(tr.model, b, num_items_in_batch=num_items)
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in tr.model.named_parameters()}
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_offline_pre_padded_dataset_equals_the_collator_padded_one(tmp_path, data_module,
+                                                                    side):
+    student, teacher = llama(seed=0), llama(hidden=48, seed=1)
+    exs = examples(4, seed=11)  # 6 to 12 tokens, masked prompts of 1 to 3 tokens
+    write_store(data_module, tmp_path / "store", teacher, exs, 8)  # one row per token
+    tr = DistillationTrainer(model=student, teacher_model=None,
+                             args=arguments(tmp_path, teacher_topk_store=str(tmp_path / "store"),
+                                            teacher_topk_tail="renormalize", max_steps=1,
+                                            per_device_train_batch_size=4))
+    ref_batch = tr.data_collator(exs)
+    padded = tr.data_collator([pad_example(ex, 16, side) for ex in exs])
+    assert padded["input_ids"].shape == (4, 16)
+    count = int((ref_batch["shift_labels"] != -100).sum())
+    assert int((padded["shift_labels"] != -100).sum()) == count
+    ref_loss, ref_grads = loss_and_grads(tr, ref_batch, count)
+    loss, grads = loss_and_grads(tr, padded, count)
+    # left padding shifts every RoPE position by the same amount: equal up to rounding
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=0)
+    for name, grad in ref_grads.items():
+        torch.testing.assert_close(grads[name], grad, rtol=1e-4, atol=1e-6 * grad.abs().max())
+    # and the Trainer trains on the pre-padded dataset
+    tr.train_dataset = [pad_example(ex, 16, side) for ex in exs]
+    before = student.lm_head.weight.detach().clone()
+    tr.train()
+    assert not torch.equal(before, student.lm_head.weight)
+
+
+def test_offline_row_count_mismatch_raises(tmp_path, data_module):
+    exs = examples(2)
+    write_store(data_module, tmp_path / "store", llama(hidden=48, seed=1), exs, 4)
+    tr = DistillationTrainer(model=llama(), teacher_model=None,
+                             args=arguments(tmp_path, teacher_topk_store=str(tmp_path / "store")))
+    bad = pad_example(exs[1], 16, "left")
+    bad["attention_mask"][-1] = 0  # one attended position fewer than the stored rows
+    n = len(exs[1]["input_ids"])
+    with pytest.raises(ValueError, match=f"'ex1' has {n} top-k rows in the store but 16 "
+                                         f"input_ids and {n - 1} attended positions"):
+        tr.data_collator([bad])

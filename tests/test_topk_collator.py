@@ -113,3 +113,66 @@ def test_dataloader_workers_with_collator(dataset):
     assert len(batches) == 6
     ref = TopKCollator(store)(feats[:2])
     assert torch.equal(batches[0]["teacher_topk_logprobs"], ref["teacher_topk_logprobs"])
+
+
+def pre_padded(feat, width, where, pad=1, seed=0):
+    """`feat` padded to `width` with an attention_mask: "left", "right" or "holes" (pads
+    at random places among the tokens, so the attended positions are not contiguous)."""
+    ids = feat["input_ids"]
+    labels = feat.get("labels", ids)
+    n = len(ids)
+    if where == "left":
+        attended = list(range(width - n, width))
+    elif where == "right":
+        attended = list(range(n))
+    else:
+        g = torch.Generator().manual_seed(seed)
+        attended = sorted(torch.randperm(width, generator=g)[:n].tolist())
+    out = {"key": feat["key"], "input_ids": [pad] * width, "labels": [IG] * width,
+           "attention_mask": [0] * width}
+    for j, t in enumerate(attended):
+        out["input_ids"][t], out["labels"][t], out["attention_mask"][t] = ids[j], labels[j], 1
+    return out, attended
+
+
+@pytest.mark.parametrize("where", ["left", "right", "holes"])
+def test_pre_padded_features_match_the_unpadded_batch(dataset, where):
+    store, feats = dataset
+    ref = TopKCollator(store, ignore_index=IG)(feats)
+    padded = [pre_padded(f, 15, where, seed=i) for i, f in enumerate(feats)]
+    batch = TopKCollator(store, ignore_index=IG)([p for p, _ in padded])
+    assert batch["input_ids"].shape == (4, 15)
+    for i, (feat, (_, attended)) in enumerate(zip(feats, padded)):
+        n, pos = len(feat["input_ids"]), torch.tensor(attended)
+        # the target of an attended position is the next attended token, as unpadded
+        assert torch.equal(batch["shift_labels"][i, pos], ref["shift_labels"][i, :n])
+        for name in ("teacher_topk_logprobs", "teacher_topk_indices"):
+            assert torch.equal(batch[name][i, pos], ref[name][i, :n])
+        others = torch.ones(15, dtype=torch.bool)
+        others[pos] = False
+        assert bool((batch["shift_labels"][i, others] == IG).all())  # pads: no target
+        assert batch["labels"][i, pos[0]].item() == IG  # nothing predicts the first token
+        assert int((batch["labels"][i, 1:] != IG).sum()) == \
+            int((batch["shift_labels"][i] != IG).sum())  # older transformers' item count
+
+
+def test_pre_padded_truncation(dataset):
+    store, feats = dataset
+    feat, _ = pre_padded(feats[0], 12, "left")  # 7 tokens at positions 5..11
+    batch = TopKCollator(store, max_length=9)([feat])
+    lp, _ = store[feats[0]["key"]]
+    assert batch["input_ids"].shape == (1, 9)
+    assert torch.equal(batch["teacher_topk_logprobs"][0, 5:8], lp[:3])
+    assert batch["shift_labels"][0, 8].item() == IG  # the truncated sequence's last token
+
+
+def test_row_count_mismatch_names_key_rows_and_lengths(dataset):
+    store, feats = dataset
+    collate = TopKCollator(store)
+    bad = {"key": "s1", "input_ids": [5] * 6, "attention_mask": [0, 1, 1, 1, 1, 0]}
+    with pytest.raises(ValueError, match=r"'s1' has 3 top-k rows in the store but 6 "
+                                         r"input_ids and 4 attended positions"):
+        collate([bad])
+    with pytest.raises(ValueError, match=r"'s1' has 3 top-k rows .* 2 input_ids and no "
+                                         r"attention_mask"):
+        collate([{"key": "s1", "input_ids": [5, 6]}])

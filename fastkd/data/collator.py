@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Optional, Sequence
+from typing import NamedTuple, Optional, Sequence
 
 import torch
 
@@ -33,6 +33,45 @@ def _key(value, i: int, field: str):
     return value
 
 
+def _token_fields(feat: dict, i: int) -> tuple:
+    """input_ids, labels (default: input_ids) and attention_mask (default: ones) as lists."""
+    ids = _as_list("input_ids", feat["input_ids"], i)
+    lab = _as_list("labels", feat["labels"], i) if "labels" in feat else list(ids)
+    att = (_as_list("attention_mask", feat["attention_mask"], i)
+           if "attention_mask" in feat else [1] * len(ids))
+    if not len(lab) == len(att) == len(ids):
+        raise ValueError(f"features[{i}]: input_ids, labels and attention_mask must "
+                         "have the same length")
+    return ids, lab, att
+
+
+class _Example(NamedTuple):
+    """One collated feature: (n,) tensors and its kept stored rows at `positions`."""
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    labels: torch.Tensor        # ignore_index on unattended positions
+    shift_labels: torch.Tensor  # the target of the logits at each position
+    positions: torch.Tensor     # (m,) increasing positions of the m kept rows
+    logprobs: torch.Tensor      # (m, k)
+    indices: torch.Tensor       # (m, k)
+
+
+def _row_positions(i: int, key, rows: int, attended: torch.Tensor, has_mask: bool
+                   ) -> torch.Tensor:
+    """Positions of a record's rows: one row per token, or (a pre-padded example, as
+    `fastkd cache-teacher` writes it) one row per attended position."""
+    if rows == attended.numel():
+        return torch.arange(rows)
+    ones = int(attended.sum())
+    if has_mask and rows == ones:
+        return attended.nonzero().flatten()
+    mask = f"{ones} attended positions (attention_mask ones)" if has_mask else \
+        "no attention_mask"
+    raise ValueError(f"features[{i}]: key {key!r} has {rows} top-k rows in the store but "
+                     f"{attended.numel()} input_ids and {mask}: the store needs one row per "
+                     "input_id or one per attended position (tokenised differently?)")
+
+
 class TopKCollator:
     """Collate `{input_ids, key, [attention_mask], [labels]}` features with the store's top-k.
 
@@ -41,7 +80,11 @@ class TopKCollator:
     store : TopKStore or str
         The store (or its path) written for these sequences: the record of a sequence with
         L tokens holds L rows, row t being the teacher's distribution of token t + 1 (what
-        `fastkd cache-teacher` writes).
+        `fastkd cache-teacher` writes). A pre-padded feature (its `attention_mask` has zeros,
+        left, right or in between) may instead have one row per attended position: row j
+        goes to the j-th attended position and predicts the next attended token; padded
+        positions, and the first attended token's label, are ignored. Any other row count
+        raises `ValueError` naming the key, the rows, the input_ids length and the mask's ones.
     pad_token_id : int
         Filler of `input_ids` past a sequence's end (right padding).
     ignore_index : int
@@ -89,52 +132,55 @@ class TopKCollator:
         if not features:
             raise ValueError("features must hold at least one example")
         k, ig = self.store.k, self.ignore_index
-        seqs, labels, masks, teachers = [], [], [], []
-        for i, feat in enumerate(features):
-            if "input_ids" not in feat or self.key_field not in feat:
-                raise ValueError(f"features[{i}] must have 'input_ids' and {self.key_field!r}")
-            ids = _as_list("input_ids", feat["input_ids"], i)
-            lab = _as_list("labels", feat["labels"], i) if "labels" in feat else list(ids)
-            att = (_as_list("attention_mask", feat["attention_mask"], i)
-                   if "attention_mask" in feat else [1] * len(ids))
-            if not len(lab) == len(att) == len(ids):
-                raise ValueError(f"features[{i}]: input_ids, labels and attention_mask must "
-                                 "have the same length")
-            key = _key(feat[self.key_field], i, self.key_field)
-            if key not in self.store:
-                raise KeyError(f"features[{i}]: key {key!r} is not in the top-k store "
-                               f"{self.store.path!r}")
-            lp, idx = self.store[key]
-            if lp.shape[0] != len(ids):
-                raise ValueError(f"features[{i}]: key {key!r} has {lp.shape[0]} top-k rows in "
-                                 f"the store but {len(ids)} input_ids (tokenised differently?)")
-            n = len(ids) if self.max_length is None else min(len(ids), self.max_length)
-            seqs.append(ids[:n])
-            labels.append(lab[:n])
-            masks.append(att[:n])
-            teachers.append((lp[:n], idx[:n]))
-        length = max(len(s) for s in seqs)
+        examples = [self._example(i, feat) for i, feat in enumerate(features)]
+        length = max(len(ex.input_ids) for ex in examples)
         if self.pad_to_multiple_of:
             length = -(-length // self.pad_to_multiple_of) * self.pad_to_multiple_of
-        b = len(seqs)
+        b = len(examples)
         input_ids = torch.full((b, length), self.pad_token_id, dtype=torch.int64)
         attention = torch.zeros((b, length), dtype=torch.int64)
         label_t = torch.full((b, length), ig, dtype=torch.int64)
+        shift = torch.full((b, length), ig, dtype=torch.int64)
         lp_out = torch.full((b, length, k), -math.log(k), dtype=torch.float32)
         idx_out = torch.arange(k, dtype=torch.int64).expand(b, length, k).clone()
-        for i, (ids, lab, att, (lp, idx)) in enumerate(zip(seqs, labels, masks, teachers)):
-            n = len(ids)
-            input_ids[i, :n] = torch.as_tensor(ids, dtype=torch.int64)
-            attention[i, :n] = torch.as_tensor(att, dtype=torch.int64)
-            label_t[i, :n] = torch.as_tensor(lab, dtype=torch.int64)
-            lp_out[i, :n] = lp
-            idx_out[i, :n] = idx
-        label_t[attention == 0] = ig
-        shift = torch.full_like(label_t, ig)
-        shift[:, :-1] = label_t[:, 1:]
+        for i, ex in enumerate(examples):
+            n = len(ex.input_ids)
+            input_ids[i, :n] = ex.input_ids
+            attention[i, :n] = ex.attention_mask
+            label_t[i, :n] = ex.labels
+            shift[i, :n] = ex.shift_labels
+            lp_out[i, ex.positions] = ex.logprobs
+            idx_out[i, ex.positions] = ex.indices
         ignored = shift == ig
         lp_out[ignored] = -math.log(k)
         idx_out[ignored] = torch.arange(k, dtype=torch.int64)
         return {"input_ids": input_ids, "attention_mask": attention, "labels": label_t,
                 "shift_labels": shift, "teacher_topk_logprobs": lp_out,
                 "teacher_topk_indices": idx_out}
+
+    def _example(self, i: int, feat: dict) -> _Example:
+        """Feature `i` truncated to `max_length`, with its stored rows and their positions."""
+        if "input_ids" not in feat or self.key_field not in feat:
+            raise ValueError(f"features[{i}] must have 'input_ids' and {self.key_field!r}")
+        ids, lab, att = _token_fields(feat, i)
+        key = _key(feat[self.key_field], i, self.key_field)
+        if key not in self.store:
+            raise KeyError(f"features[{i}]: key {key!r} is not in the top-k store "
+                           f"{self.store.path!r}")
+        lp, idx = self.store[key]
+        attended = torch.as_tensor(att, dtype=torch.int64) != 0
+        positions = _row_positions(i, key, lp.shape[0], attended, "attention_mask" in feat)
+        n = len(ids) if self.max_length is None else min(len(ids), self.max_length)
+        kept = int((positions < n).sum())  # positions increase
+        positions, attended = positions[:kept], attended[:n]
+        labels = torch.as_tensor(lab[:n], dtype=torch.int64).masked_fill(~attended,
+                                                                          self.ignore_index)
+        if lp.shape[0] < len(ids) and kept:
+            # nothing predicts the first stored token: keeps `labels` (which older
+            # transformers count for the loss divisor) in step with `shift_labels`
+            labels[positions[0]] = self.ignore_index
+        shifted = torch.full((n,), self.ignore_index, dtype=torch.int64)
+        # row j predicts the token of row j + 1 (the next position, or the next attended one)
+        shifted[positions[:-1]] = labels[positions[1:]]
+        return _Example(torch.as_tensor(ids[:n], dtype=torch.int64), attended.long(), labels,
+                        shifted, positions, lp[:kept], idx[:kept])

@@ -136,7 +136,10 @@ class DistillationTrainer(Trainer):
     teacher_tokenizer : optional; when given it must equal the student's tokenizer.
     **kwargs : everything else `transformers.Trainer` takes (train_dataset, eval_dataset,
         data_collator, processing_class, callbacks, ...). In offline mode, without a
-        data_collator, a `fastkd.data.TopKCollator` over the store is used.
+        data_collator, a `fastkd.data.TopKCollator` over the store is used: an example's
+        record holds one row per ``input_ids`` token or, for a pre-padded dataset (left,
+        right or anywhere, as its ``attention_mask`` says), one row per attended position
+        (what ``fastkd cache-teacher`` writes); other row counts raise ``ValueError``.
 
     The batch holds ``input_ids``, ``attention_mask`` and ``labels`` (unshifted, -100 =
     ignored; ``shift_labels`` is used when present; ``position_ids`` and ``token_type_ids``
