@@ -56,7 +56,7 @@ class LossOptions:
     @classmethod
     def names(cls) -> tuple:
         """The keyword names, in field order: the one list every entry point shares."""
-        return tuple(f.name for f in dataclasses.fields(cls))
+        return _NAMES  # a constant: torch.compile cannot trace dataclasses.fields
 
     @classmethod
     def pick(cls, keywords: dict) -> LossOptions:
@@ -130,6 +130,8 @@ class LossOptions:
                 float(self.beta), int(self.ignore_index), float(self.label_smoothing),
                 softcap)
 
+
+_NAMES = tuple(f.name for f in dataclasses.fields(LossOptions))
 
 def teacher_scale(teacher_temperature, temperature: float, tail: str) -> float:
     """T_stored / T: the factor that re-tempers stored top-k log-probs (1 when not
