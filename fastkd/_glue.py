@@ -9,32 +9,22 @@ import sys
 
 import torch
 
+from ._options import LossOptions
 from ._validation import reduce_rows
 from .ops.dense import autocast_off
 from .ops.fused_linear import _head_dtype, default_chunk_rows, fused_linear_rows
-from .reference import DIVERGENCES
 
 
 def loss_weights(target_given: bool, alpha: float, temperature: float,
                  scale_by_t2: bool) -> tuple:
-    """(ce_weight, div_weight) of `alpha * CE + (1 - alpha) * k * D`, k = T^2 or 1.
-
-    With no target there is no hard term and the loss is `k * D` (alpha unused).
-    """
-    k = float(temperature) ** 2 if scale_by_t2 else 1.0
-    if not target_given:
-        return 0.0, k
-    return float(alpha), (1.0 - float(alpha)) * k
+    """(ce_weight, div_weight) of `alpha * CE + (1 - alpha) * k * D` (`LossOptions`)."""
+    return LossOptions(temperature=temperature, alpha=alpha,
+                       scale_by_t2=scale_by_t2).loss_weights(target_given)
 
 
-def kernel_options(target_given: bool, *, temperature, alpha, divergence, beta, scale_by_t2,
-                   ignore_index, label_smoothing, softcap) -> tuple:
-    """The kernel's scalar arguments (temperature, ce_weight, div_weight, divergence code,
-    beta, ignore_index, label_smoothing, softcap with 0 = off)."""
-    ce_weight, div_weight = loss_weights(target_given, alpha, temperature, scale_by_t2)
-    return (float(temperature), ce_weight, div_weight, DIVERGENCES.index(divergence),
-            float(beta), int(ignore_index), float(label_smoothing),
-            float(softcap) if softcap is not None else 0.0)
+def kernel_options(target_given: bool, **keywords) -> tuple:
+    """The kernels' scalar arguments (`LossOptions.kernel_args`) of the loss keywords."""
+    return LossOptions.pick(keywords).kernel_args(target_given)
 
 
 def _is_dtensor(*tensors) -> bool:

@@ -24,6 +24,7 @@ from ._glue import (
     kernel_options,
     weighted_options,
 )
+from ._options import teacher_scale as _teacher_scale
 from ._validation import check_chunk_size as _check_chunk_size
 from ._validation import (
     check_floating,
@@ -118,23 +119,6 @@ def _first_bad_rows_cpu(logprobs, indices, valid, vocab, max_mass):
     except Exception:  # the extension is not importable: vectorised path
         return None
     return first_bad_rows(logprobs, indices, valid, vocab, max_mass)
-
-
-def _teacher_scale(teacher_temperature, temperature: float, tail: str) -> float:
-    """T_stored / T: the factor that re-tempers stored log-probs (1 when not re-tempered)."""
-    if teacher_temperature is None:
-        return 1.0
-    if (isinstance(teacher_temperature, bool)
-            or not isinstance(teacher_temperature, (int, float))
-            or not math.isfinite(teacher_temperature) or teacher_temperature <= 0):
-        raise ValueError("teacher_temperature must be None or a finite number > 0, got "
-                         f"{teacher_temperature!r}")
-    scale = float(teacher_temperature) / float(temperature)
-    if scale != 1.0 and tail == "bucket":
-        raise ValueError(f"teacher_temperature={teacher_temperature} differs from "
-                         f"temperature={temperature}: re-tempering needs tail='renormalize' "
-                         "(the bucket's tail mass at the new temperature is unknown)")
-    return scale
 
 
 def _sparse_kernel(backend: str, tensor: torch.Tensor, teacher_scale: float = 1.0):

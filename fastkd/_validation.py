@@ -2,18 +2,11 @@
 
 from __future__ import annotations
 
-import numbers
 from typing import Optional
 
 import torch
 
-from .reference import DIVERGENCES
-
-REDUCTIONS = ("mean", "sum", "none")
-
-
-def _is_number(x) -> bool:
-    return isinstance(x, numbers.Real) and not isinstance(x, bool)
+from ._options import REDUCTIONS, LossOptions, check_num_items  # noqa: F401  (re-exported)
 
 
 def check_floating(name: str, tensor) -> None:
@@ -62,37 +55,9 @@ def check_target(target, lead_shape: torch.Size, vocab: Optional[int], ignore_in
                          f"ignore_index={ignore_index}")
 
 
-def check_options(*, temperature, alpha, divergence, beta, ignore_index, label_smoothing,
-                  softcap, reduction, num_items_in_batch) -> None:
-    if not _is_number(temperature) or not temperature > 0:
-        raise ValueError(f"temperature must be a number > 0, got {temperature!r}")
-    if not _is_number(alpha) or not 0.0 <= alpha <= 1.0:
-        raise ValueError(f"alpha must be a number in [0, 1], got {alpha!r}")
-    if divergence not in DIVERGENCES:
-        raise ValueError(f"divergence must be one of {DIVERGENCES}, got {divergence!r}")
-    if divergence == "jsd" and (not _is_number(beta) or not 0.0 < beta < 1.0):
-        raise ValueError(f"beta must be a number in (0, 1) for divergence='jsd', got {beta!r}")
-    if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
-        raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
-    if not _is_number(label_smoothing) or not 0.0 <= label_smoothing <= 1.0:
-        raise ValueError(f"label_smoothing must be a number in [0, 1], got {label_smoothing!r}")
-    if softcap is not None and (not _is_number(softcap) or not softcap > 0):
-        raise ValueError(f"softcap must be None or a number > 0, got {softcap!r}")
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-    check_num_items(num_items_in_batch)
-    if num_items_in_batch is not None and reduction != "mean":
-        raise ValueError("num_items_in_batch divides the summed loss, so it needs "
-                         f"reduction='mean'; got reduction={reduction!r} (pass "
-                         "num_items_in_batch=None, or reduction='mean')")
-
-
-def check_num_items(num_items_in_batch) -> None:
-    if num_items_in_batch is None or isinstance(num_items_in_batch, torch.Tensor):
-        return
-    if not _is_number(num_items_in_batch) or not num_items_in_batch > 0:
-        raise ValueError("num_items_in_batch must be None, a tensor or a number > 0, "
-                         f"got {num_items_in_batch!r}")
+def check_options(**keywords) -> None:
+    """The loss settings' one set of rules (`LossOptions.validate`)."""
+    LossOptions(**keywords).validate()
 
 
 def reduce_rows(rows: torch.Tensor, valid_count: Optional[torch.Tensor], reduction: str,

@@ -12,6 +12,7 @@ from torch import nn
 
 import fastkd
 
+from .._options import LossOptions
 from ._hf_heads import (
     HeadPlan,
     check_vocabularies,
@@ -24,9 +25,8 @@ from ._hf_heads import (
 )
 
 #: Keywords passed on to fastkd's losses.
-LOSS_KEYWORDS = frozenset({"temperature", "alpha", "divergence", "beta", "scale_by_t2",
-                           "ignore_index", "label_smoothing", "reduction",
-                           "num_items_in_batch", "chunk_size", "backend"})
+#: softcap is not one: it comes from the model's own config.
+LOSS_KEYWORDS = (frozenset(LossOptions.names()) - {"softcap"}) | {"chunk_size", "backend"}
 #: Extra keywords of the top-k (offline) teacher.
 TOPK_KEYWORDS = frozenset({"tail", "teacher_temperature"})
 

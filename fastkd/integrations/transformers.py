@@ -26,6 +26,7 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
     raise ImportError("fastkd.integrations.transformers needs transformers and accelerate: "
                       "pip install 'fastkd[hf]'") from exc
 
+from .._options import LossOptions
 from ._hf_heads import head_plan, unwrap_model
 from ._hf_loss import causal_lm_distillation_loss, shift_labels
 
@@ -34,7 +35,6 @@ __all__ = ["DistillationArguments", "DistillationTrainer", "causal_lm_distillati
 
 logger = logging.getLogger("fastkd.integrations.transformers")
 
-_DIVERGENCES = ("kl", "reverse_kl", "jsd", "tvd")
 #: Batch entries passed to both models' forward besides input_ids and attention_mask.
 MODEL_INPUTS = ("position_ids", "token_type_ids")
 
@@ -48,7 +48,7 @@ class DistillationArguments(TrainingArguments):
     temperature : float > 0, default 1.0. alpha : float in [0, 1], default 0.5 (weight of the
         cross-entropy; the divergence gets 1 - alpha). divergence : "kl" | "reverse_kl" |
         "jsd" | "tvd". beta : float in (0, 1), the JSD mixture. scale_by_t2 : bool.
-        label_smoothing : float in [0, 1). chunk_size : int | None, rows of logits per chunk.
+        label_smoothing : float in [0, 1]. chunk_size : int | None, rows of logits per chunk.
     teacher_topk_store : str | None. Path of a `fastkd.data.TopKStore`: offline teacher
         (pass ``teacher_model=None``). teacher_topk_key_column : str, the dataset column with
         each example's store key. teacher_topk_tail : "bucket" | "renormalize".
@@ -92,12 +92,9 @@ class DistillationArguments(TrainingArguments):
         default=True, metadata={"help": "Divide the loss by all processes' token count."})
 
     def __post_init__(self):
+        # the loss settings follow the core's one set of rules, not a copy of them
+        LossOptions.pick(self.loss_keywords()).validate()
         checks = [
-            ("temperature", self.temperature > 0, "> 0"),
-            ("alpha", 0.0 <= self.alpha <= 1.0, "in [0, 1]"),
-            ("divergence", self.divergence in _DIVERGENCES, f"one of {_DIVERGENCES}"),
-            ("beta", 0.0 < self.beta < 1.0, "in (0, 1)"),
-            ("label_smoothing", 0.0 <= self.label_smoothing < 1.0, "in [0, 1)"),
             ("chunk_size", self.chunk_size is None or self.chunk_size >= 1, "None or >= 1"),
             ("teacher_topk_tail", self.teacher_topk_tail in ("bucket", "renormalize"),
              "'bucket' or 'renormalize'"),

@@ -1,0 +1,149 @@
+"""The loss settings as one frozen, validated value, and the kernel scalars derived from it.
+
+Every public loss keeps its keywords; inside, they travel as one `LossOptions`, checked once by
+`LossOptions.validate` with one set of rules (the same `ValueError` / `TypeError` on every
+backend). A new divergence parameter is added here, as a field with its default and its rule
+in `validate`, and nowhere else.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import numbers
+from typing import Optional
+
+import torch
+
+from .reference import DIVERGENCES
+
+REDUCTIONS = ("mean", "sum", "none")
+
+
+def _is_finite_number(x) -> bool:
+    # bool is an int in Python, but True as a temperature is a caller's mistake
+    return isinstance(x, numbers.Real) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def check_num_items(num_items_in_batch) -> None:
+    """None, a tensor (checked by the reduction, without a host sync) or a number > 0."""
+    if num_items_in_batch is None or isinstance(num_items_in_batch, torch.Tensor):
+        return
+    if not _is_finite_number(num_items_in_batch) or not num_items_in_batch > 0:
+        raise ValueError("num_items_in_batch must be None, a tensor or a number > 0, "
+                         f"got {num_items_in_batch!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class LossOptions:
+    """The settings of `alpha * CE + (1 - alpha) * k * D` (docs/semantics.md), one per field.
+
+    Built from the public keywords (`LossOptions(**keywords).validate()`); the kernels get
+    their scalars from `kernel_args`, computed once here.
+    """
+
+    temperature: float = 1.0
+    alpha: float = 0.5
+    divergence: str = "kl"
+    beta: float = 0.5
+    scale_by_t2: bool = True
+    ignore_index: int = -100
+    label_smoothing: float = 0.0
+    softcap: Optional[float] = None
+    reduction: str = "mean"
+    num_items_in_batch: object = None
+
+    @classmethod
+    def names(cls) -> tuple:
+        """The keyword names, in field order: the one list every entry point shares."""
+        return _NAMES  # a constant: torch.compile cannot trace dataclasses.fields
+
+    @classmethod
+    def pick(cls, keywords: dict) -> LossOptions:
+        """The options among `keywords` (others are ignored), unvalidated."""
+        return cls(**{k: keywords[k] for k in cls.names() if k in keywords})
+
+    def validate(self) -> LossOptions:
+        """Raises ValueError / TypeError naming the first bad option; returns self."""
+        self._check_temperature_alpha()
+        self._check_divergence()
+        if not isinstance(self.ignore_index, int) or isinstance(self.ignore_index, bool):
+            raise TypeError(f"ignore_index must be an int, got {self.ignore_index!r}")
+        if (not _is_finite_number(self.label_smoothing)
+                or not 0.0 <= self.label_smoothing <= 1.0):
+            raise ValueError("label_smoothing must be a number in [0, 1], got "
+                             f"{self.label_smoothing!r}")
+        if self.softcap is not None and (not _is_finite_number(self.softcap)
+                                         or not self.softcap > 0):
+            raise ValueError(f"softcap must be None or a number > 0, got {self.softcap!r}")
+        self._check_reduction()
+        return self
+
+    def _check_temperature_alpha(self) -> None:
+        # inf would make every probability uniform and the T^2 weight inf (NaN losses)
+        if not _is_finite_number(self.temperature) or not self.temperature > 0:
+            raise ValueError(f"temperature must be a finite number > 0, got "
+                             f"{self.temperature!r}")
+        if not _is_finite_number(self.alpha) or not 0.0 <= self.alpha <= 1.0:
+            raise ValueError(f"alpha must be a number in [0, 1], got {self.alpha!r}")
+
+    def _check_divergence(self) -> None:
+        if self.divergence not in DIVERGENCES:
+            raise ValueError(f"divergence must be one of {DIVERGENCES}, got "
+                             f"{self.divergence!r}")
+        if self.divergence == "jsd" and (not _is_finite_number(self.beta)
+                                         or not 0.0 < self.beta < 1.0):
+            raise ValueError("beta must be a number in (0, 1) for divergence='jsd', got "
+                             f"{self.beta!r}")
+
+    def _check_reduction(self) -> None:
+        if self.reduction not in REDUCTIONS:
+            raise ValueError(f"reduction must be one of {REDUCTIONS}, got {self.reduction!r}")
+        check_num_items(self.num_items_in_batch)
+        if self.num_items_in_batch is not None and self.reduction != "mean":
+            raise ValueError("num_items_in_batch divides the summed loss, so it needs "
+                             f"reduction='mean'; got reduction={self.reduction!r} (pass "
+                             "num_items_in_batch=None, or reduction='mean')")
+
+    def loss_weights(self, target_given: bool) -> tuple:
+        """(ce_weight, div_weight): alpha and (1 - alpha) * k, k = T^2 or 1; with no target
+        there is no hard term and the loss is `k * D` (alpha unused)."""
+        k = float(self.temperature) ** 2 if self.scale_by_t2 else 1.0
+        if not target_given:
+            return 0.0, k
+        return float(self.alpha), (1.0 - float(self.alpha)) * k
+
+    @property
+    def divergence_code(self) -> int:
+        """The kernels' integer for `divergence` (its index in `DIVERGENCES`)."""
+        return DIVERGENCES.index(self.divergence)
+
+    def kernel_args(self, target_given: bool, weight: Optional[float] = None) -> tuple:
+        """The kernels' scalar arguments, in their order: (temperature, ce_weight,
+        div_weight, divergence code, beta, ignore_index, label_smoothing, softcap with
+        0 = off). `weight`: a reduction factor folded into both loss weights (None: 1)."""
+        ce_weight, div_weight = self.loss_weights(target_given)
+        if weight is not None:
+            ce_weight, div_weight = ce_weight * weight, div_weight * weight
+        softcap = float(self.softcap) if self.softcap is not None else 0.0
+        return (float(self.temperature), ce_weight, div_weight, self.divergence_code,
+                float(self.beta), int(self.ignore_index), float(self.label_smoothing),
+                softcap)
+
+
+_NAMES = tuple(f.name for f in dataclasses.fields(LossOptions))
+
+def teacher_scale(teacher_temperature, temperature: float, tail: str) -> float:
+    """T_stored / T: the factor that re-tempers stored top-k log-probs (1 when not
+    re-tempered)."""
+    if teacher_temperature is None:
+        return 1.0
+    if not _is_finite_number(teacher_temperature) or teacher_temperature <= 0:
+        raise ValueError("teacher_temperature must be None or a finite number > 0, got "
+                         f"{teacher_temperature!r}")
+    scale = float(teacher_temperature) / float(temperature)
+    if scale != 1.0 and tail == "bucket":
+        raise ValueError(f"teacher_temperature={teacher_temperature} differs from "
+                         f"temperature={temperature}: re-tempering needs tail='renormalize' "
+                         "(the bucket's tail mass at the new temperature is unknown)")
+    return scale
