@@ -25,6 +25,7 @@ import tempfile
 
 import torch
 import torch.nn.functional as F
+
 from fastkd.bench.timing import cpu_peak_bytes  # the benchmarks' CPU peak (profiler events)
 
 

@@ -9,7 +9,8 @@ rank). Their `lm_head`s are split over the vocabulary with
 so each rank computes only its vocabulary slice of the logits, as a DTensor. fastkd sees
 the DTensor and runs the vocab-parallel loss: only per-row statistics cross ranks, never
 the logits. With --fused the logits are not even formed: the loss takes the hidden states
-and the sharded head weights (DTensors Shard(0)) and computes the logits chunk by chunk.
+(as Replicate() DTensors: the proof that every rank holds the same tokens) and the sharded
+head weights (DTensors Shard(0)) and computes the logits chunk by chunk.
 
 Every rank also trains an unsharded copy of the same models on the same batches with the
 single-process loss; the script prints both losses per step and checks they agree.
@@ -24,7 +25,7 @@ import os
 import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.tensor import Shard
+from torch.distributed.tensor import DTensor, Replicate, Shard
 from torch.distributed.tensor.parallel import ColwiseParallel, parallelize_module
 from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -49,8 +50,14 @@ def distil_loss(student, teacher, input_ids, fused: bool, keywords: dict):
         h_s = student.model(input_ids).last_hidden_state[:, :-1]
         with torch.no_grad():
             h_t = teacher.model(input_ids).last_hidden_state[:, :-1]
+        weight = student.lm_head.weight
+        if isinstance(weight, DTensor):
+            # Replicate() hidden states say "tensor parallel": a plain tensor beside a Shard(0)
+            # weight could equally be FSDP2's per-rank batch, and fastkd does not guess.
+            h_s = DTensor.from_local(h_s, weight.device_mesh, [Replicate()], run_check=False)
+            h_t = DTensor.from_local(h_t, weight.device_mesh, [Replicate()], run_check=False)
         return fastkd.fused_linear_distillation_loss(
-            h_s, student.lm_head.weight, h_t, teacher.lm_head.weight, labels, **keywords)
+            h_s, weight, h_t, teacher.lm_head.weight, labels, **keywords)
     s_logits = student(input_ids).logits[:, :-1]
     with torch.no_grad():
         t_logits = teacher(input_ids).logits[:, :-1]

@@ -9,8 +9,12 @@ Accepted layouts, on a device mesh of any number of dimensions:
   others; student and teacher with the same mesh and placements. The loss runs over that
   mesh dimension's process group. All-`Replicate()` DTensors are computed like local tensors.
 - fused lm-head: head weights (and biases) `Shard(0)` on one mesh dimension (what
-  `ColwiseParallel` makes of an `nn.Linear`), `Replicate()` elsewhere; hidden states plain
-  tensors or all-`Replicate()` DTensors.
+  `ColwiseParallel` makes of an `nn.Linear`), `Replicate()` elsewhere, with hidden states that
+  are all-`Replicate()` DTensors on the same mesh: those prove the tokens are the same on every
+  rank (tensor parallel). FSDP2's `fully_shard` leaves the same `Shard(0)` weight with plain,
+  per-rank hidden states (data parallel), so a sharded weight with a plain hidden state is
+  ambiguous and raises a `ValueError` naming both ways out; fastkd never guesses. With
+  all-`Replicate()` weights the hidden states may be plain tensors.
 Anything else (`Partial`, a shard of another dimension) raises naming the argument. The loss
 (and the components) come back as DTensors replicated on the mesh; the gradients as DTensors
 with their inputs' placements (`to_local` / `from_local` carry them).
@@ -84,6 +88,27 @@ def _local_replicated(name: str, tensor):
         raise ValueError(f"{name} has placements {tuple(tensor.placements)}; it must be a "
                          "plain tensor or a DTensor with Replicate() placements")
     return tensor.to_local()
+
+
+def _proven_replicated(name: str, hidden, mesh):
+    """The local tensor of hidden states that prove tensor parallelism for a Shard(0) head:
+    an all-Replicate DTensor on the head's mesh. A plain tensor is what FSDP2 (data parallel,
+    each rank its own tokens) passes too, so it raises instead of being taken for either."""
+    dt = _dt()
+    if not isinstance(hidden, dt.DTensor):
+        raise ValueError(
+            f"{name} is a plain tensor while the head weights are DTensors sharded Shard(0): "
+            "that is both FSDP2's data-parallel layout (each rank its own tokens) and "
+            "ColwiseParallel's tensor-parallel one (the same tokens on every rank), and fastkd "
+            "does not guess. Tensor parallel: pass the hidden states as DTensors with "
+            "Replicate() placements on the weights' mesh (DTensor.from_local(hidden, mesh, "
+            "[Replicate()] * mesh.ndim)). Data parallel (FSDP2): call the loss on unsharded "
+            "logits (fastkd.distillation_loss on lm_head(hidden) inside the model's forward), "
+            "since the fused lm-head loss does not gather FSDP2-sharded weights yet")
+    if hidden.device_mesh != mesh:
+        raise ValueError(f"{name} is a DTensor on mesh {hidden.device_mesh}; it must be on the "
+                         f"head weights' mesh ({mesh})")
+    return _local_replicated(name, hidden)
 
 
 def _replicated_out(result, mesh):
@@ -161,7 +186,10 @@ def dtensor_fused_linear_distillation_loss(student_hidden, student_weight, teach
 
     Parameters
     ----------
-    student_hidden, teacher_hidden : Tensor or all-Replicate DTensor (..., Hs) / (..., Ht)
+    student_hidden, teacher_hidden : all-Replicate DTensor (..., Hs) / (..., Ht)
+        On the weights' mesh when the weights are sharded (the proof of tensor parallelism:
+        a plain tensor raises, see the module docstring); a plain tensor or an all-Replicate
+        DTensor when the weights are all Replicate.
     student_weight, teacher_weight : DTensor (V, Hs) / (V, Ht)
         Shard(0) on one mesh dimension (Replicate elsewhere), the same mesh and placements
         for both (as `ColwiseParallel` leaves an lm-head); or all Replicate.
@@ -181,8 +209,6 @@ def dtensor_fused_linear_distillation_loss(student_hidden, student_weight, teach
     from . import distributed, functional
 
     y = _local_replicated("target", target)
-    h_s = _local_replicated("student_hidden", student_hidden)
-    h_t = _local_replicated("teacher_hidden", teacher_hidden)
     if not isinstance(student_weight, dt.DTensor):
         raise TypeError("student_weight must be a DTensor when teacher_weight or a hidden "
                         f"state is one, got {type(student_weight).__name__}")
@@ -196,11 +222,15 @@ def dtensor_fused_linear_distillation_loss(student_hidden, student_weight, teach
         return None if b is None else b.to_local()
 
     if mesh_dim is None:
+        h_s = _local_replicated("student_hidden", student_hidden)
+        h_t = _local_replicated("teacher_hidden", teacher_hidden)
         result = functional.fused_linear_distillation_loss(
             h_s, student_weight.to_local(), h_t, teacher_weight.to_local(), y,
             student_bias=local(student_bias), teacher_bias=local(teacher_bias),
             backend=backend, **keywords)
         return _replicated_out(result, mesh)
+    h_s = _proven_replicated("student_hidden", student_hidden, mesh)
+    h_t = _proven_replicated("teacher_hidden", teacher_hidden, mesh)
     _check_backend(backend)
     start = _local_slice("student_weight", student_weight, mesh_dim, 0)
     result = distributed.vocab_parallel_fused_linear_distillation_loss(

@@ -53,6 +53,11 @@ def _fused_inputs(world):
             random_logits(vocab, seed=58))
 
 
+def _replicated(tensor, mesh):
+    from torch.distributed.tensor import DTensor, Replicate
+    return DTensor.from_local(tensor, mesh, [Replicate()] * mesh.ndim, run_check=False)
+
+
 def _run_fused(mesh, world, case):
     from torch.distributed.tensor import distribute_tensor
     hs, ws, ht, wt, bt = _fused_inputs(world)
@@ -60,8 +65,9 @@ def _run_fused(mesh, world, case):
     shard0 = _placements(mesh, 0)
     h = hs.clone().requires_grad_(True)
     w = distribute_tensor(ws, mesh, shard0).requires_grad_(True)
+    # Replicate() hidden states: the proof of tensor parallelism for a Shard(0) head.
     loss = fastkd.fused_linear_distillation_loss(
-        h, w, ht, distribute_tensor(wt, mesh, shard0), y,
+        _replicated(h, mesh), w, _replicated(ht, mesh), distribute_tensor(wt, mesh, shard0), y,
         teacher_bias=distribute_tensor(bt, mesh, shard0), chunk_size=4, **_kw(case))
     _scalar(loss).backward()
     return dict(loss=loss.to_local().detach(), loss_placements=_names(loss.placements),
@@ -141,10 +147,14 @@ def _placements_like(world, shard_dim):
 # --- bad placements and layouts: every rank must raise the same error -------------------------
 
 ERRORS = ("shard0-logits", "partial-logits", "plain-teacher", "mismatched-teacher",
-          "backend", "weight-shard1")
+          "backend", "weight-shard1", "plain-hidden", "plain-teacher-hidden")
 ERROR_WORD = {"shard0-logits": "student_logits", "partial-logits": "student_logits",
               "plain-teacher": "teacher_logits", "mismatched-teacher": "teacher_logits",
-              "backend": "backend", "weight-shard1": "student_weight"}
+              "backend": "backend", "weight-shard1": "student_weight",
+              "plain-hidden": "student_hidden", "plain-teacher-hidden": "teacher_hidden"}
+# The ambiguity message names both ways out (tensor parallel, FSDP2 data parallel).
+ERROR_ALSO = {"plain-hidden": ("Replicate()", "FSDP2"),
+              "plain-teacher-hidden": ("Replicate()", "FSDP2")}
 
 
 def run_error(mesh, world, which):
@@ -166,6 +176,12 @@ def run_error(mesh, world, which):
                                      y)
         elif which == "backend":
             fastkd.distillation_loss(sd, td, y, backend="cpu")
+        elif which in ("plain-hidden", "plain-teacher-hidden"):
+            hs, ws, ht, wt, _ = _fused_inputs(world)
+            student_hidden = hs if which == "plain-hidden" else _replicated(hs, mesh)
+            fastkd.fused_linear_distillation_loss(
+                student_hidden, distribute_tensor(ws, mesh, _placements(mesh, 0)), ht,
+                distribute_tensor(wt, mesh, _placements(mesh, 0)), y)
         else:
             hs, ws, ht, wt, _ = _fused_inputs(world)
             fastkd.fused_linear_distillation_loss(
@@ -189,3 +205,4 @@ def check_dtensor_cases(world, per_rank) -> None:
         messages = [r[f"error-{which}"]["error"] for r in per_rank]
         assert all(m is not None for m in messages), f"{which}: a rank did not raise"
         assert all(m == messages[0] and ERROR_WORD[which] in m for m in messages), messages
+        assert all(word in messages[0] for word in ERROR_ALSO.get(which, ())), messages[0]
