@@ -133,6 +133,7 @@ class LossOptions:
 
 _NAMES = tuple(f.name for f in dataclasses.fields(LossOptions))
 
+
 def teacher_scale(teacher_temperature, temperature: float, tail: str) -> float:
     """T_stored / T: the factor that re-tempers stored top-k log-probs (1 when not
     re-tempered)."""
