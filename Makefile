@@ -33,7 +33,7 @@ test: $(VENV)/.built
 LATEST := .venv-latest
 test-latest:
 	test -x $(LATEST)/bin/python || $(PYTHON) -m venv $(LATEST)
-	echo "torch==2.13.0" > $(LATEST)/torch-only.txt
+	grep '^torch==' $(PINS) > $(LATEST)/torch-only.txt
 	$(LATEST)/bin/python -m pip install --upgrade --upgrade-strategy eager -c $(LATEST)/torch-only.txt torch $(TOOLS)
 	$(LATEST)/bin/python -m pip install --no-build-isolation --no-deps -e .
 	$(LATEST)/bin/python scripts/pins.py diff --constraints $(PINS)
