@@ -29,7 +29,7 @@ COLUMNS = (
 LEGACY_COLUMNS = COLUMNS[:-1]
 KEY_COLUMNS = ("loss", "provider", "mode", "dtype", "n", "v", "h_student", "h_teacher",
                "device")
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.realpath(__file__)))
 
 
 def slugify(text: str) -> str:

@@ -437,3 +437,19 @@ def test_cpu_roofline_sweep_writes_rows_against_its_own_copy_probe(tmp_path, cap
     printed = capsys.readouterr().out
     assert "of roofline" in printed
     assert list(tmp_path.glob("*.png")) or "matplotlib is not installed" in printed
+
+
+def test_git_rev_of_this_checkout_through_the_fastkd_bench_link(monkeypatch):
+    # `python -m fastkd.bench...` imports results_io through the fastkd/bench symlink; the
+    # revision must still be the checkout's HEAD, not the build version.
+    import os
+    import subprocess
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    if not os.path.exists(os.path.join(root, ".git")):
+        pytest.skip("not a git checkout (a copied tree): the fallback is tested above")
+    monkeypatch.delenv("FASTKD_GIT_REV", raising=False)
+    head = subprocess.run(["git", "-C", root, "rev-parse", "--short", "HEAD"], check=True,
+                          capture_output=True, text=True).stdout.strip()
+    assert os.path.realpath(results_io.REPO_ROOT) == os.path.realpath(root)
+    assert results_io.git_rev().split("+")[0] == head
