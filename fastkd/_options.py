@@ -18,6 +18,10 @@ import torch
 from .reference import DIVERGENCES
 
 REDUCTIONS = ("mean", "sum", "none")
+#: The divergences that take `skew` (the mixing weight of the skewed distribution).
+SKEW_DIVERGENCES = ("skew_kl", "skew_reverse_kl")
+#: `skew` when a skew divergence is asked for without one (DistiLLM's default, Ko et al. 2024).
+DEFAULT_SKEW = 0.1
 
 
 def _is_finite_number(x) -> bool:
@@ -46,6 +50,8 @@ class LossOptions:
     alpha: float = 0.5
     divergence: str = "kl"
     beta: float = 0.5
+    skew: Optional[float] = None
+    alpha_beta: Optional[tuple] = None
     scale_by_t2: bool = True
     ignore_index: int = -100
     label_smoothing: float = 0.0
@@ -95,6 +101,39 @@ class LossOptions:
                                          or not 0.0 < self.beta < 1.0):
             raise ValueError("beta must be a number in (0, 1) for divergence='jsd', got "
                              f"{self.beta!r}")
+        self._check_skew()
+        self._check_alpha_beta()
+
+    def _check_skew(self) -> None:
+        if self.skew is None:
+            return
+        if self.divergence not in SKEW_DIVERGENCES:
+            raise ValueError(f"skew is used only by divergence in {SKEW_DIVERGENCES}, got "
+                             f"skew={self.skew!r} with divergence={self.divergence!r} (drop "
+                             "skew, or choose a skew divergence)")
+        if not _is_finite_number(self.skew) or not 0.0 <= self.skew < 1.0:
+            raise ValueError(f"skew must be a number in [0, 1), got {self.skew!r}")
+
+    def _check_alpha_beta(self) -> None:
+        if self.alpha_beta is None:
+            if self.divergence == "alpha_beta":
+                raise ValueError("divergence='alpha_beta' needs alpha_beta=(a, b), e.g. "
+                                 "alpha_beta=(0.5, 0.5)")
+            return
+        if self.divergence != "alpha_beta":
+            raise ValueError("alpha_beta is used only by divergence='alpha_beta', got "
+                             f"alpha_beta={self.alpha_beta!r} with divergence="
+                             f"{self.divergence!r}")
+        pair = self.alpha_beta
+        if (not isinstance(pair, (tuple, list)) or len(pair) != 2
+                or not all(_is_finite_number(x) for x in pair)):
+            raise ValueError(f"alpha_beta must be a pair (a, b) of finite numbers, got {pair!r}")
+        a, b = float(pair[0]), float(pair[1])
+        if (a, b) in ((1.0, 0.0), (0.0, 1.0)):
+            return  # the limits: forward KL and reverse KL, computed exactly as those
+        if not (a > 0 and b > 0):
+            raise ValueError("alpha_beta=(a, b) needs a > 0 and b > 0 (or exactly (1, 0), the "
+                             f"forward KL, or (0, 1), the reverse KL), got {pair!r}")
 
     def _check_reduction(self) -> None:
         if self.reduction not in REDUCTIONS:
@@ -112,6 +151,18 @@ class LossOptions:
         if not target_given:
             return 0.0, k
         return float(self.alpha), (1.0 - float(self.alpha)) * k
+
+    @property
+    def divergence_params(self) -> tuple:
+        """(param_a, param_b), the kernels' two divergence parameters: jsd (beta, 0);
+        skew_kl / skew_reverse_kl (skew, 0); alpha_beta (a, b); others (0, 0)."""
+        if self.divergence == "jsd":
+            return float(self.beta), 0.0
+        if self.divergence in SKEW_DIVERGENCES:
+            return float(DEFAULT_SKEW if self.skew is None else self.skew), 0.0
+        if self.divergence == "alpha_beta":
+            return float(self.alpha_beta[0]), float(self.alpha_beta[1])
+        return 0.0, 0.0
 
     @property
     def divergence_code(self) -> int:

@@ -83,7 +83,7 @@ def test_options_are_frozen_and_list_every_keyword():
     with pytest.raises(dataclasses.FrozenInstanceError):
         options.temperature = 2.0
     assert LossOptions.names() == (
-        "temperature", "alpha", "divergence", "beta", "scale_by_t2", "ignore_index",
+        "temperature", "alpha", "divergence", "beta", "skew", "alpha_beta", "scale_by_t2", "ignore_index",
         "label_smoothing", "softcap", "reduction", "num_items_in_batch")
     import inspect
     public = inspect.signature(fastkd.distillation_loss).parameters
