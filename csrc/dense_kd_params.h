@@ -35,7 +35,8 @@ struct DenseKDParams {
   float ce_weight;
   float div_weight;
   int divergence;            // a Divergence code
-  float beta;                // JSD mixture weight of the teacher
+  float param_a;             // divergence parameters (LossOptions.divergence_params):
+  float param_b;             //   jsd (beta = the teacher's mixture weight, 0)
   int64_t ignore_index;
   float label_smoothing;
   float softcap;             // <= 0: off

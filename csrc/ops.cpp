@@ -20,7 +20,8 @@ TORCH_LIBRARY(fastkd, m) {
   m.set_python_module("fastkd.ops.native");
   // Dense fused distillation: per-row weighted loss (float32), gradient of that loss written
   // into grad_student / grad_teacher when given (grad_student may alias student).
-  // divergence: 0 kl, 1 reverse_kl, 2 jsd, 3 tvd. softcap <= 0 means off. target may be
+  // divergence: the index in fastkd.reference.DIVERGENCES; param_a, param_b: its parameters
+  // (jsd: beta, 0; see fastkd._options.LossOptions.divergence_params). softcap <= 0 means off. target may be
   // absent (no cross-entropy term, no ignored rows). student and teacher: (N, V), each
   // fp32 / bf16 / fp16 with unit column stride and any row stride; each gradient in its
   // input's dtype. terms: optional (N, 2) float32 receiving the unweighted CE and divergence
@@ -28,8 +29,8 @@ TORCH_LIBRARY(fastkd, m) {
   m.def(
       "dense_kd(Tensor student, Tensor teacher, Tensor? target, Tensor(a!)? grad_student, "
       "Tensor(b!)? grad_teacher, float temperature, float ce_weight, float div_weight, "
-      "int divergence, float beta, int ignore_index, float label_smoothing, float softcap, "
-      "Tensor(c!)? terms=None) -> Tensor");
+      "int divergence, float param_a, float param_b, int ignore_index, float label_smoothing, "
+      "float softcap, Tensor(c!)? terms=None) -> Tensor");
   // The build of the CPU kernel of `op` ("dense_kd" or "sparse_kd") that runs in this
   // process: "avx512", "avx2" or "default" (see csrc/cpu/cpu_host.h). No tensors: one kernel
   // for every dispatch key.

@@ -57,7 +57,7 @@ def host_reduction_weight(student, valid, reduction, num_items_in_batch):
     (CPU logits, eager mode); else None. `valid`: the count of non-ignored rows
     (`_valid_count`, a 0-dim tensor), or None without a target.
 
-    The kernels then fold it into their loss weights (`weighted_options`): the loss is the
+    The kernels then fold it into their loss weights (`KernelArgs.weighted`): the loss is the
     plain sum of the rows they return and the gradient they write is already final, so the
     backward's per-row rescale sees factors of exactly 1 in the usual ``loss.backward()`` and
     skips its pass over `(N, V)` (`ops.dense.scale_rows_`). Elsewhere (a device sync) and
@@ -78,13 +78,6 @@ def host_reduction_weight(student, valid, reduction, num_items_in_batch):
     else:
         count = float(max(int(valid), 1))
     return 1.0 / count if 0.0 < count < float("inf") else None
-
-
-def weighted_options(options: tuple, weight) -> tuple:
-    """Kernel options (`kernel_options` order) with both loss weights times `weight`."""
-    if weight is None or weight == 1.0:
-        return options
-    return (options[0], options[1] * weight, options[2] * weight) + tuple(options[3:])
 
 
 def _reduced(rows, terms, valid, reduction, num_items_in_batch, lead_shape, weight=None):

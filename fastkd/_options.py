@@ -15,6 +15,7 @@ from typing import Optional
 
 import torch
 
+from ._kernel_args import KernelArgs
 from .reference import DIVERGENCES
 
 REDUCTIONS = ("mean", "sum", "none")
@@ -169,17 +170,15 @@ class LossOptions:
         """The kernels' integer for `divergence` (its index in `DIVERGENCES`)."""
         return DIVERGENCES.index(self.divergence)
 
-    def kernel_args(self, target_given: bool, weight: Optional[float] = None) -> tuple:
-        """The kernels' scalar arguments, in their order: (temperature, ce_weight,
-        div_weight, divergence code, beta, ignore_index, label_smoothing, softcap with
-        0 = off). `weight`: a reduction factor folded into both loss weights (None: 1)."""
+    def kernel_args(self, target_given: bool, weight: Optional[float] = None) -> KernelArgs:
+        """The kernels' scalars (`fastkd._kernel_args.KernelArgs`). `weight`: a reduction
+        factor folded into both loss weights (None: 1)."""
         ce_weight, div_weight = self.loss_weights(target_given)
-        if weight is not None:
-            ce_weight, div_weight = ce_weight * weight, div_weight * weight
+        param_a, param_b = self.divergence_params
         softcap = float(self.softcap) if self.softcap is not None else 0.0
-        return (float(self.temperature), ce_weight, div_weight, self.divergence_code,
-                float(self.beta), int(self.ignore_index), float(self.label_smoothing),
-                softcap)
+        return KernelArgs(float(self.temperature), ce_weight, div_weight, self.divergence_code,
+                          param_a, param_b, int(self.ignore_index),
+                          float(self.label_smoothing), softcap).weighted(weight)
 
 
 _NAMES = tuple(f.name for f in dataclasses.fields(LossOptions))

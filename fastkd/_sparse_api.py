@@ -22,8 +22,8 @@ from ._glue import (
     _valid_count,
     host_reduction_weight,
     kernel_options,
-    weighted_options,
 )
+from ._kernel_args import KernelArgs
 from ._options import teacher_scale as _teacher_scale
 from ._validation import check_chunk_size as _check_chunk_size
 from ._validation import (
@@ -121,10 +121,9 @@ def _first_bad_rows_cpu(logprobs, indices, valid, vocab, max_mass):
     return first_bad_rows(logprobs, indices, valid, vocab, max_mass)
 
 
-def _sparse_kernel(backend: str, tensor: torch.Tensor, teacher_scale: float = 1.0):
+def _sparse_kernel(backend: str, tensor: torch.Tensor):
     """The top-k teacher kernel of a backend: the fused C++ op (`cpu`), the Triton op
     (`triton`), or the reference (`torch`, and `auto` where no fused kernel applies)."""
-    import functools
     import os
 
     name = resolve_backend(backend, tensor)  # validates the name (and FASTKD_BACKEND)
@@ -150,8 +149,6 @@ def _sparse_kernel(backend: str, tensor: torch.Tensor, teacher_scale: float = 1.
         from .ops.sparse_triton import sparse_kd_triton as kernel
     elif name == "torch":
         kernel = sparse_kd_rows
-    if teacher_scale != 1.0:
-        kernel = functools.partial(kernel, teacher_scale=teacher_scale)
     return kernel
 
 
@@ -161,7 +158,7 @@ def _topk_rows(tensor: torch.Tensor, width: int, kernel) -> torch.Tensor:
     rows = tensor.reshape(-1, width)
     if rows.stride(-1) != 1 and width > 1:
         rows = rows.contiguous()
-    if rows.dtype == torch.float64 and getattr(kernel, "func", kernel) is not sparse_kd_rows:
+    if rows.dtype == torch.float64 and kernel is not sparse_kd_rows:
         rows = rows.float()
     return rows
 
@@ -176,12 +173,13 @@ def _check_sparse_call(student, logprobs, indices, target, tail, options, lead_s
     _check_topk(logprobs, indices, lead_shape, vocab, valid_rows)
 
 
-def _sparse_options(target, tail, temperature, alpha, divergence, beta, scale_by_t2,
-                    ignore_index, label_smoothing, softcap) -> tuple:
+def _sparse_options(target, tail, scale, temperature, alpha, divergence, beta, scale_by_t2,
+                    ignore_index, label_smoothing, softcap) -> KernelArgs:
     return kernel_options(target is not None, temperature=temperature, alpha=alpha,
                           divergence=divergence, beta=beta, scale_by_t2=scale_by_t2,
                           ignore_index=ignore_index, label_smoothing=label_smoothing,
-                          softcap=softcap) + (tail == "renormalize",)
+                          softcap=softcap)._replace(renormalize=tail == "renormalize",
+                                                    teacher_scale=scale)
 
 
 @fill_doc
@@ -256,11 +254,11 @@ def sparse_distillation_loss(
                       teacher_topk_logprobs=teacher_topk_logprobs,
                       teacher_topk_indices=teacher_topk_indices, target=target)
     scale = _teacher_scale(teacher_temperature, temperature, tail)
-    kernel = _sparse_kernel(backend, student_logits, scale)
+    kernel = _sparse_kernel(backend, student_logits)
     k = teacher_topk_logprobs.shape[-1]
     flat_target = _flat_target(target)
-    options = _sparse_options(target, tail, temperature, alpha, divergence, beta, scale_by_t2,
-                              ignore_index, label_smoothing, softcap)
+    options = _sparse_options(target, tail, scale, temperature, alpha, divergence, beta,
+                              scale_by_t2, ignore_index, label_smoothing, softcap)
     student, copied = student_rows(student_logits)  # a view wherever one exists
     if inplace_backward and copied:
         raise ValueError("inplace_backward=True cannot write the gradient into "
@@ -273,7 +271,7 @@ def sparse_distillation_loss(
         rows = sparse_distillation_rows(
             student, _topk_rows(teacher_topk_logprobs, k, kernel),
             _topk_rows(teacher_topk_indices, k, kernel), flat_target, kernel,
-            weighted_options(options, weight), inplace_backward=inplace_backward,
+            options.weighted(weight), inplace_backward=inplace_backward,
             return_terms=return_components)
         rows, terms = rows if return_components else (rows, None)
         return _reduced(rows, terms, valid, reduction, num_items_in_batch, lead_shape, weight)
@@ -344,14 +342,14 @@ def fused_linear_sparse_distillation_loss(
                       teacher_topk_indices=teacher_topk_indices, target=target)
     _check_chunk_size(chunk_size)
     scale = _teacher_scale(teacher_temperature, temperature, tail)
-    kernel = _sparse_kernel(backend, student_hidden, scale)
+    kernel = _sparse_kernel(backend, student_hidden)
     student_hidden, student_weight, student_bias = _autocast_head(student_hidden,
                                                                   student_weight, student_bias)
     k = teacher_topk_logprobs.shape[-1]
     teacher = (_topk_rows(teacher_topk_logprobs, k, kernel),
                _topk_rows(teacher_topk_indices, k, kernel), None)
-    options = _sparse_options(target, tail, temperature, alpha, divergence, beta, scale_by_t2,
-                              ignore_index, label_smoothing, softcap)
+    options = _sparse_options(target, tail, scale, temperature, alpha, divergence, beta,
+                              scale_by_t2, ignore_index, label_smoothing, softcap)
     return _fused_linear_loss(student_hidden, student_weight, student_bias, target, teacher,
                               kernel, options, True, chunk_size, reduction,
                               num_items_in_batch, ignore_index, return_components)

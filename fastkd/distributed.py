@@ -31,7 +31,6 @@ from ._glue import (
     _valid_count,
     host_reduction_weight,
     kernel_options,
-    weighted_options,
 )
 from ._sparse_api import TOPK_MASS_TOLERANCE, _check_tail, _check_topk_shapes, _teacher_scale
 from ._validation import (
@@ -189,18 +188,17 @@ def vocab_parallel_distillation_loss(
     flat_target = _flat_target(target)
     valid = _valid_count(flat_target, ignore_index)
     weight = host_reduction_weight(student, valid, reduction, num_items_in_batch)
-    options = weighted_options(kernel_options(
+    args = kernel_options(
         target is not None, temperature=temperature, alpha=alpha, divergence=divergence,
         beta=beta, scale_by_t2=scale_by_t2, ignore_index=ignore_index,
-        label_smoothing=label_smoothing, softcap=softcap), weight)
+        label_smoothing=label_smoothing, softcap=softcap).weighted(weight)
     terms = _terms_buffer(student.shape[0], (student.dtype, teacher.dtype), student.device,
                           return_components)
     kernel = functools.partial(vocab_parallel_kd_rows, vocab_start_index=vocab_start_index,
                                group=group, check=not torch.compiler.is_compiling())
 
     def call(grad_student, grad_teacher):
-        return kernel(student, teacher, flat_target, grad_student, grad_teacher, *options,
-                      terms)
+        return kernel(student, teacher, flat_target, grad_student, grad_teacher, terms, args)
 
     with autocast_off(student.device):
         rows = vocab_parallel_rows(student, teacher, call, True, inplace_backward)
@@ -296,7 +294,7 @@ def vocab_parallel_fused_linear_distillation_loss(
     flat_target = _flat_target(target)
     chunk = chunk_size or agreed_chunk_rows(n, local_vocab, hidden.element_size(),
                                             hidden.device, group)
-    options = kernel_options(target is not None, **options_kw)
+    args = kernel_options(target is not None, **options_kw)
     kernel = functools.partial(vocab_parallel_kd_rows, vocab_start_index=vocab_start_index,
                                group=group)
     teacher = (teacher_hidden.reshape(-1, teacher_hidden.shape[-1]), teacher_weight_shard,
@@ -308,11 +306,11 @@ def vocab_parallel_fused_linear_distillation_loss(
     teacher = _autocast_head(*teacher)
     with autocast_off(hidden.device):
         out = vocab_parallel_fused_rows(hidden, s_weight, s_bias, flat_target, teacher, kernel,
-                                        options, chunk, reduction == "none", group, terms)
+                                        args, chunk, reduction == "none", group, terms)
     if flat_target is None:
         valid = torch.full((), n, dtype=torch.int64, device=hidden.device)
     else:
-        valid = (flat_target != options_kw["ignore_index"]).sum()
+        valid = (flat_target != args.ignore_index).sum()
     return _finish(out, terms, valid, reduction, num_items, lead_shape,
                    summed=reduction != "none")
 
@@ -397,21 +395,19 @@ def vocab_parallel_sparse_distillation_loss(
     k = teacher_topk_logprobs.shape[-1]
     student = student_logits_shard.reshape(-1, local_vocab).contiguous()
     logprobs = teacher_topk_logprobs.reshape(-1, k).contiguous()
-    if scale != 1.0:  # re-tempered; the renormalize tail renormalises over the k entries
-        logprobs = logprobs.to(torch.promote_types(logprobs.dtype, torch.float32)) * scale
     indices = teacher_topk_indices.reshape(-1, k).to(torch.int64).contiguous()
     flat_target = _flat_target(target)
     valid = _valid_count(flat_target, ignore_index)
     weight = host_reduction_weight(student, valid, reduction, num_items)
-    options = weighted_options(kernel_options(target is not None, **options_kw), weight) + (
-        tail == "renormalize",)
+    args = kernel_options(target is not None, **options_kw).weighted(weight)._replace(
+        renormalize=tail == "renormalize", teacher_scale=scale)
     terms = _terms_buffer(student.shape[0], (student.dtype,), student.device,
                           return_components)
     check = not torch.compiler.is_compiling()
 
     def call(grad_student, _):
         return vocab_parallel_sparse_kd_rows(
-            student, logprobs, indices, flat_target, grad_student, *options, terms,
+            student, logprobs, indices, flat_target, grad_student, terms, args,
             vocab_start_index=vocab_start_index, group=group, check=check)
 
     with autocast_off(student.device):

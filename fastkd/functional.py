@@ -27,7 +27,6 @@ from ._glue import (
     host_reduction_weight,
     kernel_options,
     loss_weights,  # noqa: F401  (part of this module's namespace for other modules)
-    weighted_options,
 )
 from ._sparse_api import (  # the top-k teacher losses, public from here
     fused_linear_sparse_distillation_loss,
@@ -133,7 +132,7 @@ def distillation_loss(
     valid = _valid_count(flat_target, ignore_index)
     weight = host_reduction_weight(student, valid, reduction, num_items_in_batch)
     out = dense_distillation_rows(student, teacher, flat_target, dense_kernel(name),
-                                  weighted_options(options, weight),
+                                  options.weighted(weight),
                                   inplace_backward=inplace_backward,
                                   with_terms=return_components)
     rows, terms = out if return_components else (out, None)

@@ -20,6 +20,8 @@ import subprocess
 import sys
 import time
 
+from fastkd._kernel_args import KernelArgs
+
 CASES = ("copy fp32", "dense fwd fp32", "dense fwd+grad fp32", "dense fwd bf16",
          "dense fwd+grad bf16", "topk fwd fp32", "topk fwd+grad fp32", "topk fwd bf16",
          "topk fwd+grad bf16")
@@ -37,8 +39,10 @@ def _timed(fn, reps: int) -> float:
 
 
 # KL, T = 2, alpha = 0.5 with a target (ce_weight = 1 - alpha, div_weight = alpha T^2).
-DENSE_OPTIONS = (2.0, 0.5, 2.0, 0, 0.5, -100, 0.0, 0.0)
-TOPK_OPTIONS = DENSE_OPTIONS + (False,)  # tail "bucket"
+DENSE_ARGS = KernelArgs(temperature=2.0, ce_weight=0.5, div_weight=2.0, divergence=0,
+                        param_a=0.0, param_b=0.0, ignore_index=-100, label_smoothing=0.0,
+                        softcap=0.0)
+TOPK_ARGS = DENSE_ARGS  # renormalize=False: tail "bucket"
 
 
 def _calls(s, t, grad, target, logprobs, indices) -> dict:
@@ -46,12 +50,12 @@ def _calls(s, t, grad, target, logprobs, indices) -> dict:
     from fastkd.ops.sparse_native import sparse_kd_native
 
     return {
-        "dense fwd": lambda: dense_kd_native(s, t, target, None, None, *DENSE_OPTIONS),
-        "dense fwd+grad": lambda: dense_kd_native(s, t, target, grad, None, *DENSE_OPTIONS),
-        "topk fwd": lambda: sparse_kd_native(s, logprobs, indices, target, None,
-                                             *TOPK_OPTIONS),
-        "topk fwd+grad": lambda: sparse_kd_native(s, logprobs, indices, target, grad,
-                                                  *TOPK_OPTIONS),
+        "dense fwd": lambda: dense_kd_native(s, t, target, None, None, None, DENSE_ARGS),
+        "dense fwd+grad": lambda: dense_kd_native(s, t, target, grad, None, None, DENSE_ARGS),
+        "topk fwd": lambda: sparse_kd_native(s, logprobs, indices, target, None, None,
+                                             TOPK_ARGS),
+        "topk fwd+grad": lambda: sparse_kd_native(s, logprobs, indices, target, grad, None,
+                                                  TOPK_ARGS),
     }
 
 

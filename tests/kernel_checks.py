@@ -1,11 +1,13 @@
 """Shared helpers of the raw-kernel tests (Triton, C++ CPU, CUDA, CUDA maths emulation).
 
 Every backend implements the kernel contract of fastkd/reference/dense.py:
-kernel(student, teacher, target, grad_student, grad_teacher, temperature, ce_weight,
-div_weight, divergence, beta, ignore_index, label_smoothing, softcap) -> rows. The helpers
-here build those arguments from loss options, run a kernel with NaN-poisoned gradient
-buffers and compare its rows and gradients with the float64 oracle of tests/oracle.py. Like
-the oracle, nothing here imports fastkd, so a bug in the library cannot hide in its tests.
+kernel(student, teacher, target, grad_student, grad_teacher, terms, args) -> rows, `args` a
+`fastkd._kernel_args.KernelArgs` (the scalars temperature, ce_weight, div_weight,
+divergence, param_a, param_b, ignore_index, label_smoothing, softcap). The helpers here build
+those arguments from loss options (the weights written out independently of fastkd), run a
+kernel with NaN-poisoned gradient buffers and compare its rows and gradients with the float64
+oracle of tests/oracle.py. Like the oracle, nothing here imports fastkd's maths (only the
+plain NamedTuple of the contract), so a bug in the library cannot hide in its tests.
 """
 
 from __future__ import annotations
@@ -14,15 +16,21 @@ import pytest
 import torch
 from oracle import oracle_loss, random_logits, random_target
 
+from fastkd._kernel_args import KernelArgs
+
 DIVERGENCE_CASES = [("kl", 0.5), ("reverse_kl", 0.5), ("jsd", 0.5), ("jsd", 0.1), ("tvd", 0.5)]
 DIVERGENCE_IDS = ["kl", "reverse_kl", "jsd-0.5", "jsd-0.1", "tvd"]
 #: The kernel contract's divergence codes, by position.
 DIVERGENCE_CODES = ("kl", "reverse_kl", "jsd", "tvd")
 #: Per-element rounding of one value to the dtype (half an ulp at 1.0).
 HALF_ULP = {torch.bfloat16: 2.0**-9, torch.float16: 2.0**-12, torch.float32: 2.0**-24}
+#: The contract's scalars of a valid call (KL, T = 2, alpha = 0.5, with a target).
+VALID_ARGS = KernelArgs(temperature=2.0, ce_weight=0.5, div_weight=2.0, divergence=0,
+                        param_a=0.0, param_b=0.0, ignore_index=-100, label_smoothing=0.0,
+                        softcap=0.0)
+#: The raw ops' scalar arguments (temperature .. softcap, csrc/ops.cpp) of a valid call.
+VALID_SCALARS = VALID_ARGS.dense_scalars()
 #: Loss options of the raw-kernel tests unless a test overrides them.
-#: The contract's scalar arguments (temperature .. softcap) of a valid call.
-VALID_SCALARS = (2.0, 0.5, 2.0, 0, 0.5, -100, 0.0, 0.0)
 #: Loss options of the torch.compile checks.
 COMPILE_OPTIONS = dict(temperature=2.0, alpha=0.3, divergence="jsd", label_smoothing=0.1)
 DEFAULTS = dict(temperature=2.0, alpha=0.3, divergence="kl", beta=0.5, scale_by_t2=True,
@@ -38,14 +46,39 @@ def weights(target_given, alpha, temperature, scale_by_t2):
     return (0.0, k) if not target_given else (alpha, (1.0 - alpha) * k)
 
 
-def kernel_args(student, teacher, target, gs, gt, **options):
-    """The contract's 13 positional arguments for loss `options` (DEFAULTS otherwise)."""
+def scalars(target_given: bool, **options) -> KernelArgs:
+    """The contract's scalars for loss `options` (DEFAULTS otherwise)."""
     o = dict(DEFAULTS, **options)
-    ce_weight, div_weight = weights(target is not None, o["alpha"], o["temperature"],
+    ce_weight, div_weight = weights(target_given, o["alpha"], o["temperature"],
                                     o["scale_by_t2"])
-    return (student, teacher, target, gs, gt, o["temperature"], ce_weight, div_weight,
-            DIVERGENCE_CODES.index(o["divergence"]), o["beta"], o["ignore_index"],
-            o["label_smoothing"], o["softcap"] or 0.0)
+    param_a = o["beta"] if o["divergence"] == "jsd" else 0.0
+    return KernelArgs(o["temperature"], ce_weight, div_weight,
+                      DIVERGENCE_CODES.index(o["divergence"]), param_a, 0.0,
+                      o["ignore_index"], o["label_smoothing"], o["softcap"] or 0.0)
+
+
+def kernel_args(student, teacher, target, gs, gt, terms=None, **options):
+    """The contract's 7 positional arguments for loss `options` (DEFAULTS otherwise)."""
+    return (student, teacher, target, gs, gt, terms, scalars(target is not None, **options))
+
+
+def launcher(launch, terms=None, **keywords):
+    """The kernel contract on a launcher that takes the op's scalars spread out
+    (`launch(student, teacher, target, gs, gt, terms, temperature, ..., softcap,
+    **keywords)`, e.g. `fastkd.ops.triton_dense.launch_dense_kd` with its tile sizes);
+    `terms`, when given, replaces the contract's."""
+
+    def kernel(s, t, y, gs, gt, contract_terms, args):
+        buffer = contract_terms if terms is None else terms
+        return launch(s, t, y, gs, gt, buffer, *args.dense_scalars(), **keywords)
+
+    return kernel
+
+
+def op_args(student, teacher, target, gs, gt, **options):
+    """The raw op's positional arguments (csrc/ops.cpp, before `terms`) for `options`."""
+    return (student, teacher, target, gs, gt) + scalars(target is not None,
+                                                        **options).dense_scalars()
 
 
 def poisoned(like):
@@ -251,15 +284,15 @@ def assert_compiled_matches_eager(loss_fn, student, teacher, target, rtol=1e-6, 
 def assert_bad_inputs_name_the_argument(kernel, student, teacher, target):
     """`kernel` (on the contract's arguments) raises a ValueError / TypeError naming the bad
     argument: mismatched shapes, int32 target, a non-contiguous gradient, a bad code."""
-    opts = VALID_SCALARS
+    opts = VALID_ARGS
     with pytest.raises(ValueError, match="teacher"):
-        kernel(student, teacher[:, :9].contiguous(), target, None, None, *opts)
+        kernel(student, teacher[:, :9].contiguous(), target, None, None, None, opts)
     with pytest.raises(TypeError, match="target"):
-        kernel(student, teacher, target.int(), None, None, *opts)
+        kernel(student, teacher, target.int(), None, None, None, opts)
     with pytest.raises(ValueError, match="grad_student"):
-        kernel(student, teacher, target, student.t(), None, *opts)
+        kernel(student, teacher, target, student.t(), None, None, opts)
     with pytest.raises(ValueError, match="divergence"):
-        kernel(student, teacher, target, None, None, *opts[:3], 7, *opts[4:])
+        kernel(student, teacher, target, None, None, None, opts._replace(divergence=99))
 
 
 def skip_infinite_reverse_kl(divergence, student_padded):
@@ -288,8 +321,7 @@ def run_raw_layout(kernel, student, teacher, target, *, terms=True, grad_teacher
     gt = strided_rows(poisoned(teacher), 4) if grad_teacher else None
     tm = torch.full((student.shape[0], 2), float("nan"), device=student.device) if terms \
         else None
-    extra = {"terms": tm} if terms else {}
-    rows = kernel(*kernel_args(s, t, target, gs, gt, **options), **extra)
+    rows = kernel(*kernel_args(s, t, target, gs, gt, tm, **options))
     return rows, gs.contiguous(), None if gt is None else gt.contiguous(), tm
 
 

@@ -4,7 +4,7 @@ tests/test_cpu_dense_inputs.py and tests/test_cuda_dense.py.
 Mixed student / teacher dtypes, rows read where they are (slices with their own row strides,
 the causal shift `logits[:, :-1]` of each batch element, a transposed batch) and the `terms`
 output (unweighted CE and divergence per row). Every check runs a kernel with the contract's
-arguments (`kernel_checks.kernel_args` plus `terms=`) on NaN-poisoned outputs and compares with
+arguments (`kernel_checks.kernel_args`) on NaN-poisoned outputs and compares with
 the float64 oracle of tests/oracle.py; nothing here imports fastkd.
 """
 
@@ -45,7 +45,7 @@ def run(kernel, student, teacher, target, *, grad_student=True, grad_teacher=Tru
         gs = poisoned(student) if grad_student else None
     gt = poisoned(teacher) if grad_teacher else None
     k = torch.full((student.shape[0], 2), float("nan"), device=student.device) if terms else None
-    rows = kernel(*kernel_args(student, teacher, target, gs, gt, **options), terms=k)
+    rows = kernel(*kernel_args(student, teacher, target, gs, gt, k, **options))
     return rows, gs, gt, k
 
 
@@ -104,8 +104,8 @@ def check_terms(kernel, student, teacher, target, **options):
     for what, k, x in (("CE term", terms[:, 0], ce), ("divergence term", terms[:, 1], d)):
         err, s = max_error(k, x, what)
         assert err <= 1e-5 * max(s, scale, 1.0), f"{what}: error {err:.3e} (scale {s:.3e})"
-    args = kernel_args(student, teacher, target, None, None, **options)
-    ce_weight, div_weight = args[6], args[7]
+    args = kernel_args(student, teacher, target, None, None, **options)[-1]
+    ce_weight, div_weight = args.ce_weight, args.div_weight
     mixed = ce_weight * terms[:, 0].double() + div_weight * terms[:, 1].double()
     err, s = max_error(rows, mixed, "rows vs weighted terms")
     assert err <= 2 * 2.0**-24 * s + 1e-30, f"rows != ce_w * CE + div_w * D: {err:.3e}"

@@ -17,8 +17,14 @@ import kernel_checks
 import native_checks
 import pytest
 import torch
-from kernel_checks import DIVERGENCE_CASES, DIVERGENCE_IDS, assert_close, inputs, oracle_rows
-from kernel_checks import kernel_args as op_args
+from kernel_checks import (
+    DIVERGENCE_CASES,
+    DIVERGENCE_IDS,
+    assert_close,
+    inputs,
+    op_args,
+    oracle_rows,
+)
 from oracle import oracle_with_grads, row_weights
 
 import fastkd
@@ -274,7 +280,7 @@ def test_bad_inputs_name_the_argument():
 
     def call(**replace):
         names = ["student", "teacher", "target", "grad_student", "grad_teacher", "temperature",
-                 "ce_weight", "div_weight", "divergence", "beta", "ignore_index",
+                 "ce_weight", "div_weight", "divergence", "param_a", "param_b", "ignore_index",
                  "label_smoothing", "softcap"]
         args = list(base)
         for k, v in replace.items():
@@ -293,8 +299,8 @@ def test_bad_inputs_name_the_argument():
         (ValueError, "grad_student", dict(grad_student=torch.empty(3, 9))),
         (TypeError, "grad_teacher", dict(grad_teacher=torch.empty(3, 10, dtype=torch.half))),
         (ValueError, "temperature", dict(temperature=0.0)),
-        (ValueError, "divergence", dict(divergence=4)),
-        (ValueError, "beta", dict(divergence=2, beta=1.0)),
+        (ValueError, "divergence", dict(divergence=99)),
+        (ValueError, "beta", dict(divergence=2, param_a=1.0)),
         (ValueError, "label_smoothing", dict(label_smoothing=1.5)),
     ]
     for error, name, replace in cases:

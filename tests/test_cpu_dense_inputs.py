@@ -15,7 +15,7 @@ from __future__ import annotations
 import native_checks
 import pytest
 import torch
-from kernel_checks import DIVERGENCE_CASES, DIVERGENCE_IDS, kernel_args
+from kernel_checks import DIVERGENCE_CASES, DIVERGENCE_IDS, kernel_args, op_args
 from native_checks import DTYPE_PAIR_IDS, DTYPE_PAIRS, DTYPES, mixed_inputs
 
 native = pytest.importorskip("fastkd.ops.native", reason="the extension fastkd._C is not built")
@@ -63,7 +63,7 @@ def test_causal_shift_in_place(dtype):
 
 def test_rows_must_not_overlap_and_columns_must_be_unit_stride():
     student, teacher, target = mixed_inputs(3, 10, torch.float32, torch.float32)
-    scalars = kernel_args(student, teacher, target, None, None)[5:]
+    scalars = op_args(student, teacher, target, None, None)[5:]
     op = torch.ops.fastkd.dense_kd
     with pytest.raises(ValueError, match="student"):
         op(student.t().contiguous().t(), teacher, target, None, None, *scalars)
@@ -129,12 +129,12 @@ def test_opcheck_terms_mixed_dtypes_and_strides():
     student, teacher, target = mixed_inputs(4, 37, torch.bfloat16, torch.float32, seed=36)
     op = torch.ops.fastkd.dense_kd.default
     terms = torch.empty(4, 2)
-    args = kernel_args(student, teacher, target, torch.empty_like(student),
-                       torch.empty_like(teacher), divergence="jsd", softcap=4.0)
+    args = op_args(student, teacher, target, torch.empty_like(student),
+                   torch.empty_like(teacher), divergence="jsd", softcap=4.0)
     torch.library.opcheck(op, args + (terms,))
-    torch.library.opcheck(op, kernel_args(student, teacher, None, None, None) + (terms,))
+    torch.library.opcheck(op, op_args(student, teacher, None, None, None) + (terms,))
     s, t, y, gs, gt, _ = native_checks.strided_case(4, 37, torch.float16, torch.float32)
-    torch.library.opcheck(op, kernel_args(s, t, y, gs, gt, divergence="tvd") + (terms,))
+    torch.library.opcheck(op, op_args(s, t, y, gs, gt, divergence="tvd") + (terms,))
 
 
 def test_torch_compile_with_terms():
@@ -143,8 +143,7 @@ def test_torch_compile_with_terms():
 
     def rows_and_terms(s, t, y):
         terms = torch.empty(s.shape[0], 2, device=s.device)
-        rows = kernel(*kernel_args(s, t, y, None, None, divergence="kl", alpha=0.4),
-                      terms=terms)
+        rows = kernel(*kernel_args(s, t, y, None, None, terms, divergence="kl", alpha=0.4))
         return rows, terms
 
     eager = rows_and_terms(student, teacher, target)

@@ -67,17 +67,14 @@ def inputs(n, vocab, dtype=torch.float32, ignore_fraction=0.3, scale=3.0, seed=0
     return kernel_checks.inputs(n, vocab, dtype, ignore_fraction, scale, seed, device="cuda")
 
 
-def dense_kd_synchronized(*args):
-    rows = torch.ops.fastkd.dense_kd(*args)
+def kernel_with_terms(s, t, y, gs, gt, terms, args):
+    """The kernel contract on the raw CUDA op, synchronised."""
+    rows = torch.ops.fastkd.dense_kd(s, t, y, gs, gt, *args.dense_scalars(), terms)
     torch.cuda.synchronize()
     return rows
 
 
-def kernel_with_terms(*args, terms=None):
-    """The kernel contract with the optional terms buffer, synchronised."""
-    rows = torch.ops.fastkd.dense_kd(*args, terms)
-    torch.cuda.synchronize()
-    return rows
+dense_kd_synchronized = kernel_with_terms
 
 
 def run_op(student, teacher, target, **kw):
@@ -257,8 +254,8 @@ def test_opcheck_terms_mixed_dtypes():
     student, teacher, target = native_checks.mixed_inputs(3, 37, torch.bfloat16,
                                                           torch.float32, device="cuda")
     terms = torch.empty(3, 2, device="cuda")
-    args = kernel_checks.kernel_args(student, teacher, target, torch.empty_like(student),
-                                     torch.empty_like(teacher), divergence="jsd")
+    args = kernel_checks.op_args(student, teacher, target, torch.empty_like(student),
+                                 torch.empty_like(teacher), divergence="jsd")
     torch.library.opcheck(torch.ops.fastkd.dense_kd.default, args + (terms,))
 
 

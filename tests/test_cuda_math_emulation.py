@@ -60,12 +60,14 @@ def emulated_kernel(fn, shape=(4, 32)):
     """The kernel contract (float32 tensors with unit column stride, any row stride, optional
     terms) on the emulated kernel maths with `shape` = (CTAs per row, threads per CTA)."""
 
-    def kernel(s, t, y, gs, gt, *options, terms=None):
+    def kernel(s, t, y, gs, gt, terms, args):
         for x in (s, t, gs, gt):
             assert x is None or (x.dtype == torch.float32 and x.stride(1) == 1)
         rows = torch.full((s.shape[0],), float("nan"))
+        scalars = (args.temperature, args.ce_weight, args.div_weight, args.divergence,
+                   args.param_a, args.ignore_index, args.label_smoothing, args.softcap)
         rc = fn(*map(address, (s, t, y, rows, gs, gt, terms)), s.shape[0], s.shape[1],
-                *map(row_stride, (s, t, gs, gt)), *options, shape[0], shape[1])
+                *map(row_stride, (s, t, gs, gt)), *scalars, shape[0], shape[1])
         assert rc == 0
         return rows
 

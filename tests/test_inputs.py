@@ -107,9 +107,9 @@ class KernelRecorder:
         def dense_kernel(name):
             kernel = original(name)
 
-            def recorded(student, teacher, target, grad_student, *rest, **kw):
+            def recorded(student, teacher, target, grad_student, *rest):
                 self.calls.append((student, teacher, grad_student))
-                return kernel(student, teacher, target, grad_student, *rest, **kw)
+                return kernel(student, teacher, target, grad_student, *rest)
 
             return recorded
 

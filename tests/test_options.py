@@ -13,6 +13,7 @@ import torch
 
 import fastkd
 from fastkd._dispatch import resolve_backend
+from fastkd._kernel_args import KernelArgs
 from fastkd._options import LossOptions, teacher_scale
 
 BAD_SETTINGS = [
@@ -83,8 +84,8 @@ def test_options_are_frozen_and_list_every_keyword():
     with pytest.raises(dataclasses.FrozenInstanceError):
         options.temperature = 2.0
     assert LossOptions.names() == (
-        "temperature", "alpha", "divergence", "beta", "skew", "alpha_beta", "scale_by_t2", "ignore_index",
-        "label_smoothing", "softcap", "reduction", "num_items_in_batch")
+        "temperature", "alpha", "divergence", "beta", "skew", "alpha_beta", "scale_by_t2",
+        "ignore_index", "label_smoothing", "softcap", "reduction", "num_items_in_batch")
     import inspect
     public = inspect.signature(fastkd.distillation_loss).parameters
     for name in LossOptions.names():
@@ -97,10 +98,13 @@ def test_derived_kernel_values():
     assert options.loss_weights(True) == (0.25, 0.75 * 4.0)
     assert options.loss_weights(False) == (0.0, 4.0)
     assert options.divergence_code == 2
-    assert options.kernel_args(True) == (2.0, 0.25, 3.0, 2, 0.3, -1, 0.1, 30.0)
-    assert options.kernel_args(True, weight=0.5) == (2.0, 0.125, 1.5, 2, 0.3, -1, 0.1, 30.0)
+    assert options.kernel_args(True) == KernelArgs(2.0, 0.25, 3.0, 2, 0.3, 0.0, -1, 0.1, 30.0)
+    assert options.kernel_args(True, weight=0.5) == KernelArgs(2.0, 0.125, 1.5, 2, 0.3, 0.0, -1,
+                                                               0.1, 30.0)
     unscaled = dataclasses.replace(options, scale_by_t2=False, softcap=None)
-    assert unscaled.kernel_args(False) == (2.0, 0.0, 1.0, 2, 0.3, -1, 0.1, 0.0)
+    assert unscaled.kernel_args(False) == KernelArgs(2.0, 0.0, 1.0, 2, 0.3, 0.0, -1, 0.1, 0.0)
+    assert unscaled.kernel_args(False).dense_scalars() == (2.0, 0.0, 1.0, 2, 0.3, 0.0, -1,
+                                                           0.1, 0.0)
 
 
 def test_teacher_scale():

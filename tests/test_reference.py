@@ -23,6 +23,7 @@ from oracle import oracle_loss, oracle_with_grads, random_logits, random_target,
 
 import fastkd
 import fastkd.reference.dense as reference_dense
+from fastkd._kernel_args import KernelArgs
 
 RTOL = {torch.float64: 1e-12, torch.float32: 1e-5}
 # Per-element rounding of one value to the dtype (half an ulp at 1.0): the floor of the
@@ -343,9 +344,9 @@ def test_kernel_contract_poisoned_buffers(divergence, beta, alias):
     s = student.clone()
     grad_s = s if alias else torch.full_like(s, float("nan"))
     grad_t = torch.full_like(teacher, float("nan"))
-    rows = fastkd.reference.dense_kd_rows(s, teacher, target, grad_s, grad_t, temperature,
-                                          alpha, (1 - alpha) * temperature**2, code, beta,
-                                          -100, 0.1, 0.0)
+    args = KernelArgs(temperature, alpha, (1 - alpha) * temperature**2, code,
+                      beta if divergence == "jsd" else 0.0, 0.0, -100, 0.1, 0.0)
+    rows = fastkd.reference.dense_kd_rows(s, teacher, target, grad_s, grad_t, None, args)
     kw = dict(temperature=temperature, alpha=alpha, divergence=divergence, beta=beta,
               label_smoothing=0.1)
     assert rows.dtype == torch.float32
@@ -398,16 +399,18 @@ def test_kernel_terms_with_zero_weights():
     teacher[:, 5] = float("-inf")
     terms = torch.full((6, 2), float("nan"))
     grad = torch.full_like(student, float("nan"))
-    rows = fastkd.reference.dense_kd_rows(student, teacher, target, grad, None, 2.0, 1.0, 0.0,
-                                          1, 0.5, -100, 0.0, 0.0, terms=terms)
+    rows = fastkd.reference.dense_kd_rows(student, teacher, target, grad, None, terms,
+                                          KernelArgs(2.0, 1.0, 0.0, 1, 0.0, 0.0, -100, 0.0,
+                                                     0.0))
     valid = target != -100
     assert bool(torch.isfinite(rows).all()) and bool(torch.isfinite(grad).all())
     assert torch.equal(rows, terms[:, 0])
     assert bool(torch.isinf(terms[valid, 1]).all()) and bool((terms[~valid] == 0).all())
     finite = teacher.masked_fill(torch.isinf(teacher), 0.0)
     terms_ce0 = torch.full((6, 2), float("nan"))
-    rows = fastkd.reference.dense_kd_rows(student, finite, target, None, None, 2.0, 0.0, 4.0,
-                                          0, 0.5, -100, 0.0, 0.0, terms=terms_ce0)
+    rows = fastkd.reference.dense_kd_rows(student, finite, target, None, None, terms_ce0,
+                                          KernelArgs(2.0, 0.0, 4.0, 0, 0.0, 0.0, -100, 0.0,
+                                                     0.0))
     ce = oracle_loss(student, finite, target, alpha=1.0, reduction="none")
     assert_close(terms_ce0[:, 0], ce, 1e-5, what="ce at weight 0")
     assert_close(rows, 4.0 * terms_ce0[:, 1], 1e-6, what="rows")
@@ -418,8 +421,9 @@ def test_reference_float64_with_one_float64_side():
     student = random_logits(5, 19, dtype=torch.float32, seed=45)
     teacher = random_logits(5, 19, dtype=torch.float64, seed=46)
     gs, gt = torch.empty_like(student), torch.empty_like(teacher)
-    rows = fastkd.reference.dense_kd_rows(student, teacher, None, gs, gt, 2.0, 0.0, 4.0, 2,
-                                          0.3, -100, 0.0, 0.0)
+    rows = fastkd.reference.dense_kd_rows(student, teacher, None, gs, gt, None,
+                                          KernelArgs(2.0, 0.0, 4.0, 2, 0.3, 0.0, -100, 0.0,
+                                                     0.0))
     assert rows.dtype == torch.float64
     ref = oracle_loss(student, teacher, None, temperature=2.0, divergence="jsd", beta=0.3,
                       reduction="none")

@@ -1,9 +1,9 @@
 """The fused top-k teacher kernels (C++ `cpu`, Triton through its interpreter, and the float32
 reference) against an independent float64 oracle, called through the raw kernel contract:
 
-    rows = kernel(student, topk_logprobs, topk_indices, target, grad_student, temperature,
-                  ce_weight, div_weight, divergence, beta, ignore_index, label_smoothing,
-                  softcap, renormalize, terms=None, teacher_scale=1.0)
+    rows = kernel(student, topk_logprobs, topk_indices, target, grad_student, terms, args)
+
+with `args` a `fastkd._kernel_args.KernelArgs` (renormalize and teacher_scale set).
 
 Rows, the NaN-poisoned gradient buffer and the per-row (CE, D) terms are compared with the
 float64 formula of tests/test_sparse.py differentiated by autograd. Also: ignored rows holding
@@ -28,6 +28,7 @@ from oracle import random_logits, random_target
 from test_sparse import sparse_divergence, teacher_topk
 
 import fastkd
+from fastkd._kernel_args import KernelArgs
 from fastkd.reference.sparse import sparse_kd_rows
 
 DIVERGENCES = ("kl", "reverse_kl", "jsd", "tvd")
@@ -59,11 +60,10 @@ NATIVE, NATIVE_REASON = _native()
 TRITON, TRITON_REASON = _triton()
 
 
-def triton_chunked(student, logprobs, indices, target, grad, *options, terms=None,
-                   teacher_scale=1.0):
+def triton_chunked(student, logprobs, indices, target, grad, terms, args):
     """The Triton launch with 64-column chunks, so V = 300 takes several of them."""
-    return TRITON.launch_sparse_kd(student, logprobs, indices, target, grad, terms, *options,
-                                   teacher_scale, block_v=64)
+    return TRITON.launch_sparse_kd(student, logprobs, indices, target, grad, terms,
+                                   *args.topk_scalars(), block_v=64)
 
 
 def _kernel(name):
@@ -87,19 +87,20 @@ DEFAULTS = dict(temperature=2.0, ce_weight=0.3, div_weight=2.8, divergence="kl",
 
 def _options(**overrides):
     o = dict(DEFAULTS, **overrides)
-    return o, (o["temperature"], o["ce_weight"], o["div_weight"],
-               DIVERGENCES.index(o["divergence"]), o["beta"], o["ignore_index"],
-               o["label_smoothing"], o["softcap"], o["tail"] == "renormalize")
+    param_a = o["beta"] if o["divergence"] == "jsd" else 0.0
+    return o, KernelArgs(o["temperature"], o["ce_weight"], o["div_weight"],
+                         DIVERGENCES.index(o["divergence"]), param_a, 0.0, o["ignore_index"],
+                         o["label_smoothing"], o["softcap"], o["teacher_scale"],
+                         o["tail"] == "renormalize")
 
 
 def run_kernel(name, student, logprobs, indices, target, *, inplace=False, grad=True, **kw):
     """(rows, grad or None, terms) of a backend's kernel; output buffers poisoned first."""
-    o, options = _options(**kw)
+    _, args = _options(**kw)
     student = student.clone() if inplace else student
     gs = student if inplace else (poisoned(student) if grad else None)
     terms = torch.full((student.shape[0], 2), float("nan"))
-    rows = _kernel(name)(student, logprobs, indices, target, gs, *options, terms=terms,
-                         teacher_scale=o["teacher_scale"])
+    rows = _kernel(name)(student, logprobs, indices, target, gs, terms, args)
     return rows, gs, terms
 
 
@@ -325,8 +326,8 @@ def test_other_cpu_variants(variant):
 
 
 def _op_args(student, logprobs, indices, target, grad, terms):
-    _, options = _options(divergence="jsd", label_smoothing=0.1, softcap=4.0)
-    return (student, logprobs, indices, target, grad, terms) + options + (0.5,)
+    _, args = _options(divergence="jsd", label_smoothing=0.1, softcap=4.0, teacher_scale=0.5)
+    return (student, logprobs, indices, target, grad, terms) + args.topk_scalars()
 
 
 @pytest.mark.skipif(NATIVE is None, reason=f"no fused CPU kernel: {NATIVE_REASON}")

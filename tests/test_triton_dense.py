@@ -11,7 +11,6 @@ poisoned with NaN before the kernel writes them. Tolerances follow docs/semantic
 
 from __future__ import annotations
 
-import functools
 import os
 import subprocess
 import sys
@@ -45,7 +44,7 @@ def inputs(n, vocab, dtype=torch.float32, ignore_fraction=0.3, scale=3.0, seed=0
 
 def run_kernel(student, teacher, target, *, path="single", **kw):
     """Raw launch: (rows, grad_student or None, grad_teacher or None)."""
-    launch = functools.partial(triton_dense.launch_dense_kd, **PATHS[path])
+    launch = kernel_checks.launcher(triton_dense.launch_dense_kd, **PATHS[path])
     return kernel_checks.run_raw(launch, student, teacher, target, **kw)
 
 
@@ -248,27 +247,28 @@ def test_public_api_inplace_backward(dtype):
 
 def test_bad_inputs_name_the_argument():
     student, teacher, target = inputs(3, 10)
-    kernel_checks.assert_bad_inputs_name_the_argument(triton_dense.launch_dense_kd, student,
-                                                      teacher, target)
+    kernel_checks.assert_bad_inputs_name_the_argument(
+        kernel_checks.launcher(triton_dense.launch_dense_kd), student, teacher, target)
 
 
 def test_custom_op_opcheck():
     student, teacher, target = inputs(3, 37, seed=40)
     gs, gt = kernel_checks.poisoned(student), kernel_checks.poisoned(teacher)
-    args = (student, teacher, target, gs, gt, 2.0, 0.3, 2.8, 0, 0.5, -100, 0.1, 0.0)
+    args = (student, teacher, target, gs, gt, None, 2.0, 0.3, 2.8, 0, 0.0, 0.0, -100, 0.1, 0.0)
     torch.library.opcheck(torch.ops.fastkd.dense_kd_triton.default, args)
-    no_grads = (student, teacher, None, None, None, 1.0, 0.0, 1.0, 2, 0.5, -100, 0.0, 3.0)
+    no_grads = (student, teacher, None, None, None, None, 1.0, 0.0, 1.0, 2, 0.5, 0.0, -100, 0.0,
+                3.0)
     torch.library.opcheck(torch.ops.fastkd.dense_kd_triton.default, no_grads)
     torch.library.opcheck(torch.ops.fastkd.dense_kd_triton_loss.default,
-                          (student, teacher, target, 2.0, 0.3, 2.8, 3, 0.5, -100, 0.1, 0.0))
+                          (student, teacher, target, 2.0, 0.3, 2.8, 3, 0.0, 0.0, -100, 0.1, 0.0))
 
 
 def test_raw_entry_point_matches_launcher():
     """`dense_kd_triton` (through the custom op) == the launcher, bit for bit."""
     student, teacher, target = inputs(4, 100, seed=41)
     gs, gt = kernel_checks.poisoned(student), kernel_checks.poisoned(teacher)
-    rows = triton_dense.dense_kd_triton(student, teacher, target, gs, gt, 2.0, 0.3, 2.8, 1, 0.5,
-                                        -100, 0.1, 0.0)
+    args = kernel_checks.scalars(True, divergence="reverse_kl", label_smoothing=0.1)
+    rows = triton_dense.dense_kd_triton(student, teacher, target, gs, gt, None, args)
     ref = run_kernel(student, teacher, target, divergence="reverse_kl", label_smoothing=0.1)
     for a, b in zip((rows, gs, gt), ref):
         assert torch.equal(a, b)

@@ -14,8 +14,6 @@ repeats the mixed / strided / terms check at a real vocabulary on CUDA.
 
 from __future__ import annotations
 
-import functools
-
 import kernel_checks
 import oracle
 import pytest
@@ -38,8 +36,8 @@ def run_small(student, teacher, target, *, path="single", terms=False, **kw):
     """Raw launch on SMALL_PATHS: (rows, grad_student, grad_teacher[, terms]); the terms
     buffer is poisoned with NaN first."""
     buf = torch.full((student.shape[0], 2), float("nan"), device=student.device)
-    launch = functools.partial(triton_dense.launch_dense_kd, **SMALL_PATHS[path],
-                               terms=buf if terms else None)
+    launch = kernel_checks.launcher(triton_dense.launch_dense_kd, buf if terms else None,
+                                    **SMALL_PATHS[path])
     got = kernel_checks.run_raw(launch, student, teacher, target, **kw)
     return (*got, buf) if terms else got
 
@@ -134,9 +132,8 @@ def test_strided_rows_read_and_written_in_place(pair, path):
     kw = dict(divergence="kl", temperature=2.0, label_smoothing=0.1)
     exact = oracle_rows(student.clone(), teacher, target, **kw)
     s_before, t_before = s_big.clone(), t_big.clone()
-    rows = triton_dense.launch_dense_kd(
-        *kernel_checks.kernel_args(student, teacher, target, student, grad_teacher, **kw),
-        **SMALL_PATHS[path])
+    rows = kernel_checks.launcher(triton_dense.launch_dense_kd, **SMALL_PATHS[path])(
+        *kernel_checks.kernel_args(student, teacher, target, student, grad_teacher, **kw))
     assert_rounded_once(rows, exact[0], "rows")
     assert_rounded_once(s_big[:, 5:5 + vocab], exact[1], "student grad in s_big")
     assert_rounded_once(gt_big[:, 64:], exact[2], "teacher grad in gt_big")
@@ -162,9 +159,8 @@ def test_shifted_slice_rows_per_batch(path):
         assert rows_i.data_ptr() == logits.data_ptr() + i * t * vocab * logits.element_size()
         y = labels[i, 1:].contiguous()
         exact = oracle_rows(original[i, :-1], t_rows, y, **kw)
-        rows = triton_dense.launch_dense_kd(
-            *kernel_checks.kernel_args(rows_i, t_rows, y, rows_i, None, **kw),
-            **SMALL_PATHS[path])
+        rows = kernel_checks.launcher(triton_dense.launch_dense_kd, **SMALL_PATHS[path])(
+            *kernel_checks.kernel_args(rows_i, t_rows, y, rows_i, None, **kw))
         assert_rounded_once(rows, exact[0], f"rows of batch {i}")
         assert_rounded_once(logits[i, :-1], exact[1], f"student grad of batch {i} (in place)")
     assert torch.equal(logits[:, -1], original[:, -1]), "the last position was written"
@@ -230,8 +226,8 @@ def test_terms_at_zero_weights_and_without_target(path):
         if path != "single":
             continue
         buf = torch.full((4, 2), float("nan"), device=DEVICE)
-        args = kernel_checks.kernel_args(student, teacher, y, None, None, **options)
-        triton_dense.dense_kd_triton(*args, terms=buf)  # the forward-only functional op
+        args = kernel_checks.kernel_args(student, teacher, y, None, None, buf, **options)
+        triton_dense.dense_kd_triton(*args)  # the forward-only functional op
         assert_close(buf, want, what="terms (forward only)")
 
 
@@ -243,7 +239,7 @@ def test_shared_layout_dtypes_terms_check(pair, path):
     """The cross-backend check of tests/kernel_checks.py (strided rows everywhere, per-side
     dtypes, NaN-poisoned terms), the same one every dense backend passes."""
     student, teacher, target = pair_inputs(5, 230, DTYPES[pair[0]], DTYPES[pair[1]], seed=46)
-    launch = functools.partial(triton_dense.launch_dense_kd, **SMALL_PATHS[path])
+    launch = kernel_checks.launcher(triton_dense.launch_dense_kd, **SMALL_PATHS[path])
     kernel_checks.check_layout_dtypes_terms(launch, student, teacher, target, divergence="jsd",
                                             beta=0.3, label_smoothing=0.1)
 
@@ -252,7 +248,7 @@ def test_layout_and_dtype_errors_name_the_argument():
     rows, mixed dtypes, a broadcast teacher row) is accepted without a copy."""
     student, teacher, target = pair_inputs(3, 10, torch.float32, torch.bfloat16, seed=45)
     opts = kernel_checks.VALID_SCALARS
-    launch = triton_dense.launch_dense_kd
+    launch = triton_dense.launch_dense_kd  # its arguments: the op's, terms after the buffers
     cases = [
         (TypeError, "teacher", (student, teacher.double(), target, None, None)),
         (TypeError, "grad_student", (student, teacher, target, student.half(), None)),
@@ -262,10 +258,10 @@ def test_layout_and_dtype_errors_name_the_argument():
     ]
     for error, name, args in cases:
         with pytest.raises(error, match=name):
-            launch(*args, *opts)
+            launch(*args, None, *opts)
     for bad in (torch.zeros(3, 2, dtype=torch.float64), torch.zeros(3, 3), torch.zeros(2, 3).t()):
         with pytest.raises((TypeError, ValueError), match="terms"):
-            launch(student, teacher, target, None, None, *opts, bad.to(DEVICE))
+            launch(student, teacher, target, None, None, bad.to(DEVICE), *opts)
     broadcast = teacher[:1].expand(3, 10)  # stride(0) == 0: read, never written
     kw = dict(divergence="tvd", temperature=1.5)
     _, gs, _ = run_small(student, broadcast, target, grad_teacher=False, **kw)
@@ -279,11 +275,12 @@ def test_custom_ops_opcheck_with_terms():
     gs = torch.full_like(student, float("nan"))
     gt = torch.full_like(teacher, float("nan"))
     terms = torch.full((3, 2), float("nan"), device=DEVICE)
-    args = (wide[:, 5:42], teacher, target, gs, gt, 2.0, 0.3, 2.8, 2, 0.5, -100, 0.1, 0.0, terms)
+    args = (wide[:, 5:42], teacher, target, gs, gt, terms, 2.0, 0.3, 2.8, 2, 0.5, 0.0, -100, 0.1,
+            0.0)
     torch.library.opcheck(torch.ops.fastkd.dense_kd_triton.default, args)
     torch.library.opcheck(torch.ops.fastkd.dense_kd_triton_loss.default,
-                          (wide[:, 5:42], teacher, None, 2.0, 0.0, 4.0, 1, 0.5, -100, 0.0, 0.0,
-                           True))
+                          (wide[:, 5:42], teacher, None, 2.0, 0.0, 4.0, 1, 0.0, 0.0, -100, 0.0,
+                           0.0, True))
 
 
 def test_raw_entry_point_with_terms():
@@ -291,15 +288,16 @@ def test_raw_entry_point_with_terms():
     student, teacher, target = pair_inputs(4, 100, torch.float16, torch.float32, seed=41)
     gs, gt = kernel_checks.poisoned(student), kernel_checks.poisoned(teacher)
     terms = torch.full((4, 2), float("nan"), device=DEVICE)
-    rows = triton_dense.dense_kd_triton(student, teacher, target, gs, gt, 2.0, 0.3, 2.8, 1, 0.5,
-                                        -100, 0.1, 0.0, terms=terms)
+    args = kernel_checks.VALID_ARGS._replace(ce_weight=0.3, div_weight=2.8, divergence=1,
+                                             label_smoothing=0.1)
+    rows = triton_dense.dense_kd_triton(student, teacher, target, gs, gt, terms, args)
     ref = run_small(student, teacher, target, terms=True, divergence="reverse_kl",
                     label_smoothing=0.1)
     for a, b in zip((rows, gs, gt, terms), ref):
         assert torch.equal(a, b)
     fwd_terms = torch.full((4, 2), float("nan"), device=DEVICE)
-    fwd_rows = triton_dense.dense_kd_triton(student, teacher, target, None, None, 2.0, 0.3, 2.8,
-                                            1, 0.5, -100, 0.1, 0.0, terms=fwd_terms)
+    fwd_rows = triton_dense.dense_kd_triton(student, teacher, target, None, None, fwd_terms,
+                                            args)
     assert torch.equal(fwd_rows, rows) and torch.equal(fwd_terms, terms)
 
 
@@ -312,8 +310,9 @@ def test_torch_compile_fullgraph_terms(grads):
     def step(s, t, y):
         terms = torch.empty(s.shape[0], 2, device=s.device)
         gs = torch.empty_like(s) if grads else None
-        rows = triton_dense.dense_kd_triton(s, t, y, gs, None, 2.0, 0.3, 2.8, 2, 0.5, -100,
-                                            0.1, 0.0, terms=terms)
+        args = kernel_checks.VALID_ARGS._replace(ce_weight=0.3, div_weight=2.8, divergence=2,
+                                                 param_a=0.5, label_smoothing=0.1)
+        rows = triton_dense.dense_kd_triton(s, t, y, gs, None, terms, args)
         return rows, terms, gs
 
     eager = step(student, teacher, target)
@@ -345,7 +344,7 @@ def test_gpu_mixed_strided_terms(vocab):
         assert_rounded_once(got, x, what)
     assert_close(terms, terms_oracle(student, t_rows, labels, **kw), what="terms")
     before = logits.clone()
-    triton_dense.launch_dense_kd(*kernel_checks.kernel_args(student, t_rows, labels, student,
-                                                            None, **kw))
+    kernel_checks.launcher(triton_dense.launch_dense_kd)(
+        *kernel_checks.kernel_args(student, t_rows, labels, student, None, **kw))
     assert_rounded_once(logits[:, 1], exact[1], "student grad in place")
     assert torch.equal(logits[:, 0], before[:, 0]) and torch.equal(logits[:, 2], before[:, 2])

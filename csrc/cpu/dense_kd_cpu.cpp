@@ -140,11 +140,12 @@ at::Tensor dense_kd_cpu(const at::Tensor& student, const at::Tensor& teacher,
                         const std::optional<at::Tensor>& target,
                         const std::optional<at::Tensor>& grad_student,
                         const std::optional<at::Tensor>& grad_teacher, double temperature,
-                        double ce_weight, double div_weight, int64_t divergence, double beta,
-                        int64_t ignore_index, double label_smoothing, double softcap,
+                        double ce_weight, double div_weight, int64_t divergence,
+                        double param_a, double param_b, int64_t ignore_index,
+                        double label_smoothing, double softcap,
                         const std::optional<at::Tensor>& terms) {
   check_tensors(student, teacher, target, grad_student, grad_teacher, terms);
-  check_options(temperature, ce_weight, div_weight, divergence, beta, label_smoothing,
+  check_options(temperature, ce_weight, div_weight, divergence, param_a, label_smoothing,
                 terms.has_value());
   const int64_t n = student.size(0), vocab = student.size(1);
   at::Tensor rows = at::empty({n}, student.options().dtype(at::kFloat));
@@ -168,7 +169,8 @@ at::Tensor dense_kd_cpu(const at::Tensor& student, const at::Tensor& teacher,
   params.ce_weight = static_cast<float>(ce_weight);
   params.div_weight = static_cast<float>(div_weight);
   params.divergence = static_cast<int>(divergence);
-  params.beta = static_cast<float>(beta);
+  params.param_a = static_cast<float>(param_a);
+  params.param_b = static_cast<float>(param_b);
   params.ignore_index = ignore_index;
   params.label_smoothing = static_cast<float>(label_smoothing);
   params.softcap = static_cast<float>(softcap);

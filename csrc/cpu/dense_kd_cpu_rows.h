@@ -262,7 +262,7 @@ class RowKernel {
       st.divergence = st.cross / s_.sum + (t_.log_sum - s_.log_sum);
     } else if constexpr (kDiv == kJSD) {
       jsd_sums<kSoftcap>(st);
-      st.divergence = p_.beta * (st.rho_t + st.kl_t) + (1.f - p_.beta) * (st.rho_s + st.kl_s);
+      st.divergence = p_.param_a * (st.rho_t + st.kl_t) + (1.f - p_.param_a) * (st.rho_s + st.kl_s);
     } else {
       tvd_sums(st);
     }
@@ -282,7 +282,7 @@ class RowKernel {
     float* const qt_buf = jsd_t_;
     const int64_t full = full_, rest = rest_;
     const Vec inv_s(1.f / s_.sum), inv_t(1.f / t_.sum), c(s_.log_sum - t_.log_sum);
-    const Vec beta(p_.beta), one_minus_beta(1.f - p_.beta);
+    const Vec beta(p_.param_a), one_minus_beta(1.f - p_.param_a);
     // log(p_s/m) and log(p_t/m) of n columns at j (d = log(p_s/p_t) from the logits).
     auto ratios = [&](int64_t j, int64_t n, Vec& ps, Vec& pt, Vec& ls, Vec& lt) FASTKD_INLINE {
       ps = load_logits(es_buf + j, n) * inv_s;  // n columns, the rest 0
@@ -352,7 +352,7 @@ class RowKernel {
   DivGradConstants div_grad_constants(const RowStats& st) const {
     return {Vec(t_.log_sum - s_.log_sum + st.divergence),
             Vec(s_.log_sum - t_.log_sum + st.divergence),
-            Vec(st.kl_s), Vec(st.kl_t), Vec(p_.beta), Vec(1.f - p_.beta), Vec(st.dot_s),
+            Vec(st.kl_s), Vec(st.kl_t), Vec(p_.param_a), Vec(1.f - p_.param_a), Vec(st.dot_s),
             Vec(st.dot_t), jsd_s_, jsd_t_};
   }
 

@@ -133,11 +133,12 @@ at::Tensor sparse_kd_cpu(const at::Tensor& student, const at::Tensor& logprobs,
                          const at::Tensor& indices, const std::optional<at::Tensor>& target,
                          const std::optional<at::Tensor>& grad_student,
                          const std::optional<at::Tensor>& terms, double temperature,
-                         double ce_weight, double div_weight, int64_t divergence, double beta,
-                         int64_t ignore_index, double label_smoothing, double softcap,
-                         bool renormalize, double teacher_scale) {
+                         double ce_weight, double div_weight, int64_t divergence,
+                         double param_a, double param_b, int64_t ignore_index,
+                         double label_smoothing, double softcap, bool renormalize,
+                         double teacher_scale) {
   check_tensors(student, logprobs, indices, target, grad_student, terms);
-  check_options(temperature, ce_weight, div_weight, divergence, beta, label_smoothing,
+  check_options(temperature, ce_weight, div_weight, divergence, param_a, label_smoothing,
                 teacher_scale);
   const int64_t n = student.size(0), vocab = student.size(1);
   at::Tensor rows = at::empty({n}, student.options().dtype(at::kFloat));
@@ -165,7 +166,8 @@ at::Tensor sparse_kd_cpu(const at::Tensor& student, const at::Tensor& logprobs,
   p.ce_weight = static_cast<float>(ce_weight);
   p.div_weight = static_cast<float>(div_weight);
   p.divergence = static_cast<int>(divergence);
-  p.beta = static_cast<float>(beta);
+  p.param_a = static_cast<float>(param_a);
+  p.param_b = static_cast<float>(param_b);
   p.ignore_index = ignore_index;
   p.label_smoothing = static_cast<float>(label_smoothing);
   p.softcap = static_cast<float>(softcap);

@@ -30,7 +30,8 @@ struct SparseKDParams {
   // Options: row = ce_weight * CE + div_weight * D.
   float temperature = 1.f, ce_weight = 0.f, div_weight = 0.f;
   int divergence = 0;           // 0 kl, 1 reverse_kl, 2 jsd, 3 tvd
-  float beta = 0.5f;
+  float param_a = 0.5f;         // divergence parameters, as DenseKDParams (jsd: beta, 0)
+  float param_b = 0.f;
   int64_t ignore_index = -100;
   float label_smoothing = 0.f;
   float softcap = 0.f;          // <= 0: off

@@ -317,7 +317,7 @@ class SparseRowKernel {
     }
     const int64_t cats = k + 1;
     float d = 0.f, g_sum = 0.f;
-    const float beta = p_.beta;
+    const float beta = p_.param_a;
     switch (p_.divergence) {
       case kSparseKL:
         for (int64_t i = 0; i < cats; ++i) {

@@ -96,8 +96,9 @@ at::Tensor dense_kd_cuda(const at::Tensor& student, const at::Tensor& teacher,
                          const std::optional<at::Tensor>& target,
                          const std::optional<at::Tensor>& grad_student,
                          const std::optional<at::Tensor>& grad_teacher, double temperature,
-                         double ce_weight, double div_weight, int64_t divergence, double beta,
-                         int64_t ignore_index, double label_smoothing, double softcap,
+                         double ce_weight, double div_weight, int64_t divergence,
+                         double param_a, double param_b, int64_t ignore_index,
+                         double label_smoothing, double softcap,
                          const std::optional<at::Tensor>& terms) {
   TORCH_CHECK_VALUE(student.is_cuda(), "fastkd::dense_kd (cuda): student must be a CUDA "
                     "tensor, got device ", student.device());
@@ -107,7 +108,7 @@ at::Tensor dense_kd_cuda(const at::Tensor& student, const at::Tensor& teacher,
   const DType teacher_dtype = kernel_dtype(teacher, "teacher");
   check_matrix(student, "student", student, student.scalar_type(), "student");
   check_matrix(teacher, "teacher", student, teacher.scalar_type(), "teacher");
-  check_options(temperature, divergence, beta, label_smoothing);
+  check_options(temperature, divergence, param_a, label_smoothing);
   const int64_t n_rows = student.size(0);
   const int64_t vocab = student.size(1);
   TORCH_CHECK_VALUE(vocab > 0 || n_rows == 0,
@@ -163,7 +164,8 @@ at::Tensor dense_kd_cuda(const at::Tensor& student, const at::Tensor& teacher,
   p.ce_weight = static_cast<float>(ce_weight);
   p.div_weight = static_cast<float>(div_weight);
   p.divergence = static_cast<int>(divergence);
-  p.beta = static_cast<float>(beta);
+  p.param_a = static_cast<float>(param_a);
+  p.param_b = static_cast<float>(param_b);
   p.ignore_index = ignore_index;
   p.label_smoothing = static_cast<float>(label_smoothing);
   p.softcap = static_cast<float>(softcap);

@@ -87,7 +87,7 @@ FASTKD_HD RowOptions make_row_options(const DenseKDParams& p) {
   o.keep_y = 1.0f - p.label_smoothing;
   o.inv_v = 1.0f / static_cast<float>(p.vocab);
   o.eps_over_v = p.label_smoothing * o.inv_v;
-  o.beta = p.beta;
+  o.beta = p.param_a;  // jsd
   return o;
 }
 

@@ -152,7 +152,8 @@ extern "C" int fastkd_emulate_dense_kd(const float* student, const float* teache
   p.ce_weight = ce_weight;
   p.div_weight = div_weight;
   p.divergence = divergence;
-  p.beta = beta;
+  p.param_a = beta;
+  p.param_b = 0.f;
   p.ignore_index = ignore_index;
   p.label_smoothing = label_smoothing;
   p.softcap = softcap;

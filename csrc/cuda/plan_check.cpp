@@ -51,7 +51,7 @@ DenseKDParams params(int64_t n, int64_t v, bool grads, int divergence = 0,
   p.ce_weight = 0.5f;
   p.div_weight = div_weight;
   p.divergence = divergence;
-  p.beta = 0.5f;
+  p.param_a = 0.5f;
   p.ignore_index = -100;
   return p;
 }

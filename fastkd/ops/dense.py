@@ -1,6 +1,7 @@
 """The one autograd Function behind every dense distillation backend, and the row layout.
 
-Each backend supplies a *kernel* with the contract of `fastkd.reference.dense_kd_rows`:
+Each backend supplies a *kernel* with the contract of `fastkd.reference.dense_kd_rows`
+(`fastkd._kernel_args`: tensors, then one `KernelArgs`):
 it reads student/teacher logits `(N, V)` (each in its own dtype, any row stride, last
 dimension contiguous) once per pass, writes the gradient of the per-row weighted loss into
 preallocated buffers during the forward pass, and returns the per-row loss `(N,)` in float32;
@@ -22,6 +23,8 @@ import functools
 from typing import Callable, Optional
 
 import torch
+
+from .._kernel_args import KernelArgs
 
 
 def consume_once(ctx) -> None:
@@ -149,22 +152,18 @@ def _slices(n_outer: int, per: int, tensor: Optional[torch.Tensor]):
 
 
 def run_kernel(kernel: Callable, student, teacher, target, grad_student, grad_teacher,
-               options: tuple, terms: Optional[torch.Tensor] = None) -> torch.Tensor:
+               terms: Optional[torch.Tensor], args: KernelArgs) -> torch.Tensor:
     """Calls `kernel` on 2-D views, or once per outer index of 3-D `(B, R, V)` views
-    (target, terms and the rows sliced alike). `terms=` is passed only when given, so
-    kernels without that argument keep working for plain losses."""
-    extra = {} if terms is None else {"terms": terms}
+    (target, terms and the rows sliced alike)."""
     if student.dim() == 2:
-        return kernel(student, teacher, target, grad_student, grad_teacher, *options, **extra)
+        return kernel(student, teacher, target, grad_student, grad_teacher, terms, args)
     n_outer, per = student.shape[0], student.shape[1]
     rows = []
     for i, (y, tm) in enumerate(zip(_slices(n_outer, per, target),
                                     _slices(n_outer, per, terms))):
-        extra = {} if tm is None else {"terms": tm}
         rows.append(kernel(student[i], teacher[i], y,
                            None if grad_student is None else grad_student[i],
-                           None if grad_teacher is None else grad_teacher[i],
-                           *options, **extra))
+                           None if grad_teacher is None else grad_teacher[i], tm, args))
     return torch.cat(rows)
 
 
@@ -184,7 +183,7 @@ class DenseDistillationFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, student, teacher, target, kernel: Callable, options: tuple,
+    def forward(ctx, student, teacher, target, kernel: Callable, args: KernelArgs,
                 need_student_grad: bool, need_teacher_grad: bool, inplace_backward: bool,
                 with_terms: bool = False):
         if inplace_backward and need_student_grad:
@@ -197,7 +196,7 @@ class DenseDistillationFunction(torch.autograd.Function):
         terms = _terms_buffer(student, teacher, with_terms)
         with autocast_off(student.device):
             rows = run_kernel(kernel, student, teacher, target, grad_student, grad_teacher,
-                              options, terms)
+                              terms, args)
         ctx.save_for_backward(grad_student, grad_teacher)
         if terms is None:
             return rows
@@ -215,7 +214,7 @@ class DenseDistillationFunction(torch.autograd.Function):
 
 
 def dense_distillation_rows(student: torch.Tensor, teacher: torch.Tensor,
-                            target: Optional[torch.Tensor], kernel: Callable, options: tuple,
+                            target: Optional[torch.Tensor], kernel: Callable, args: KernelArgs,
                             inplace_backward: bool = False, with_terms: bool = False):
     """Rows `(N,)` (or `(rows, terms (N, 2))` when `with_terms`) of views from `rows_layout`
     (both 2-D `(N, V)` or both 3-D `(B, R, V)`, N = B * R) and target `(N,)` | None;
@@ -226,7 +225,7 @@ def dense_distillation_rows(student: torch.Tensor, teacher: torch.Tensor,
     if not (need_s or need_t):
         terms = _terms_buffer(student, teacher, with_terms)
         with torch.no_grad(), autocast_off(student.device):
-            rows = run_kernel(kernel, student, teacher, target, None, None, options, terms)
+            rows = run_kernel(kernel, student, teacher, target, None, None, terms, args)
         return rows if terms is None else (rows, terms)
-    return DenseDistillationFunction.apply(student, teacher, target, kernel, options,
+    return DenseDistillationFunction.apply(student, teacher, target, kernel, args,
                                            need_s, need_t, inplace_backward, with_terms)

@@ -27,6 +27,7 @@ from typing import Callable, Optional
 
 import torch
 
+from .._kernel_args import KernelArgs
 from .dense import autocast_off, consume_once
 
 #: Bytes of chunk logits (student, which doubles as its gradient, plus teacher) per sweep step.
@@ -70,17 +71,16 @@ def _linear(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Ten
     return torch.addmm(bias, hidden, weight.t())
 
 
-def _chunk_rows(kernel, options, sparse, logits, teacher, start, stop, target, grad, terms):
+def _chunk_rows(kernel, args, sparse, logits, teacher, start, stop, target, grad, terms):
     """Per-row loss of one chunk; the student gradient goes into `grad` (may be `logits`),
-    the unweighted terms into `terms` (passed to the kernel only when given)."""
-    extra = {} if terms is None else {"terms": terms}
+    the unweighted terms into `terms` (or None)."""
     if sparse:
         topk_logprobs, topk_indices, _ = teacher
         return kernel(logits, topk_logprobs[start:stop], topk_indices[start:stop], target,
-                      grad, *options, **extra)
+                      grad, terms, args)
     t_hidden, t_weight, t_bias = teacher
     t_logits = _linear(t_hidden[start:stop], t_weight, t_bias)
-    return kernel(logits, t_logits, target, grad, None, *options, **extra)
+    return kernel(logits, t_logits, target, grad, None, terms, args)
 
 
 def _accumulate(grad, hidden, weight, grad_hidden, grad_weight, grad_bias):
@@ -97,7 +97,7 @@ def _accumulate(grad, hidden, weight, grad_hidden, grad_weight, grad_bias):
         grad_bias.add_(grad.sum(0, dtype=grad_bias.dtype))
 
 
-def fused_sweep(hidden, weight, bias, target, teacher, kernel: Callable, options: tuple,
+def fused_sweep(hidden, weight, bias, target, teacher, kernel: Callable, args: KernelArgs,
                 sparse: bool, chunk: int, needs: tuple, row_scale=None, terms=None):
     """One pass over the rows in chunks.
 
@@ -130,7 +130,7 @@ def fused_sweep(hidden, weight, bias, target, teacher, kernel: Callable, options
         logits = _linear(h, weight, bias)
         y = None if target is None else target[start:stop]
         grad = logits if any_grad else None
-        rows[start:stop] = _chunk_rows(kernel, options, sparse, logits, teacher, start, stop,
+        rows[start:stop] = _chunk_rows(kernel, args, sparse, logits, teacher, start, stop,
                                        y, grad, None if terms is None else terms[start:stop])
         if not any_grad:
             continue
@@ -157,19 +157,19 @@ class FusedLinearDistillationFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, target, teacher_a, teacher_b, teacher_c,
-                kernel: Callable, options: tuple, sparse: bool, chunk: int, per_row: bool,
+                kernel: Callable, args: KernelArgs, sparse: bool, chunk: int, per_row: bool,
                 needs: tuple, with_terms: bool = False):
         teacher = (teacher_a, teacher_b, teacher_c)
-        ctx.setup = (kernel, options, sparse, chunk, needs)
+        ctx.setup = (kernel, args, sparse, chunk, needs)
         ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
         terms = _terms_buffer(hidden, with_terms)
         if per_row:
-            out = fused_sweep(hidden, weight, bias, target, teacher, kernel, options, sparse,
+            out = fused_sweep(hidden, weight, bias, target, teacher, kernel, args, sparse,
                               chunk, (False, False, False), terms=terms)[0]
             ctx.save_for_backward(hidden, weight, bias, target, *teacher)
         else:
             rows, grad_h, grad_w, grad_b = fused_sweep(hidden, weight, bias, target, teacher,
-                                                       kernel, options, sparse, chunk, needs,
+                                                       kernel, args, sparse, chunk, needs,
                                                        terms=terms)
             ctx.save_for_backward(grad_h, grad_w, grad_b)
             out = rows.sum()
@@ -183,10 +183,10 @@ class FusedLinearDistillationFunction(torch.autograd.Function):
     def backward(ctx, grad_out, *unused_grad_terms):
         if ctx.per_row:
             hidden, weight, bias, target, t_a, t_b, t_c = ctx.saved_tensors
-            kernel, options, sparse, chunk, needs = ctx.setup
+            kernel, args, sparse, chunk, needs = ctx.setup
             with autocast_off(hidden.device):
                 _, grad_h, grad_w, grad_b = fused_sweep(hidden, weight, bias, target,
-                                                        (t_a, t_b, t_c), kernel, options,
+                                                        (t_a, t_b, t_c), kernel, args,
                                                         sparse, chunk, needs,
                                                         row_scale=grad_out)
         else:
@@ -202,7 +202,7 @@ class FusedLinearDistillationFunction(torch.autograd.Function):
 
 
 def fused_linear_rows(hidden, weight, bias, target, teacher: tuple, kernel: Callable,
-                      options: tuple, sparse: bool, chunk: int, per_row: bool,
+                      args: KernelArgs, sparse: bool, chunk: int, per_row: bool,
                       with_terms: bool = False):
     """Summed loss (scalar) or rows (N,) of the chunked fused-linear loss (see module doc);
     with `with_terms` a pair (that, terms (N, 2))."""
@@ -213,11 +213,11 @@ def fused_linear_rows(hidden, weight, bias, target, teacher: tuple, kernel: Call
         # no_grad: a teacher that requires grad must not pull chunk logits into a graph.
         terms = _terms_buffer(hidden, with_terms)
         with torch.no_grad():
-            rows = fused_sweep(hidden, weight, bias, target, teacher, kernel, options, sparse,
+            rows = fused_sweep(hidden, weight, bias, target, teacher, kernel, args, sparse,
                                chunk, needs, terms=terms)[0]
         out = rows if per_row else rows.sum()
         return out if terms is None else (out, terms)
     t_a, t_b, t_c = (None if t is None else t.detach() for t in teacher)
     return FusedLinearDistillationFunction.apply(hidden, weight, bias, target, t_a, t_b, t_c,
-                                                 kernel, options, sparse, chunk, per_row,
+                                                 kernel, args, sparse, chunk, per_row,
                                                  needs, with_terms)

@@ -14,22 +14,23 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
+from .._kernel_args import KernelArgs
 from .dense import consume_once
 
 
-def _teacher_options(options: tuple, index: int, weight: float) -> tuple:
-    """The contract's option tuple for teacher `index`: CE only once, D scaled by w_i."""
-    temperature, ce_weight, div_weight, *rest = options
-    return (temperature, ce_weight if index == 0 else 0.0, div_weight * weight, *rest)
+def _teacher_args(args: KernelArgs, index: int, weight: float) -> KernelArgs:
+    """The scalars for teacher `index`: CE only once, D scaled by w_i."""
+    return args._replace(ce_weight=args.ce_weight if index == 0 else 0.0,
+                         div_weight=args.div_weight * weight)
 
 
-def _run_teachers(student, teachers, target, kernel, options, weights, grad_student):
+def _run_teachers(student, teachers, target, kernel, args, weights, grad_student):
     scratch = torch.empty_like(student) if grad_student is not None and len(teachers) > 1 \
         else None
     rows = None
     for i, (teacher, weight) in enumerate(zip(teachers, weights)):
         buffer = grad_student if i == 0 else scratch
-        r = kernel(student, teacher, target, buffer, None, *_teacher_options(options, i, weight))
+        r = kernel(student, teacher, target, buffer, None, None, _teacher_args(args, i, weight))
         rows = r if rows is None else rows + r
         if i > 0 and grad_student is not None:
             grad_student.add_(scratch)
@@ -40,10 +41,10 @@ class MultiTeacherFunction(torch.autograd.Function):
     """Student-only gradient (teachers are constants), computed in the forward pass."""
 
     @staticmethod
-    def forward(ctx, student, target, kernel: Callable, options: tuple, weights: tuple,
+    def forward(ctx, student, target, kernel: Callable, args: KernelArgs, weights: tuple,
                 *teachers):
         grad_student = torch.empty_like(student)
-        rows = _run_teachers(student, teachers, target, kernel, options, weights, grad_student)
+        rows = _run_teachers(student, teachers, target, kernel, args, weights, grad_student)
         ctx.save_for_backward(grad_student)
         return rows
 
@@ -56,10 +57,10 @@ class MultiTeacherFunction(torch.autograd.Function):
 
 
 def multi_teacher_rows(student: torch.Tensor, teachers: Sequence[torch.Tensor],
-                       target: Optional[torch.Tensor], kernel: Callable, options: tuple,
+                       target: Optional[torch.Tensor], kernel: Callable, args: KernelArgs,
                        weights: Sequence[float]) -> torch.Tensor:
     """(N, V), k x (N, V), (N,) | None -> (N,) rows, differentiable in the student only."""
     weights = tuple(float(w) for w in weights)
     if not (torch.is_grad_enabled() and student.requires_grad):
-        return _run_teachers(student, teachers, target, kernel, options, weights, None)
-    return MultiTeacherFunction.apply(student, target, kernel, options, weights, *teachers)
+        return _run_teachers(student, teachers, target, kernel, args, weights, None)
+    return MultiTeacherFunction.apply(student, target, kernel, args, weights, *teachers)

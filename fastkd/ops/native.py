@@ -15,6 +15,7 @@ from typing import Optional
 import torch
 
 from .. import _C  # noqa: F401  (loading the shared object registers the ops)
+from .._kernel_args import KernelArgs
 
 OP_NAME = "fastkd::dense_kd"
 
@@ -33,8 +34,8 @@ MISSING_REASON: Optional[str] = (
 
 @torch.library.register_fake(OP_NAME)
 def _dense_kd_fake(student, teacher, target, grad_student, grad_teacher, temperature,
-                   ce_weight, div_weight, divergence, beta, ignore_index, label_smoothing,
-                   softcap, terms=None):
+                   ce_weight, div_weight, divergence, param_a, param_b, ignore_index,
+                   label_smoothing, softcap, terms=None):
     """(N, V) logits -> (N,) float32 rows; gradient buffers and terms are written in place."""
     torch._check(student.dim() == 2, lambda: "student must be 2-D (N, V)")
     torch._check(teacher.shape == student.shape, lambda: "teacher must have student's shape")
@@ -46,17 +47,17 @@ def _dense_kd_fake(student, teacher, target, grad_student, grad_teacher, tempera
 @torch.library.custom_op("fastkd::dense_kd_loss", mutates_args=())
 def _dense_kd_loss_op(student: torch.Tensor, teacher: torch.Tensor,
                       target: Optional[torch.Tensor], temperature: float, ce_weight: float,
-                      div_weight: float, divergence: int, beta: float, ignore_index: int,
-                      label_smoothing: float, softcap: float) -> torch.Tensor:
+                      div_weight: float, divergence: int, param_a: float, param_b: float,
+                      ignore_index: int, label_smoothing: float, softcap: float) -> torch.Tensor:
     # Forward only (no gradient buffers) as a functional op: inductor cannot functionalise
     # the mutating fastkd::dense_kd when every mutable argument is None.
     return torch.ops.fastkd.dense_kd(student, teacher, target, None, None, temperature,
-                                     ce_weight, div_weight, divergence, beta, ignore_index,
-                                     label_smoothing, softcap)
+                                     ce_weight, div_weight, divergence, param_a, param_b,
+                                     ignore_index, label_smoothing, softcap)
 
 
 @_dense_kd_loss_op.register_fake
-def _dense_kd_loss_fake(student, teacher, target, *options):
+def _dense_kd_loss_fake(student, teacher, target, *scalars):
     return student.new_empty((student.shape[0],), dtype=torch.float32)
 
 
@@ -66,15 +67,8 @@ def dense_kd_native(
     target: Optional[torch.Tensor],
     grad_student: Optional[torch.Tensor],
     grad_teacher: Optional[torch.Tensor],
-    temperature: float,
-    ce_weight: float,
-    div_weight: float,
-    divergence: int,
-    beta: float,
-    ignore_index: int,
-    label_smoothing: float,
-    softcap: float,
-    terms: Optional[torch.Tensor] = None,
+    terms: Optional[torch.Tensor],
+    args: KernelArgs,
 ) -> torch.Tensor:
     """Kernel contract of `fastkd.reference.dense_kd_rows` on the native (CPU / CUDA) op.
 
@@ -88,25 +82,24 @@ def dense_kd_native(
     grad_student, grad_teacher : torch.Tensor or None
         (N, V) buffers in the student's / teacher's dtype (any row stride) receiving
         d rows.sum() / d logits, or None; grad_student may be `student` itself (in place).
-    temperature, ce_weight, div_weight, divergence, beta, ignore_index, label_smoothing, softcap
-        The kernel options (divergence: 0 kl, 1 reverse_kl, 2 jsd, 3 tvd; softcap <= 0: off).
     terms : torch.Tensor or None
         (N, 2) float32 contiguous, or None. Receives the unweighted CE (0 without a target or
         for an ignored row) and divergence of every row, in the same pass.
+    args : KernelArgs
+        The scalars (fastkd._kernel_args); teacher_scale and renormalize are not read.
 
     Returns
     -------
     torch.Tensor
         (N,) float32 rows, ``ce_weight * terms[:, 0] + div_weight * terms[:, 1]``.
     """
-    options = (float(temperature), float(ce_weight), float(div_weight), int(divergence),
-               float(beta), int(ignore_index), float(label_smoothing), float(softcap))
+    scalars = args.dense_scalars()
     if grad_student is None and grad_teacher is None and terms is None:
-        return torch.ops.fastkd.dense_kd_loss(student, teacher, target, *options)
+        return torch.ops.fastkd.dense_kd_loss(student, teacher, target, *scalars)
     # With `terms` the mutating op always has a buffer to mutate, so it traces and compiles
     # as it does with a gradient buffer.
     return torch.ops.fastkd.dense_kd(student, teacher, target, grad_student, grad_teacher,
-                                     *options, terms)
+                                     *scalars, terms)
 
 
 def cpu_kernel_variant(op: str = "dense_kd") -> str:

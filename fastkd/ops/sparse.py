@@ -13,6 +13,7 @@ from typing import Callable, Optional
 
 import torch
 
+from .._kernel_args import KernelArgs
 from .dense import consume_once, new_gradient, rows_layout, scale_rows_
 
 
@@ -23,33 +24,33 @@ def student_rows(student_logits: torch.Tensor):
     return rows, copied
 
 
-def _run(kernel, student, topk_logprobs, topk_indices, target, grad, options, terms):
+def _run(kernel, student, topk_logprobs, topk_indices, target, grad, terms, args):
     """The kernel on a 2-D view, or once per outer index of a 3-D (B, R, V) view (the
     top-k, target and terms sliced by rows alike)."""
     if student.dim() == 2:
-        return kernel(student, topk_logprobs, topk_indices, target, grad, *options, terms=terms)
+        return kernel(student, topk_logprobs, topk_indices, target, grad, terms, args)
     per = student.shape[1]
     rows = []
     for i in range(student.shape[0]):
         part = slice(i * per, (i + 1) * per)
         rows.append(kernel(student[i], topk_logprobs[part], topk_indices[part],
                            None if target is None else target[part],
-                           None if grad is None else grad[i], *options,
-                           terms=None if terms is None else terms[part]))
+                           None if grad is None else grad[i],
+                           None if terms is None else terms[part], args))
     return torch.cat(rows)
 
 
 class SparseDistillationFunction(torch.autograd.Function):
-    """(rows, terms) = kernel(student, topk_logprobs, topk_indices, target, grad, *options)."""
+    """(rows, terms) = kernel(student, topk_logprobs, topk_indices, target, grad, terms, args)."""
 
     @staticmethod
     def forward(ctx, student, topk_logprobs, topk_indices, target, kernel: Callable,
-                options: tuple, inplace_backward: bool, need_terms: bool):
+                args: KernelArgs, inplace_backward: bool, need_terms: bool):
         # In place: each row is overwritten by its gradient after its last read.
         grad_student = student if inplace_backward else new_gradient(student)
         terms = _terms_buffer(student) if need_terms else None
         rows = _run(kernel, student, topk_logprobs, topk_indices, target, grad_student,
-                    options, terms)
+                    terms, args)
         ctx.save_for_backward(grad_student)
         if terms is None:
             return rows, None
@@ -72,7 +73,7 @@ def _terms_buffer(student: torch.Tensor) -> torch.Tensor:
 
 def sparse_distillation_rows(student: torch.Tensor, topk_logprobs: torch.Tensor,
                              topk_indices: torch.Tensor, target: Optional[torch.Tensor],
-                             kernel: Callable, options: tuple, *,
+                             kernel: Callable, args: KernelArgs, *,
                              inplace_backward: bool = False, return_terms: bool = False):
     """Per-row loss of the top-k teacher loss, differentiable in the student only.
 
@@ -82,7 +83,7 @@ def sparse_distillation_rows(student: torch.Tensor, topk_logprobs: torch.Tensor,
     topk_logprobs : (N, k) floating; topk_indices : (N, k) int64 or int32 (N = B R).
     target : (N,) int64 or None.
     kernel : a callable with the contract of `fastkd.reference.sparse.sparse_kd_rows`.
-    options : its scalar arguments from ``temperature`` to ``renormalize``.
+    args : its scalars (`fastkd._kernel_args.KernelArgs`).
     inplace_backward : write the gradient into ``student``'s own buffer (its values are lost).
     return_terms : also return the unweighted per-row (CE, D), detached.
 
@@ -94,10 +95,10 @@ def sparse_distillation_rows(student: torch.Tensor, topk_logprobs: torch.Tensor,
     if not (torch.is_grad_enabled() and student.requires_grad):
         with torch.no_grad():  # the stored teacher is a constant, even if it requires grad
             terms = _terms_buffer(student) if return_terms else None
-            rows = _run(kernel, student, topk_logprobs, topk_indices, target, None, options,
-                        terms)
+            rows = _run(kernel, student, topk_logprobs, topk_indices, target, None, terms,
+                        args)
         return (rows, terms) if return_terms else rows
     rows, terms = SparseDistillationFunction.apply(student, topk_logprobs, topk_indices, target,
-                                                   kernel, options, inplace_backward,
+                                                   kernel, args, inplace_backward,
                                                    return_terms)
     return (rows, terms) if return_terms else rows

@@ -14,6 +14,7 @@ from typing import Optional
 import torch
 
 from .. import _C  # noqa: F401  (loading the shared object registers the ops)
+from .._kernel_args import KernelArgs
 
 OP_NAME = "fastkd::sparse_kd"
 
@@ -43,8 +44,8 @@ def _fake_rows(student, topk_logprobs, topk_indices):
 if HAS_CPU:
     @torch.library.register_fake(OP_NAME)
     def _sparse_kd_fake(student, topk_logprobs, topk_indices, target, grad_student, terms,
-                        temperature, ce_weight, div_weight, divergence, beta, ignore_index,
-                        label_smoothing, softcap, renormalize, teacher_scale):
+                        temperature, ce_weight, div_weight, divergence, param_a, param_b,
+                        ignore_index, label_smoothing, softcap, renormalize, teacher_scale):
         """(N, V), (N, k) x2 -> (N,) float32 rows; grad_student / terms written in place."""
         return _fake_rows(student, topk_logprobs, topk_indices)
 
@@ -52,17 +53,17 @@ if HAS_CPU:
     def _sparse_kd_loss_op(student: torch.Tensor, topk_logprobs: torch.Tensor,
                            topk_indices: torch.Tensor, target: Optional[torch.Tensor],
                            temperature: float, ce_weight: float, div_weight: float,
-                           divergence: int, beta: float, ignore_index: int,
-                           label_smoothing: float, softcap: float, renormalize: bool,
-                           teacher_scale: float) -> torch.Tensor:
+                           divergence: int, param_a: float, param_b: float,
+                           ignore_index: int, label_smoothing: float, softcap: float,
+                           renormalize: bool, teacher_scale: float) -> torch.Tensor:
         # Forward only, as a functional op (no output buffer to mutate).
         return torch.ops.fastkd.sparse_kd(student, topk_logprobs, topk_indices, target, None,
                                           None, temperature, ce_weight, div_weight, divergence,
-                                          beta, ignore_index, label_smoothing, softcap,
-                                          renormalize, teacher_scale)
+                                          param_a, param_b, ignore_index, label_smoothing,
+                                          softcap, renormalize, teacher_scale)
 
     @_sparse_kd_loss_op.register_fake
-    def _sparse_kd_loss_fake(student, topk_logprobs, topk_indices, target, *options):
+    def _sparse_kd_loss_fake(student, topk_logprobs, topk_indices, target, *scalars):
         return _fake_rows(student, topk_logprobs, topk_indices)
 
     @torch.library.register_fake("fastkd::sparse_kd_check")
@@ -98,17 +99,8 @@ def sparse_kd_native(
     topk_indices: torch.Tensor,
     target: Optional[torch.Tensor],
     grad_student: Optional[torch.Tensor],
-    temperature: float,
-    ce_weight: float,
-    div_weight: float,
-    divergence: int,
-    beta: float,
-    ignore_index: int,
-    label_smoothing: float,
-    softcap: float,
-    renormalize: bool,
-    terms: Optional[torch.Tensor] = None,
-    teacher_scale: float = 1.0,
+    terms: Optional[torch.Tensor],
+    args: KernelArgs,
 ) -> torch.Tensor:
     """The top-k kernel contract (`fastkd.reference.sparse.sparse_kd_rows`) on the C++ op.
 
@@ -120,20 +112,17 @@ def sparse_kd_native(
     target : (N,) int64 contiguous, or None.
     grad_student : (N, V) buffer in the student's dtype (``stride(1) == 1``), or None; may be
         ``student`` itself (in-place gradient).
-    temperature, ce_weight, div_weight, divergence, beta, ignore_index, label_smoothing,
-    softcap, renormalize : the kernel options (see the reference).
     terms : (N, 2) float32 contiguous buffer or None; receives the unweighted (CE, D) per row.
-    teacher_scale : float, multiplies the stored log-probs before use (re-tempering).
+    args : KernelArgs, the scalars (teacher_scale multiplies the stored log-probs before use:
+        re-tempering; renormalize: tail "renormalize", else "bucket").
 
     Returns
     -------
     rows : (N,) float32, the weighted per-row loss.
     """
-    options = (float(temperature), float(ce_weight), float(div_weight), int(divergence),
-               float(beta), int(ignore_index), float(label_smoothing), float(softcap),
-               bool(renormalize), float(teacher_scale))
+    scalars = args.topk_scalars()
     if grad_student is None and terms is None:
         return torch.ops.fastkd.sparse_kd_loss(student, topk_logprobs, topk_indices, target,
-                                               *options)
+                                               *scalars)
     return torch.ops.fastkd.sparse_kd(student, topk_logprobs, topk_indices, target,
-                                      grad_student, terms, *options)
+                                      grad_student, terms, *scalars)

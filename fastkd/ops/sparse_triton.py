@@ -18,6 +18,7 @@ from typing import Optional
 
 import torch
 
+from .._kernel_args import KernelArgs
 from .triton_dense import KERNEL_DTYPES, LOG2E, _next_pow2
 
 #: Columns per chunk of the row sweeps; warps per program.
@@ -61,10 +62,11 @@ def _check_inputs(student, logprobs, indices, target, grad_student, terms) -> No
 
 
 def launch_sparse_kd(student, topk_logprobs, topk_indices, target, grad_student, terms,
-                     temperature, ce_weight, div_weight, divergence, beta, ignore_index,
-                     label_smoothing, softcap, renormalize, teacher_scale, *,
+                     temperature, ce_weight, div_weight, divergence, param_a, param_b,
+                     ignore_index, label_smoothing, softcap, renormalize, teacher_scale, *,
                      block_v: int = BLOCK_V_MAX) -> torch.Tensor:
-    """(N, V), (N, k) x2, (N,) | None, (N, V) | None, (N, 2) | None, options -> rows (N,).
+    """(N, V), (N, k) x2, (N,) | None, (N, V) | None, (N, 2) | None, the op's scalars ->
+    rows (N,) (param_a: jsd's beta; param_b: unused by these divergences).
 
     `block_v` (a power of two) sets the chunk width; tests lower it to reach several chunks.
     """
@@ -105,7 +107,7 @@ def launch_sparse_kd(student, topk_logprobs, topk_indices, target, grad_student,
             student.stride(0), gs.stride(0) if grad_student is not None else 0,
             topk_logprobs.stride(0), topk_indices.stride(0),
             LOG2E / t_eff, float(div_weight) / float(temperature), float(ce_weight),
-            float(div_weight), float(beta), float(label_smoothing), float(softcap),
+            float(div_weight), float(param_a), float(label_smoothing), float(softcap),
             float(teacher_scale), int(ignore_index))
     if student.is_cuda:
         with torch.cuda.device(student.device):
@@ -120,11 +122,11 @@ def _sparse_kd_triton_op(student: torch.Tensor, topk_logprobs: torch.Tensor,
                          topk_indices: torch.Tensor, target: Optional[torch.Tensor],
                          grad_student: Optional[torch.Tensor], terms: Optional[torch.Tensor],
                          temperature: float, ce_weight: float, div_weight: float,
-                         divergence: int, beta: float, ignore_index: int,
+                         divergence: int, param_a: float, param_b: float, ignore_index: int,
                          label_smoothing: float, softcap: float, renormalize: bool,
                          teacher_scale: float) -> torch.Tensor:
     return launch_sparse_kd(student, topk_logprobs, topk_indices, target, grad_student, terms,
-                            temperature, ce_weight, div_weight, divergence, beta,
+                            temperature, ce_weight, div_weight, divergence, param_a, param_b,
                             ignore_index, label_smoothing, softcap, renormalize, teacher_scale)
 
 
@@ -137,13 +139,13 @@ def _sparse_kd_triton_fake(student, topk_logprobs, topk_indices, *rest):
 def _sparse_kd_triton_loss_op(student: torch.Tensor, topk_logprobs: torch.Tensor,
                               topk_indices: torch.Tensor, target: Optional[torch.Tensor],
                               temperature: float, ce_weight: float, div_weight: float,
-                              divergence: int, beta: float, ignore_index: int,
-                              label_smoothing: float, softcap: float, renormalize: bool,
-                              teacher_scale: float) -> torch.Tensor:
+                              divergence: int, param_a: float, param_b: float,
+                              ignore_index: int, label_smoothing: float, softcap: float,
+                              renormalize: bool, teacher_scale: float) -> torch.Tensor:
     # Forward only: a functional op (inductor cannot functionalise the mutating op when every
     # mutable argument is None).
     return launch_sparse_kd(student, topk_logprobs, topk_indices, target, None, None,
-                            temperature, ce_weight, div_weight, divergence, beta,
+                            temperature, ce_weight, div_weight, divergence, param_a, param_b,
                             ignore_index, label_smoothing, softcap, renormalize, teacher_scale)
 
 
@@ -158,17 +160,8 @@ def sparse_kd_triton(
     topk_indices: torch.Tensor,
     target: Optional[torch.Tensor],
     grad_student: Optional[torch.Tensor],
-    temperature: float,
-    ce_weight: float,
-    div_weight: float,
-    divergence: int,
-    beta: float,
-    ignore_index: int,
-    label_smoothing: float,
-    softcap: float,
-    renormalize: bool,
-    terms: Optional[torch.Tensor] = None,
-    teacher_scale: float = 1.0,
+    terms: Optional[torch.Tensor],
+    args: KernelArgs,
 ) -> torch.Tensor:
     """The top-k kernel contract (`fastkd.reference.sparse.sparse_kd_rows`) on Triton.
 
@@ -179,20 +172,17 @@ def sparse_kd_triton(
     topk_logprobs : (N, k) float32 / bfloat16 / float16; topk_indices : (N, k) int64 / int32.
     target : (N,) int64 or None.
     grad_student : (N, V) buffer in the student's dtype or None; may be ``student`` itself.
-    temperature, ce_weight, div_weight, divergence, beta, ignore_index, label_smoothing,
-    softcap, renormalize : the kernel options (see the reference).
     terms : (N, 2) float32 contiguous buffer or None: unweighted (CE, D) per row.
-    teacher_scale : float, multiplies the stored log-probs (re-tempering).
+    args : KernelArgs, the scalars (teacher_scale multiplies the stored log-probs:
+        re-tempering; renormalize: tail "renormalize", else "bucket").
 
     Returns
     -------
     rows : (N,) float32, the weighted per-row loss.
     """
-    options = (float(temperature), float(ce_weight), float(div_weight), int(divergence),
-               float(beta), int(ignore_index), float(label_smoothing), float(softcap),
-               bool(renormalize), float(teacher_scale))
+    scalars = args.topk_scalars()
     if grad_student is None and terms is None:
         return torch.ops.fastkd.sparse_kd_triton_loss(student, topk_logprobs, topk_indices,
-                                                      target, *options)
+                                                      target, *scalars)
     return torch.ops.fastkd.sparse_kd_triton(student, topk_logprobs, topk_indices, target,
-                                             grad_student, terms, *options)
+                                             grad_student, terms, *scalars)

@@ -26,6 +26,8 @@ from typing import Optional
 
 import torch
 
+from .._kernel_args import KernelArgs
+
 #: Largest V whose row pair stays in registers: 32 warps x 32 threads x 8 elements per
 #: tensor; ptxas (sm_90) reports <= 64 registers and no spills for fp32 / bf16 without softcap.
 SINGLE_LOAD_MAX_V = 8192
@@ -112,11 +114,12 @@ def _launch_config(n: int, vocab: int, softcap_on: bool, max_single_v: int,
     return False, (n,), {"BLOCK_V": block_v}, MULTIPASS_WARPS
 
 
-def launch_dense_kd(student, teacher, target, grad_student, grad_teacher, temperature,
-                    ce_weight, div_weight, divergence, beta, ignore_index, label_smoothing,
-                    softcap, terms=None, *, max_single_v: int = SINGLE_LOAD_MAX_V,
+def launch_dense_kd(student, teacher, target, grad_student, grad_teacher, terms, temperature,
+                    ce_weight, div_weight, divergence, param_a, param_b, ignore_index,
+                    label_smoothing, softcap, *, max_single_v: int = SINGLE_LOAD_MAX_V,
                     block_v: int = MULTIPASS_BLOCK_V) -> torch.Tensor:
-    """(N, V) x2, (N,) | None, (N, V) | None x2, options, (N, 2) | None -> rows (N,) float32.
+    """(N, V) x2, (N,) | None, (N, V) | None x2, (N, 2) | None, the op's scalars -> rows (N,)
+    float32 (param_a: jsd's beta; param_b: unused by these divergences).
 
     Every (N, V) tensor is read or written where it is, through its own row stride.
     Writes the gradients into `grad_student` / `grad_teacher` and the unweighted (CE, D) of
@@ -166,7 +169,7 @@ def launch_dense_kd(student, teacher, target, grad_student, grad_teacher, temper
             n, vocab,
             student.stride(0), teacher.stride(0), stride_gs, stride_gt,
             LOG2E / t_eff, float(div_weight) / float(temperature), float(ce_weight),
-            float(div_weight), float(beta), float(label_smoothing), float(softcap),
+            float(div_weight), float(param_a), float(label_smoothing), float(softcap),
             int(ignore_index))
     if student.is_cuda:
         with torch.cuda.device(student.device):
@@ -180,43 +183,43 @@ def launch_dense_kd(student, teacher, target, grad_student, grad_teacher, temper
                          mutates_args=("grad_student", "grad_teacher", "terms"))
 def _dense_kd_triton_op(student: torch.Tensor, teacher: torch.Tensor,
                         target: Optional[torch.Tensor], grad_student: Optional[torch.Tensor],
-                        grad_teacher: Optional[torch.Tensor], temperature: float,
-                        ce_weight: float, div_weight: float, divergence: int, beta: float,
-                        ignore_index: int, label_smoothing: float, softcap: float,
-                        terms: Optional[torch.Tensor] = None) -> torch.Tensor:
-    return launch_dense_kd(student, teacher, target, grad_student, grad_teacher, temperature,
-                           ce_weight, div_weight, divergence, beta, ignore_index,
-                           label_smoothing, softcap, terms)
+                        grad_teacher: Optional[torch.Tensor], terms: Optional[torch.Tensor],
+                        temperature: float, ce_weight: float, div_weight: float,
+                        divergence: int, param_a: float, param_b: float, ignore_index: int,
+                        label_smoothing: float, softcap: float) -> torch.Tensor:
+    return launch_dense_kd(student, teacher, target, grad_student, grad_teacher, terms,
+                           temperature, ce_weight, div_weight, divergence, param_a, param_b,
+                           ignore_index, label_smoothing, softcap)
 
 
 @_dense_kd_triton_op.register_fake
-def _dense_kd_triton_fake(student, teacher, target, grad_student, grad_teacher, temperature,
-                          ce_weight, div_weight, divergence, beta, ignore_index,
-                          label_smoothing, softcap, terms=None):
+def _dense_kd_triton_fake(student, teacher, target, grad_student, grad_teacher, terms,
+                          *scalars):
     return student.new_empty((student.shape[0],), dtype=torch.float32)
 
 
 @torch.library.custom_op("fastkd::dense_kd_triton_loss", mutates_args=())
 def _dense_kd_triton_loss_op(student: torch.Tensor, teacher: torch.Tensor,
                              target: Optional[torch.Tensor], temperature: float,
-                             ce_weight: float, div_weight: float, divergence: int, beta: float,
-                             ignore_index: int, label_smoothing: float, softcap: float,
+                             ce_weight: float, div_weight: float, divergence: int,
+                             param_a: float, param_b: float, ignore_index: int,
+                             label_smoothing: float, softcap: float,
                              with_terms: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     # Forward only (no gradient buffers): a functional op, because inductor cannot
     # functionalise the mutating op when every mutable argument is None. Returns
     # (rows (N,), terms (N, 2) float32); terms is (N, 0) unless `with_terms`.
     n = student.shape[0]
     terms = student.new_empty((n, 2 if with_terms else 0), dtype=torch.float32)
-    rows = launch_dense_kd(student, teacher, target, None, None, temperature, ce_weight,
-                           div_weight, divergence, beta, ignore_index, label_smoothing, softcap,
-                           terms if with_terms else None)
+    rows = launch_dense_kd(student, teacher, target, None, None, terms if with_terms else None,
+                           temperature, ce_weight, div_weight, divergence, param_a, param_b,
+                           ignore_index, label_smoothing, softcap)
     return rows, terms
 
 
 @_dense_kd_triton_loss_op.register_fake
 def _dense_kd_triton_loss_fake(student, teacher, target, temperature, ce_weight, div_weight,
-                               divergence, beta, ignore_index, label_smoothing, softcap,
-                               with_terms=False):
+                               divergence, param_a, param_b, ignore_index, label_smoothing,
+                               softcap, with_terms=False):
     n = student.shape[0]
     return (student.new_empty((n,), dtype=torch.float32),
             student.new_empty((n, 2 if with_terms else 0), dtype=torch.float32))
@@ -224,9 +227,7 @@ def _dense_kd_triton_loss_fake(student, teacher, target, temperature, ce_weight,
 
 def dense_kd_triton(student: torch.Tensor, teacher: torch.Tensor, target: Optional[torch.Tensor],
                     grad_student: Optional[torch.Tensor], grad_teacher: Optional[torch.Tensor],
-                    temperature: float, ce_weight: float, div_weight: float, divergence: int,
-                    beta: float, ignore_index: int, label_smoothing: float, softcap: float,
-                    terms: Optional[torch.Tensor] = None) -> torch.Tensor:
+                    terms: Optional[torch.Tensor], args: KernelArgs) -> torch.Tensor:
     """The dense-loss kernel contract (see `fastkd.reference.dense_kd_rows`) on Triton.
 
     Parameters
@@ -241,28 +242,23 @@ def dense_kd_triton(student: torch.Tensor, teacher: torch.Tensor, target: Option
     grad_student, grad_teacher : torch.Tensor or None
         (N, V) buffers in the student's / teacher's dtype, `stride(1) == 1`, own row stride;
         receive d sum(rows) / d logits. `grad_student` may be `student` itself (in place).
-    temperature, ce_weight, div_weight : float
-        Softmax temperature of the divergence and the weights of CE and D in `rows`.
-    divergence : int
-        0 kl, 1 reverse_kl, 2 jsd, 3 tvd.
-    beta, ignore_index, label_smoothing, softcap : float, int, float, float
-        JSD mixing weight, ignored label, CE label smoothing, logit softcap (0: off).
     terms : torch.Tensor or None
         (N, 2) float32 contiguous buffer; receives the unweighted CE (0 without a target) and
         divergence of every row (0 for ignored rows), evaluated even at weight 0.
+    args : KernelArgs
+        The scalars (fastkd._kernel_args); teacher_scale and renormalize are not read.
 
     Returns
     -------
     torch.Tensor
         rows: (N,) float32, `ce_weight * CE + div_weight * D` per row (0 for ignored rows).
     """
-    options = (float(temperature), float(ce_weight), float(div_weight), int(divergence),
-               float(beta), int(ignore_index), float(label_smoothing), float(softcap))
+    scalars = args.dense_scalars()
     if grad_student is None and grad_teacher is None:
         rows, new_terms = torch.ops.fastkd.dense_kd_triton_loss(student, teacher, target,
-                                                                *options, terms is not None)
+                                                                *scalars, terms is not None)
         if terms is not None:
             terms.copy_(new_terms)  # (N, 2): keeps the forward-only op functional
         return rows
     return torch.ops.fastkd.dense_kd_triton(student, teacher, target, grad_student,
-                                            grad_teacher, *options, terms)
+                                            grad_teacher, terms, *scalars)

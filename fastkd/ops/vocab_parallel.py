@@ -25,6 +25,7 @@ from typing import Callable, Optional
 import torch
 import torch.distributed as dist
 
+from .._kernel_args import KernelArgs
 from ..reference.vocab_parallel import (
     attach_phase2,
     combine_stats,
@@ -100,9 +101,15 @@ def _gather_with_layout(local: torch.Tensor, vocab_start_index: int, local_vocab
     return gathered[:, :-1], gathered[:, -1, :2]
 
 
-def vocab_parallel_kd_rows(student, teacher, target, grad_student, grad_teacher,
-                           temperature, ce_weight, div_weight, divergence, beta, ignore_index,
-                           label_smoothing, softcap, terms=None, *, vocab_start_index: int,
+def _scalars(args: KernelArgs) -> tuple:
+    """(temperature, ce_weight, div_weight, divergence, beta, ignore_index,
+    label_smoothing, softcap) of the vocabulary-parallel maths (jsd's beta is param_a)."""
+    return (args.temperature, args.ce_weight, args.div_weight, args.divergence, args.param_a,
+            args.ignore_index, args.label_smoothing, args.softcap)
+
+
+def vocab_parallel_kd_rows(student, teacher, target, grad_student, grad_teacher, terms,
+                           args: KernelArgs, *, vocab_start_index: int,
                            group=None, check: bool = True,
                            checked_target: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Dense-kernel contract on a vocabulary slice (bind the keywords with functools.partial).
@@ -114,6 +121,8 @@ def vocab_parallel_kd_rows(student, teacher, target, grad_student, grad_teacher,
     gradient (grad_student may be student itself). Must be called by every rank of `group`
     with the same N and options. check: validate the slices' layout and the label range
     (of checked_target when given, e.g. all rows of a chunked caller; else of target)."""
+    temperature, ce_weight, div_weight, divergence, beta, ignore_index, label_smoothing, \
+        softcap = _scalars(args)
     want_terms = terms is not None
     has_div = div_weight != 0.0 or want_terms
     has_ce = target is not None and (ce_weight != 0.0 or want_terms)
@@ -136,15 +145,19 @@ def vocab_parallel_kd_rows(student, teacher, target, grad_student, grad_teacher,
 
 
 def vocab_parallel_sparse_kd_rows(student, topk_logprobs, topk_indices, target, grad_student,
-                                  temperature, ce_weight, div_weight, divergence, beta,
-                                  ignore_index, label_smoothing, softcap, renormalize,
-                                  terms=None, *, vocab_start_index: int, group=None,
-                                  check: bool = True) -> torch.Tensor:
+                                  terms, args: KernelArgs, *, vocab_start_index: int,
+                                  group=None, check: bool = True) -> torch.Tensor:
     """Top-k kernel contract (`fastkd.reference.sparse.sparse_kd_rows`) on a vocabulary
     slice: student (N, V_local) columns [vocab_start_index, +V_local) of the global logits;
     topk_logprobs (N, k), topk_indices (N, k) GLOBAL int64 indices and target (N,) | None,
     replicated on every rank. One all_gather of (N + 1, c + k) statistics per call.
     Returns the global per-row loss (N,); grad_student gets this slice's gradient."""
+    temperature, ce_weight, div_weight, divergence, beta, ignore_index, label_smoothing, \
+        softcap = _scalars(args)
+    if args.teacher_scale != 1.0:  # re-tempered; the renormalize tail renormalises the k
+        topk_logprobs = (topk_logprobs.to(torch.promote_types(topk_logprobs.dtype,
+                                                              torch.float32))
+                         * args.teacher_scale)
     want_terms = terms is not None
     has_div = div_weight != 0.0 or want_terms
     has_ce = target is not None and (ce_weight != 0.0 or want_terms)
@@ -156,7 +169,7 @@ def vocab_parallel_sparse_kd_rows(student, topk_logprobs, topk_indices, target, 
     if check:
         check_vocab_layout(layout, target, ignore_index, topk_indices)
     glob = combine_sparse_stats(stats[..., :len(names)], names, topk_logprobs, divergence,
-                                beta, renormalize, local.dtype)
+                                beta, args.renormalize, local.dtype)
     return sparse_shard_rows_and_grads(student, topk_indices, target, grad_student, glob,
                                        temperature, ce_weight, div_weight, ignore_index,
                                        label_smoothing, softcap, vocab_start_index,

@@ -24,6 +24,7 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
+from .._kernel_args import KernelArgs
 from .dense import consume_once
 from .fused_linear import _accumulate, _linear, default_chunk_rows
 
@@ -38,7 +39,7 @@ def agreed_chunk_rows(n: int, local_vocab: int, itemsize: int, device: torch.dev
 
 
 def vocab_parallel_sweep(hidden, weight, bias, target, teacher, kernel: Callable,
-                         options: tuple, chunk: int, needs: tuple, group, row_scale=None,
+                         args: KernelArgs, chunk: int, needs: tuple, group, row_scale=None,
                          terms=None, check: bool = True):
     """One pass over the rows in chunks (see the module docstring).
 
@@ -68,8 +69,8 @@ def vocab_parallel_sweep(hidden, weight, bias, target, teacher, kernel: Callable
         t_logits = _linear(t_hidden[start:stop], t_weight, t_bias)
         y = None if target is None else target[start:stop]
         grad = logits if any_grad else None  # the kernel overwrites the chunk by its gradient
-        rows[start:stop] = kernel(logits, t_logits, y, grad, None, *options,
-                                  None if terms is None else terms[start:stop],
+        rows[start:stop] = kernel(logits, t_logits, y, grad, None,
+                                  None if terms is None else terms[start:stop], args,
                                   check=check and start == 0, checked_target=target)
         if not any_grad:
             continue
@@ -89,18 +90,18 @@ class VocabParallelFusedLinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, target, t_hidden, t_weight, t_bias, setup: tuple,
                 terms):
-        kernel, options, chunk, per_row, needs, group = setup
+        kernel, args, chunk, per_row, needs, group = setup
         teacher = (t_hidden, t_weight, t_bias)
         ctx.setup = setup
         ctx.dtypes = (hidden.dtype, weight.dtype)
         ctx.per_row = per_row
         if per_row:  # the per-row incoming gradient is known in backward only: sweep again
-            rows = vocab_parallel_sweep(hidden, weight, bias, target, teacher, kernel, options,
+            rows = vocab_parallel_sweep(hidden, weight, bias, target, teacher, kernel, args,
                                         chunk, (False, False, False), group, terms=terms)[0]
             ctx.save_for_backward(hidden, weight, bias, target, *teacher)
             return rows
         rows, grad_h, grad_w, grad_b = vocab_parallel_sweep(
-            hidden, weight, bias, target, teacher, kernel, options, chunk, needs, group,
+            hidden, weight, bias, target, teacher, kernel, args, chunk, needs, group,
             terms=terms)
         ctx.save_for_backward(grad_h, grad_w, grad_b)
         return rows.sum()
@@ -108,11 +109,11 @@ class VocabParallelFusedLinearFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         consume_once(ctx)
-        kernel, options, chunk, _, needs, group = ctx.setup
+        kernel, args, chunk, _, needs, group = ctx.setup
         if ctx.per_row:
             hidden, weight, bias, target, t_h, t_w, t_b = ctx.saved_tensors
             _, grad_h, grad_w, grad_b = vocab_parallel_sweep(
-                hidden, weight, bias, target, (t_h, t_w, t_b), kernel, options, chunk, needs,
+                hidden, weight, bias, target, (t_h, t_w, t_b), kernel, args, chunk, needs,
                 group, row_scale=grad_out, check=False)
         else:
             grad_h, grad_w, grad_b = (None if g is None else g.mul_(grad_out.to(g.dtype))
@@ -125,7 +126,7 @@ class VocabParallelFusedLinearFunction(torch.autograd.Function):
 
 
 def vocab_parallel_fused_rows(hidden, weight, bias, target, teacher: tuple, kernel: Callable,
-                              options: tuple, chunk: int, per_row: bool, group,
+                              args: KernelArgs, chunk: int, per_row: bool, group,
                               terms=None) -> torch.Tensor:
     """Summed loss (scalar) or rows (N,) of the vocab-parallel fused-linear loss."""
     grad_on = torch.is_grad_enabled()
@@ -135,8 +136,8 @@ def vocab_parallel_fused_rows(hidden, weight, bias, target, teacher: tuple, kern
     if not any(needs):
         with torch.no_grad():
             rows = vocab_parallel_sweep(hidden, weight, bias, target, (t_h, t_w, t_b), kernel,
-                                        options, chunk, needs, group, terms=terms)[0]
+                                        args, chunk, needs, group, terms=terms)[0]
         return rows if per_row else rows.sum()
     return VocabParallelFusedLinearFunction.apply(hidden, weight, bias, target, t_h, t_w, t_b,
-                                                  (kernel, options, chunk, per_row, needs,
+                                                  (kernel, args, chunk, per_row, needs,
                                                    group), terms)

@@ -29,6 +29,8 @@ from typing import Optional
 
 import torch
 
+from .._kernel_args import KernelArgs
+
 #: Divergence codes shared by every backend (index = code passed to the kernels).
 DIVERGENCES = ("kl", "reverse_kl", "jsd", "tvd")
 KL, REVERSE_KL, JSD, TVD = range(4)
@@ -127,15 +129,8 @@ def dense_kd_rows(
     target: Optional[torch.Tensor],
     grad_student: Optional[torch.Tensor],
     grad_teacher: Optional[torch.Tensor],
-    temperature: float,
-    ce_weight: float,
-    div_weight: float,
-    divergence: int,
-    beta: float,
-    ignore_index: int,
-    label_smoothing: float,
-    softcap: float,
-    terms: Optional[torch.Tensor] = None,
+    terms: Optional[torch.Tensor],
+    args: KernelArgs,
 ) -> torch.Tensor:
     """Per-row weighted distillation loss; gradients written into the given buffers.
 
@@ -152,13 +147,16 @@ def dense_kd_rows(
         or for ignored rows) and ``terms[:, 1]`` the unweighted divergence (0 for ignored
         rows), both computed even where their weight is 0, so that
         ``rows == ce_weight * terms[:, 0] + div_weight * terms[:, 1]``.
-    Other arguments: the loss options; ``softcap <= 0`` means off.
+    args : `fastkd._kernel_args.KernelArgs`, the scalars (``softcap <= 0``: off;
+        teacher_scale and renormalize are not read).
 
     Returns
     -------
     rows : (N,) float32, or float64 when either input is float64 (arithmetic in that type).
         Ignored rows are 0 with 0 gradients.
     """
+    temperature, ce_weight, div_weight = args.temperature, args.ce_weight, args.div_weight
+    softcap, beta = args.softcap, args.param_a
     n, vocab = student.shape
     wide = torch.float64 in (student.dtype, teacher.dtype)
     compute = torch.float64 if wide else torch.float32
@@ -176,7 +174,7 @@ def dense_kd_rows(
         if want_div:
             z_t, dcap_t = _capped(teacher[start:stop].to(compute), softcap)
             need_t = grad_teacher is not None and div_weight != 0.0
-            div_term, g_as, g_at = _divergence_and_grads(divergence, beta, z_s / temperature,
+            div_term, g_as, g_at = _divergence_and_grads(args.divergence, beta, z_s / temperature,
                                                          z_t / temperature, need_t)
             if div_weight != 0.0:  # a zero-weight (possibly infinite) term stays out
                 loss = loss + div_weight * div_term
@@ -189,10 +187,10 @@ def dense_kd_rows(
         valid = None
         if target is not None:
             y = target[start:stop]
-            valid = (y != ignore_index).unsqueeze(-1)
+            valid = (y != args.ignore_index).unsqueeze(-1)
             if want_ce:
                 ce_term, g_ce = _cross_entropy_and_grad(z_s, torch.where(valid[:, 0], y, 0),
-                                                        label_smoothing)
+                                                        args.label_smoothing)
                 if ce_weight != 0.0:
                     loss = loss + ce_weight * ce_term
                     if d_zs is not None:

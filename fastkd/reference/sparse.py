@@ -41,6 +41,7 @@ from typing import Optional
 
 import torch
 
+from .._kernel_args import KernelArgs
 from .dense import (
     CHUNK_ELEMENTS,
     JSD,
@@ -127,17 +128,8 @@ def sparse_kd_rows(
     topk_indices: torch.Tensor,
     target: Optional[torch.Tensor],
     grad_student: Optional[torch.Tensor],
-    temperature: float,
-    ce_weight: float,
-    div_weight: float,
-    divergence: int,
-    beta: float,
-    ignore_index: int,
-    label_smoothing: float,
-    softcap: float,
-    renormalize: bool,
-    terms: Optional[torch.Tensor] = None,
-    teacher_scale: float = 1.0,
+    terms: Optional[torch.Tensor],
+    args: KernelArgs,
 ) -> torch.Tensor:
     """Per-row weighted top-k-teacher loss; the student gradient written into a buffer.
 
@@ -149,18 +141,18 @@ def sparse_kd_rows(
         may hold anything: they are not used).
     target : (N,) int64 or None.
     grad_student : (N, V) buffer in the student's dtype, or None; it may alias ``student``.
-    temperature, ce_weight, div_weight, divergence, beta, ignore_index, label_smoothing :
-        as `dense_kd_rows`; softcap <= 0 means off.
-    renormalize : bool, tail "renormalize" (else "bucket").
     terms : (N, 2) buffer or None; receives the unweighted (CE, D) of every row (CE 0 without
         a target, both 0 for ignored rows), evaluated even where a weight is 0.
-    teacher_scale : float, the stored log-probs are multiplied by it before use (re-tempering
-        ``T_stored / T``; the renormalised tail then renormalises them).
+    args : `fastkd._kernel_args.KernelArgs`, the scalars as for `dense_kd_rows`, and:
+        renormalize, tail "renormalize" (else "bucket"); teacher_scale, the factor on the
+        stored log-probs (re-tempering ``T_stored / T``; the renormalised tail then
+        renormalises them).
 
     Returns
     -------
     rows : (N,) float32 (float64 for float64 students); ignored rows are 0 with 0 gradient.
     """
+    temperature, ce_weight, div_weight = args.temperature, args.ce_weight, args.div_weight
     n, vocab = student.shape
     compute = torch.float64 if student.dtype == torch.float64 else torch.float32
     rows = torch.empty(n, dtype=compute, device=student.device)
@@ -169,26 +161,26 @@ def sparse_kd_rows(
     chunk = max(1, CHUNK_ELEMENTS // max(vocab, 1))
     for start in range(0, n, chunk):
         stop = min(n, start + chunk)
-        z_s, dcap_s = _capped(student[start:stop].to(compute), softcap)
+        z_s, dcap_s = _capped(student[start:stop].to(compute), args.softcap)
         loss = torch.zeros(stop - start, 1, dtype=compute, device=student.device)
         d_zs = torch.zeros_like(z_s) if grad_student is not None else None
         valid = None
         if target is not None:
             y = target[start:stop]
-            valid = (y != ignore_index).unsqueeze(-1)
+            valid = (y != args.ignore_index).unsqueeze(-1)
         d = ce = torch.zeros_like(loss)
         if div_value:
             logprobs, indices = _readable_rows(topk_logprobs[start:stop].to(compute),
                                                topk_indices[start:stop].long(), valid)
             d, g_a = _sparse_divergence_and_grad(
-                z_s / temperature, logprobs * teacher_scale, indices, divergence, beta,
-                renormalize, d_zs is not None and div_weight != 0.0)
+                z_s / temperature, logprobs * args.teacher_scale, indices, args.divergence,
+                args.param_a, args.renormalize, d_zs is not None and div_weight != 0.0)
             loss = loss + div_weight * d
             if d_zs is not None and div_weight != 0.0:
                 d_zs = d_zs + (div_weight / temperature) * g_a
         if ce_value:
             ce, g_ce = _cross_entropy_and_grad(z_s, torch.where(valid[:, 0], y, 0),
-                                               label_smoothing)
+                                               args.label_smoothing)
             loss = loss + ce_weight * ce
             if d_zs is not None and ce_weight != 0.0:
                 d_zs = d_zs + ce_weight * g_ce
