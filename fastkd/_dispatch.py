@@ -1,18 +1,24 @@
-"""Backend resolution: which kernel computes a loss for given tensors.
+"""Dispatch: which kernel computes a loss for given tensors, and whether a call is a DTensor's.
 
-`"auto"` (or the `FASTKD_BACKEND` environment variable, which overrides it) picks, for
-float64 inputs (on either side), the reference (`"torch"`); for CUDA tensors `"triton"`, then
-`"cuda"`, then `"torch"`; for CPU tensors the fused C++ kernel `"cpu"`, then `"torch"`. An
-explicitly named backend that cannot run the given tensors raises `BackendUnavailableError`
-with the reason; nothing falls back silently.
+One function, `kernel_for(family, backend, *tensors)`, serves every loss family ("dense":
+student and teacher logits; "topk": a stored top-k teacher) with one set of rules: `"auto"`
+(or the `FASTKD_BACKEND` environment variable, which overrides it) picks, for float64 inputs
+(on either side), the reference (`"torch"`); for CUDA tensors `"triton"`, then `"cuda"`, then
+`"torch"`; for CPU tensors the fused C++ kernel `"cpu"`, then `"torch"`, skipping a backend
+that has no kernel of the family. An explicitly named backend that cannot serve the call
+raises `BackendUnavailableError` with the reason; nothing falls back silently.
 """
 
 from __future__ import annotations
 
 import os
+import sys
 from typing import Callable, Optional
 
 import torch
+
+#: The loss families and the backends that have a kernel for each.
+FAMILIES = {"dense": ("triton", "cuda", "cpu", "torch"), "topk": ("triton", "cpu", "torch")}
 
 BACKENDS = ("auto", "triton", "cuda", "cpu", "torch")
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -61,8 +67,23 @@ def _native_status() -> tuple:
     return native.HAS_CPU, native.HAS_CUDA, native.MISSING_REASON
 
 
-def unavailable_reason(backend: str, device: torch.device, dtype: torch.dtype) -> Optional[str]:
-    """Why `backend` cannot run tensors of this device and dtype; None when it can."""
+@_memoised
+def _topk_cpu_status() -> Optional[str]:
+    """Why the fused C++ top-k kernel is missing (None when it is built)."""
+    try:
+        from .ops import sparse_native
+    except Exception as exc:  # an extension built without the top-k op
+        return f"fastkd._C is not importable ({exc})"
+    return None if sparse_native.HAS_CPU else sparse_native.MISSING_REASON
+
+
+def unavailable_reason(backend: str, device: torch.device, dtype: torch.dtype,
+                       family: str = "dense") -> Optional[str]:
+    """Why `backend` cannot run tensors of this device and dtype for a loss of `family`;
+    None when it can."""
+    if backend in BACKENDS and backend != "auto" and backend not in FAMILIES[family]:
+        served = ", ".join(repr(b) for b in FAMILIES[family])
+        return f"it has no {family} kernel (the {family} losses run on {served} or 'auto')"
     if backend == "torch":
         return None
     if dtype not in KERNEL_DTYPES:
@@ -77,7 +98,9 @@ def unavailable_reason(backend: str, device: torch.device, dtype: torch.dtype) -
     if backend == "cpu":
         if device.type != "cpu":
             return f"backend 'cpu' needs CPU tensors, got device {device}"
-        return None if has_cpu else reason
+        if not has_cpu:
+            return reason
+        return _topk_cpu_status() if family == "topk" else None
     if backend == "cuda":
         if device.type != "cuda":
             return f"backend 'cuda' needs CUDA tensors, got device {device}"
@@ -90,13 +113,14 @@ def check_backend_name(backend) -> None:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
 
 
-def resolve_backend(backend: str, tensor: torch.Tensor, *others: torch.Tensor) -> str:
+def resolve_backend(backend: str, tensor: torch.Tensor, *others: torch.Tensor,
+                    family: str = "dense") -> str:
     """Returns the concrete backend name for the tensors' device and dtypes.
 
     Every tensor given (e.g. student and teacher logits) must be runnable by the backend:
-    `"auto"` picks the first candidate that runs all of them (so float64 on either side
-    routes to `"torch"`); an explicit backend that cannot run one of them raises
-    `BackendUnavailableError` naming the dtype or device.
+    `"auto"` picks the first candidate that runs all of them and has a kernel of `family`
+    (so float64 on either side routes to `"torch"`); an explicit backend that cannot run one
+    of them raises `BackendUnavailableError` naming the dtype, device or missing kernel.
     """
     check_backend_name(backend)
     if backend == "auto":
@@ -109,7 +133,7 @@ def resolve_backend(backend: str, tensor: torch.Tensor, *others: torch.Tensor) -
 
     def reason_for(candidate: str) -> Optional[str]:
         for dtype in dtypes:
-            reason = unavailable_reason(candidate, device, dtype)
+            reason = unavailable_reason(candidate, device, dtype, family)
             if reason is not None:
                 return reason
         return None
@@ -126,16 +150,46 @@ def resolve_backend(backend: str, tensor: torch.Tensor, *others: torch.Tensor) -
     return backend
 
 
-def dense_kernel(backend: str) -> Callable:
-    """The dense-loss kernel (contract of `fastkd.reference.dense_kd_rows`) of a backend."""
-    if backend == "torch":
+def _kernel(family: str, name: str) -> Callable:
+    """The kernel (contract of `fastkd._kernel_args`) of a resolved backend."""
+    if family == "topk":
+        if name == "triton":
+            from .ops.sparse_triton import sparse_kd_triton
+
+            return sparse_kd_triton
+        if name == "cpu":
+            from .ops.sparse_native import sparse_kd_native
+
+            return sparse_kd_native
+        from .reference.sparse import sparse_kd_rows
+
+        return sparse_kd_rows
+    if name == "torch":
         from .reference import dense_kd_rows
 
         return dense_kd_rows
-    if backend == "triton":
+    if name == "triton":
         from .ops.triton_dense import dense_kd_triton
 
         return dense_kd_triton
     from .ops.native import dense_kd_native
 
     return dense_kd_native
+
+
+def kernel_for(family: str, backend: str, tensor: torch.Tensor,
+               *others: Optional[torch.Tensor]) -> Callable:
+    """The kernel of `family` ("dense" or "topk") that `backend` resolves to for these
+    tensors (`resolve_backend`'s rules); raises `BackendUnavailableError` when an explicitly
+    named backend cannot serve the call."""
+    return _kernel(family, resolve_backend(backend, tensor, *others, family=family))
+
+
+def is_dtensor(*tensors) -> bool:
+    """Whether any tensor is a DTensor; free (no import) when torch.distributed.tensor was
+    never imported, since no DTensor can exist then (False while compiling)."""
+    if torch.compiler.is_compiling():
+        return False
+    module = sys.modules.get("torch.distributed.tensor")
+    cls = getattr(module, "DTensor", None) if module is not None else None
+    return cls is not None and any(isinstance(t, cls) for t in tensors)

@@ -13,11 +13,21 @@ temperature : float, default 1.0
 alpha : float, default 0.5
     Weight in [0, 1] of the CE term: ``alpha * CE + (1 - alpha) * k * D``. Unused when
     ``target`` is None (then the loss is ``k * D``).
-divergence : {"kl", "reverse_kl", "jsd", "tvd"}, default "kl"
+divergence : {"kl", "reverse_kl", "jsd", "tvd", "skew_kl", "skew_reverse_kl", "akl", \
+"alpha_beta"}, default "kl"
     D(p_t, p_s): forward KL(p_t || p_s), reverse KL(p_s || p_t), the generalised
-    Jensen-Shannon divergence with weight ``beta``, or total variation.
+    Jensen-Shannon divergence with weight ``beta``, total variation, the skew KL and skew
+    reverse KL of DistiLLM (weight ``skew``), the adaptive KL of Wu et al. (head/tail mix of
+    forward and reverse KL) or the alpha-beta divergence of ABKD (``alpha_beta``). Exact
+    formulas and the backends serving each in docs/semantics.md.
 beta : float, default 0.5
     Teacher weight of the JSD mixture, in (0, 1); only used by ``divergence="jsd"``.
+skew : float or None, default None
+    The skew weight lambda in [0, 1) of "skew_kl" / "skew_reverse_kl" (None: 0.1); passing
+    it with another divergence raises ValueError. 0 is exactly "kl" / "reverse_kl".
+alpha_beta : (float, float) or None, default None
+    (alpha, beta) of ``divergence="alpha_beta"``, both > 0, or exactly (1, 0) (= "kl") or
+    (0, 1) (= "reverse_kl"); required by that divergence, refused by the others.
 scale_by_t2 : bool, default True
     k = T^2 (Hinton et al.) when True, else k = 1.
 ignore_index : int, default -100

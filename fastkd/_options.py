@@ -1,22 +1,26 @@
-"""The loss settings as one frozen, validated value, and the kernel scalars derived from it.
+"""The loss settings: one frozen, validated value per call, and the kernel scalars from it.
 
-Every public loss keeps its keywords; inside, they travel as one `LossOptions`, checked once by
-`LossOptions.validate` with one set of rules (the same `ValueError` / `TypeError` on every
-backend). A new divergence parameter is added here, as a field with its default and its rule
-in `validate`, and nowhere else.
+Every public loss keeps its keywords; inside, they travel as one `LossOptions` (the top-k
+losses: `TopKOptions`), checked once by `validate` with one set of rules (the same
+`ValueError` / `TypeError` on every backend). The public keyword lists are generated from the
+fields (`takes_options`), so a new divergence parameter is added here, as a field with its
+default and its rule, and nowhere else.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import inspect
 import math
 import numbers
-from typing import Optional
+from typing import ClassVar, Optional
 
 import torch
 
 from ._kernel_args import KernelArgs
 from .reference import DIVERGENCES
+from .reference.sparse import TAILS
 
 REDUCTIONS = ("mean", "sum", "none")
 #: The divergences that take `skew` (the mixing weight of the skewed distribution).
@@ -47,6 +51,8 @@ class LossOptions:
     their scalars from `kernel_args`, computed once here.
     """
 
+    _names: ClassVar[tuple] = ()  # the field names, set once below the class
+
     temperature: float = 1.0
     alpha: float = 0.5
     divergence: str = "kl"
@@ -63,7 +69,11 @@ class LossOptions:
     @classmethod
     def names(cls) -> tuple:
         """The keyword names, in field order: the one list every entry point shares."""
-        return _NAMES  # a constant: torch.compile cannot trace dataclasses.fields
+        return cls._names  # a constant: torch.compile cannot trace dataclasses.fields
+
+    def keywords(self) -> dict:
+        """The options as the public keywords (to call another public loss with them)."""
+        return {name: getattr(self, name) for name in self.names()}
 
     @classmethod
     def pick(cls, keywords: dict) -> LossOptions:
@@ -181,7 +191,64 @@ class LossOptions:
                           float(self.label_smoothing), softcap).weighted(weight)
 
 
-_NAMES = tuple(f.name for f in dataclasses.fields(LossOptions))
+LossOptions._names = tuple(f.name for f in dataclasses.fields(LossOptions))
+
+
+@dataclasses.dataclass(frozen=True)
+class TopKOptions(LossOptions):
+    """`LossOptions` of the top-k (offline) teacher losses: also how the teacher's missing
+    mass is treated (`tail`) and the temperature its log-probs were stored at."""
+
+    tail: str = "bucket"
+    teacher_temperature: Optional[float] = None
+
+    def validate(self) -> TopKOptions:
+        super().validate()
+        if self.tail not in TAILS:
+            raise ValueError(f"tail must be one of {TAILS}, got {self.tail!r}")
+        teacher_scale(self.teacher_temperature, self.temperature, self.tail)
+        return self
+
+    def kernel_args(self, target_given: bool, weight: Optional[float] = None) -> KernelArgs:
+        """`LossOptions.kernel_args` with the tail and the re-tempering factor."""
+        return super().kernel_args(target_given, weight)._replace(
+            renormalize=self.tail == "renormalize",
+            teacher_scale=teacher_scale(self.teacher_temperature, self.temperature, self.tail))
+
+
+TopKOptions._names = tuple(f.name for f in dataclasses.fields(TopKOptions))
+
+
+def takes_options(options_type: type = LossOptions):
+    """Decorator of a public loss written ``fn(tensors..., *, options, other keywords)``.
+
+    The public function takes one keyword-only argument per field of `options_type` (the
+    field's default), where ``options`` stood in `fn`'s signature (`inspect.signature` and
+    help() show them); a call's option keywords are gathered into one validated
+    `options_type` value passed as ``options``. An unknown keyword raises TypeError.
+    """
+    names = options_type.names()
+    fields = {f.name: f for f in dataclasses.fields(options_type)}
+
+    def decorate(fn):
+        signature = inspect.signature(fn)
+        params = list(signature.parameters.values())
+        at = [p.name for p in params].index("options")
+        option_params = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY,
+                                           default=fields[name].default)
+                         for name in names]
+
+        @functools.wraps(fn)
+        def public(*args, **keywords):
+            values = {name: keywords.pop(name) for name in names if name in keywords}
+            return fn(*args, options=options_type(**values).validate(), **keywords)
+
+        public.__signature__ = signature.replace(
+            parameters=params[:at] + option_params + params[at + 1:])
+        del public.__wrapped__  # help() and inspect show the public signature, not fn's
+        return public
+
+    return decorate
 
 
 def teacher_scale(teacher_temperature, temperature: float, tail: str) -> float:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -58,26 +59,6 @@ def check_target(target, lead_shape: torch.Size, vocab: Optional[int], ignore_in
 def check_options(**keywords) -> None:
     """The loss settings' one set of rules (`LossOptions.validate`)."""
     LossOptions(**keywords).validate()
-
-
-def reduce_rows(rows: torch.Tensor, valid_count: Optional[torch.Tensor], reduction: str,
-                num_items_in_batch, lead_shape: torch.Size) -> torch.Tensor:
-    """Applies the loss reduction (docs/semantics.md) to per-row losses `(N,)`.
-
-    `"mean"` divides by `num_items_in_batch` when given, else by the number of non-ignored
-    rows (`valid_count`, a tensor; None means all rows), clamped to 1 so an all-ignored batch
-    gives loss 0 and gradient 0 rather than NaN.
-    """
-    if reduction == "none":
-        return rows.reshape(lead_shape)
-    total = rows.sum()
-    if reduction == "sum":
-        return total
-    if num_items_in_batch is not None:
-        return total / num_items_in_batch
-    if valid_count is None:
-        return total / max(rows.numel(), 1)
-    return total / valid_count.clamp(min=1).to(total.dtype)
 
 
 def check_dims(name: str, tensor: torch.Tensor, what: str) -> None:
@@ -160,3 +141,80 @@ def check_chunk_size(chunk_size) -> None:
         return
     if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
         raise ValueError(f"chunk_size must be None or an int >= 1, got {chunk_size!r}")
+
+
+#: A top-k teacher row's probabilities may sum to at most exp(this) (rounding of stored values).
+TOPK_MASS_TOLERANCE = 1e-2
+
+
+def check_topk_shapes(logprobs, indices, lead_shape, vocab: Optional[int]) -> int:
+    """Dtypes and shapes of (..., k) top-k rows for a student of leading shape `lead_shape`;
+    returns k. `vocab` None (a vocabulary slice, as in the vocab-parallel loss): k >= 1 only."""
+    check_floating("teacher_topk_logprobs", logprobs)
+    if not isinstance(indices, torch.Tensor) or indices.dtype not in (torch.int64, torch.int32):
+        raise TypeError("teacher_topk_indices must be an int64 or int32 tensor of vocabulary "
+                        f"indices, got {getattr(indices, 'dtype', type(indices).__name__)}")
+    if logprobs.dim() != len(lead_shape) + 1 or logprobs.shape[:-1] != lead_shape:
+        raise ValueError(f"teacher_topk_logprobs must have shape {tuple(lead_shape)} + (k,) "
+                         f"(the student's leading dimensions), got {tuple(logprobs.shape)}")
+    if indices.shape != logprobs.shape:
+        raise ValueError(f"teacher_topk_indices shape {tuple(indices.shape)} must equal "
+                         f"teacher_topk_logprobs shape {tuple(logprobs.shape)}")
+    k = logprobs.shape[-1]
+    if vocab is None:
+        if k < 1:
+            raise ValueError("teacher_topk_logprobs must hold k >= 1 entries per row")
+    elif not 1 <= k <= vocab:
+        raise ValueError(f"teacher_topk_logprobs must hold 1 <= k <= V={vocab} entries per "
+                         f"row, got k={k}")
+    return k
+
+
+def check_topk(logprobs, indices, lead_shape, vocab: int, valid_rows) -> None:
+    """Shapes and dtypes; in eager mode also, on the rows that are not ignored, index range,
+    uniqueness and mass <= 1 (vectorised). Ignored rows may hold anything."""
+    k = check_topk_shapes(logprobs, indices, lead_shape, vocab)
+    # Data checks read values on the host: eager mode only (see check_target).
+    if torch.compiler.is_compiling() or indices.numel() == 0:
+        return
+    indices, logprobs = indices.reshape(-1, k), logprobs.reshape(-1, k)
+    valid = None if valid_rows is None else valid_rows.reshape(-1)
+    max_mass = math.exp(TOPK_MASS_TOLERANCE)
+    first = _first_bad_rows_cpu(logprobs, indices, valid, vocab, max_mass)
+    if first is None:
+        # Per row: index out of range, repeated index, mass > 1; one host sync for all
+        # three. Few passes over (N, k) (sort, compare, exp, sum), the rest on (N,) vectors.
+        ordered = indices.sort(dim=-1).values
+        mass = logprobs.float().exp().sum(-1)  # log-probs <= ~0: no overflow; NaN stays
+        flags = torch.stack([(ordered[:, 0] < 0) | (ordered[:, -1] >= vocab),
+                             (ordered[:, 1:] == ordered[:, :-1]).any(-1),
+                             ~(mass <= max_mass)])
+        if valid is not None:  # only the rows that are read
+            flags &= valid.reshape(1, -1)
+        found = flags.any(-1)
+        first = (torch.where(found, flags.int().argmax(-1) + 1, 0)).tolist()
+    bad_range, repeated, too_much = first
+    if bad_range:
+        row = indices[bad_range - 1]
+        raise ValueError(f"teacher_topk_indices must lie in [0, {vocab}) on rows that are not "
+                         f"ignored; row {bad_range - 1} (flattened) holds min "
+                         f"{row.min().item()}, max {row.max().item()}")
+    if repeated:
+        raise ValueError("teacher_topk_indices must be unique within each row that is not "
+                         f"ignored; row {repeated - 1} (flattened) repeats an index")
+    if too_much:
+        lse = torch.logsumexp(logprobs[too_much - 1].double(), dim=-1).item()
+        raise ValueError("teacher_topk_logprobs must be log-probabilities (at "
+                         "teacher_temperature) whose exp sums to <= 1 per row; row "
+                         f"{too_much - 1} (flattened) has log-sum-exp {lse:.4g}")
+
+
+def _first_bad_rows_cpu(logprobs, indices, valid, vocab, max_mass):
+    """The checks in one serial C++ pass for CPU tensors (None: use the vectorised path)."""
+    if indices.device.type != "cpu":
+        return None
+    try:
+        from .ops.sparse_native import first_bad_rows
+    except Exception:  # the extension is not importable: vectorised path
+        return None
+    return first_bad_rows(logprobs, indices, valid, vocab, max_mass)

@@ -25,21 +25,16 @@ import torch
 import torch.distributed as dist
 
 from ._dtensor import dtensor_distillation_loss, dtensor_fused_linear_distillation_loss
-from ._glue import (
-    _autocast_head,
-    _flat_target,
-    _valid_count,
-    host_reduction_weight,
-    kernel_options,
-)
-from ._sparse_api import TOPK_MASS_TOLERANCE, _check_tail, _check_topk_shapes, _teacher_scale
+from ._inputs import autocast_head
+from ._options import LossOptions, TopKOptions, takes_options
+from ._reduction import flat_target, host_reduction_weight, reduce_rows, valid_count
 from ._validation import (
+    TOPK_MASS_TOLERANCE,
     check_chunk_size,
     check_floating,
     check_logits_pair,
-    check_options,
     check_target,
-    reduce_rows,
+    check_topk_shapes,
 )
 from .ops.dense import autocast_off
 from .ops.vocab_parallel import (
@@ -48,34 +43,11 @@ from .ops.vocab_parallel import (
     vocab_parallel_sparse_kd_rows,
 )
 from .ops.vocab_parallel_fused import agreed_chunk_rows, vocab_parallel_fused_rows
-from .reference.vocab_parallel import compute_dtype
+from .ops.vocab_parallel_stats import compute_dtype
 
 __all__ = ["vocab_parallel_distillation_loss", "vocab_parallel_fused_linear_distillation_loss",
            "vocab_parallel_sparse_distillation_loss", "dtensor_distillation_loss",
            "dtensor_fused_linear_distillation_loss"]
-
-#: The loss options the fused-linear and top-k losses take as **keywords, with defaults.
-_OPTION_DEFAULTS = dict(temperature=1.0, alpha=0.5, divergence="kl", beta=0.5,
-                        scale_by_t2=True, ignore_index=-100, label_smoothing=0.0, softcap=None)
-
-
-def _split_keywords(keywords: dict) -> tuple:
-    """(options with defaults filled in, reduction, num_items_in_batch) of a loss's
-    **keywords; an unknown name raises TypeError."""
-    keywords = dict(keywords)
-    reduction = keywords.pop("reduction", "mean")
-    num_items = keywords.pop("num_items_in_batch", None)
-    unknown = set(keywords) - set(_OPTION_DEFAULTS)
-    if unknown:
-        raise TypeError(f"unexpected keyword argument(s) {sorted(unknown)}")
-    return {**_OPTION_DEFAULTS, **keywords}, reduction, num_items
-
-
-def _check_keywords(options_kw: dict, reduction, num_items) -> None:
-    """Validates the options (scale_by_t2 is any truth value), reduction and divisor."""
-    check_options(reduction=reduction, num_items_in_batch=num_items,
-                  **{k: v for k, v in options_kw.items() if k != "scale_by_t2"})
-
 
 def _check_vocab_start(vocab_start_index) -> None:
     if not isinstance(vocab_start_index, int) or isinstance(vocab_start_index, bool):
@@ -123,6 +95,7 @@ def _flat_logits(name: str, logits: torch.Tensor, inplace_backward: bool) -> tor
     return flat
 
 
+@takes_options(LossOptions)
 def vocab_parallel_distillation_loss(
     student_logits_shard: torch.Tensor,
     teacher_logits_shard: torch.Tensor,
@@ -130,16 +103,7 @@ def vocab_parallel_distillation_loss(
     *,
     vocab_start_index: int,
     group=None,
-    temperature: float = 1.0,
-    alpha: float = 0.5,
-    divergence: str = "kl",
-    beta: float = 0.5,
-    scale_by_t2: bool = True,
-    ignore_index: int = -100,
-    label_smoothing: float = 0.0,
-    softcap: Optional[float] = None,
-    reduction: str = "mean",
-    num_items_in_batch=None,
+    options: LossOptions,
     inplace_backward: bool = False,
     return_components: bool = False,
 ):
@@ -160,7 +124,7 @@ def vocab_parallel_distillation_loss(
         Write the student gradient into `student_logits_shard`'s buffer.
     return_components : bool
         Also return the unweighted CE and divergence, detached and reduced like the loss.
-    **keywords
+    temperature, alpha, divergence, ..., num_items_in_batch
         As `fastkd.distillation_loss` (label smoothing spreads over the GLOBAL vocabulary;
         "mean" divides by the global count of non-ignored tokens).
 
@@ -173,32 +137,27 @@ def vocab_parallel_distillation_loss(
         (loss, ce, divergence).
     """
     check_logits_pair(student_logits_shard, teacher_logits_shard, target)
-    check_options(temperature=temperature, alpha=alpha, divergence=divergence, beta=beta,
-                  ignore_index=ignore_index, label_smoothing=label_smoothing, softcap=softcap,
-                  reduction=reduction, num_items_in_batch=num_items_in_batch)
+    reduction, num_items_in_batch = options.reduction, options.num_items_in_batch
     _check_vocab_start(vocab_start_index)
     lead_shape, local_vocab = student_logits_shard.shape[:-1], student_logits_shard.shape[-1]
     if target is not None:
         # The label range needs the global vocabulary: checked after the statistics' gather.
-        check_target(target, lead_shape, None, ignore_index)
+        check_target(target, lead_shape, None, options.ignore_index)
     _check_process_group()
 
     student = _flat_logits("student_logits_shard", student_logits_shard, inplace_backward)
     teacher = teacher_logits_shard.reshape(-1, local_vocab).contiguous()
-    flat_target = _flat_target(target)
-    valid = _valid_count(flat_target, ignore_index)
+    labels = flat_target(target)
+    valid = valid_count(labels, options.ignore_index)
     weight = host_reduction_weight(student, valid, reduction, num_items_in_batch)
-    args = kernel_options(
-        target is not None, temperature=temperature, alpha=alpha, divergence=divergence,
-        beta=beta, scale_by_t2=scale_by_t2, ignore_index=ignore_index,
-        label_smoothing=label_smoothing, softcap=softcap).weighted(weight)
+    args = options.kernel_args(target is not None, weight)
     terms = _terms_buffer(student.shape[0], (student.dtype, teacher.dtype), student.device,
                           return_components)
     kernel = functools.partial(vocab_parallel_kd_rows, vocab_start_index=vocab_start_index,
                                group=group, check=not torch.compiler.is_compiling())
 
     def call(grad_student, grad_teacher):
-        return kernel(student, teacher, flat_target, grad_student, grad_teacher, terms, args)
+        return kernel(student, teacher, labels, grad_student, grad_teacher, terms, args)
 
     with autocast_off(student.device):
         rows = vocab_parallel_rows(student, teacher, call, True, inplace_backward)
@@ -226,6 +185,7 @@ def _check_head_shard(prefix: str, hidden, weight, bias) -> None:
                              f"dtype {weight.dtype}, got {tuple(bias.shape)} {bias.dtype}")
 
 
+@takes_options(LossOptions)
 def vocab_parallel_fused_linear_distillation_loss(
     student_hidden: torch.Tensor,
     student_weight_shard: torch.Tensor,
@@ -238,8 +198,8 @@ def vocab_parallel_fused_linear_distillation_loss(
     student_bias_shard: Optional[torch.Tensor] = None,
     teacher_bias_shard: Optional[torch.Tensor] = None,
     chunk_size: Optional[int] = None,
+    options: LossOptions,
     return_components: bool = False,
-    **keywords,
 ):
     """`fastkd.fused_linear_distillation_loss` with both lm-heads split over the vocabulary.
 
@@ -258,9 +218,8 @@ def vocab_parallel_fused_linear_distillation_loss(
         Rows of logits per chunk, the same on every rank (None: agreed by one all_reduce).
     return_components : bool
         Also return the unweighted CE and divergence (detached, reduced like the loss).
-    **keywords
-        temperature, alpha, divergence, beta, scale_by_t2, ignore_index, label_smoothing,
-        softcap, reduction, num_items_in_batch: as `fastkd.distillation_loss`.
+    temperature, alpha, divergence, ..., num_items_in_batch
+        As `fastkd.distillation_loss`.
 
     Returns
     -------
@@ -272,7 +231,7 @@ def vocab_parallel_fused_linear_distillation_loss(
         logits per head; one all_gather of per-row statistics per chunk (jsd / tvd: one
         all_reduce more) and one all_reduce of the (N, Hs) hidden gradient per step.
     """
-    options_kw, reduction, num_items = _split_keywords(keywords)
+    reduction, num_items = options.reduction, options.num_items_in_batch
     _check_head_shard("student", student_hidden, student_weight_shard, student_bias_shard)
     _check_head_shard("teacher", teacher_hidden, teacher_weight_shard, teacher_bias_shard)
     lead_shape = student_hidden.shape[:-1]
@@ -283,18 +242,17 @@ def vocab_parallel_fused_linear_distillation_loss(
         raise ValueError(f"teacher_weight_shard has {teacher_weight_shard.shape[0]} rows but "
                          f"student_weight_shard has {student_weight_shard.shape[0]}; both "
                          "heads must be split at the same vocabulary rows")
-    _check_keywords(options_kw, reduction, num_items)
     _check_vocab_start(vocab_start_index)
     check_chunk_size(chunk_size)
     if target is not None:
-        check_target(target, lead_shape, None, options_kw["ignore_index"])
+        check_target(target, lead_shape, None, options.ignore_index)
     _check_process_group()
     hidden = student_hidden.reshape(-1, student_hidden.shape[-1])
     n, local_vocab = hidden.shape[0], student_weight_shard.shape[0]
-    flat_target = _flat_target(target)
+    labels = flat_target(target)
     chunk = chunk_size or agreed_chunk_rows(n, local_vocab, hidden.element_size(),
                                             hidden.device, group)
-    args = kernel_options(target is not None, **options_kw)
+    args = options.kernel_args(target is not None)
     kernel = functools.partial(vocab_parallel_kd_rows, vocab_start_index=vocab_start_index,
                                group=group)
     teacher = (teacher_hidden.reshape(-1, teacher_hidden.shape[-1]), teacher_weight_shard,
@@ -302,15 +260,15 @@ def vocab_parallel_fused_linear_distillation_loss(
     terms = _terms_buffer(n, (hidden.dtype, teacher_hidden.dtype), hidden.device,
                           return_components)
     # Under torch.autocast the head matmuls behave like nn.Linear's; the loss stays float32.
-    hidden, s_weight, s_bias = _autocast_head(hidden, student_weight_shard, student_bias_shard)
-    teacher = _autocast_head(*teacher)
+    hidden, s_weight, s_bias = autocast_head(hidden, student_weight_shard, student_bias_shard)
+    teacher = autocast_head(*teacher)
     with autocast_off(hidden.device):
-        out = vocab_parallel_fused_rows(hidden, s_weight, s_bias, flat_target, teacher, kernel,
+        out = vocab_parallel_fused_rows(hidden, s_weight, s_bias, labels, teacher, kernel,
                                         args, chunk, reduction == "none", group, terms)
-    if flat_target is None:
+    if labels is None:
         valid = torch.full((), n, dtype=torch.int64, device=hidden.device)
     else:
-        valid = (flat_target != args.ignore_index).sum()
+        valid = (labels != args.ignore_index).sum()
     return _finish(out, terms, valid, reduction, num_items, lead_shape,
                    summed=reduction != "none")
 
@@ -318,7 +276,7 @@ def vocab_parallel_fused_linear_distillation_loss(
 def _check_topk_replicated(logprobs, indices, lead_shape, valid_rows) -> None:
     """Shapes, dtypes, uniqueness and mass of the replicated top-k teacher (the index range
     needs the global vocabulary: checked with the statistics' gather)."""
-    _check_topk_shapes(logprobs, indices, lead_shape, None)
+    check_topk_shapes(logprobs, indices, lead_shape, None)
     if torch.compiler.is_compiling() or indices.numel() == 0:
         return
     ordered = indices.sort(dim=-1).values
@@ -333,6 +291,7 @@ def _check_topk_replicated(logprobs, indices, lead_shape, valid_rows) -> None:
                          f"<= 1 per row; got a row with log-sum-exp {lse[bad][0].item():.4g}")
 
 
+@takes_options(TopKOptions)
 def vocab_parallel_sparse_distillation_loss(
     student_logits_shard: torch.Tensor,
     teacher_topk_logprobs: torch.Tensor,
@@ -341,10 +300,8 @@ def vocab_parallel_sparse_distillation_loss(
     *,
     vocab_start_index: int,
     group=None,
-    tail: str = "bucket",
-    teacher_temperature: Optional[float] = None,
+    options: TopKOptions,
     return_components: bool = False,
-    **keywords,
 ):
     """`fastkd.sparse_distillation_loss` with the student's vocabulary split over `group`.
 
@@ -366,9 +323,8 @@ def vocab_parallel_sparse_distillation_loss(
         renormalised over the k entries: exact for tail="renormalize", refused for "bucket".
     return_components : bool
         Also return the unweighted CE and divergence (detached, reduced like the loss).
-    **keywords
-        temperature, alpha, divergence, beta, scale_by_t2, ignore_index, label_smoothing,
-        softcap, reduction, num_items_in_batch: as `fastkd.distillation_loss`.
+    temperature, alpha, divergence, ..., num_items_in_batch
+        As `fastkd.distillation_loss`.
 
     Returns
     -------
@@ -377,16 +333,13 @@ def vocab_parallel_sparse_distillation_loss(
         backward gives this slice's student gradient. One all_gather of per-row statistics
         (about 7 + k values per row) per call.
     """
-    options_kw, reduction, num_items = _split_keywords(keywords)
+    reduction, num_items = options.reduction, options.num_items_in_batch
     check_floating("student_logits_shard", student_logits_shard)
     if student_logits_shard.dim() < 1:
         raise ValueError("student_logits_shard must have at least one dimension (..., V)")
-    _check_keywords(options_kw, reduction, num_items)
-    _check_tail(tail)
     _check_vocab_start(vocab_start_index)
-    scale = _teacher_scale(teacher_temperature, options_kw["temperature"], tail)
     lead_shape, local_vocab = student_logits_shard.shape[:-1], student_logits_shard.shape[-1]
-    ignore_index = options_kw["ignore_index"]
+    ignore_index = options.ignore_index
     if target is not None:
         check_target(target, lead_shape, None, ignore_index)
     _check_topk_replicated(teacher_topk_logprobs, teacher_topk_indices, lead_shape,
@@ -396,18 +349,17 @@ def vocab_parallel_sparse_distillation_loss(
     student = student_logits_shard.reshape(-1, local_vocab).contiguous()
     logprobs = teacher_topk_logprobs.reshape(-1, k).contiguous()
     indices = teacher_topk_indices.reshape(-1, k).to(torch.int64).contiguous()
-    flat_target = _flat_target(target)
-    valid = _valid_count(flat_target, ignore_index)
+    labels = flat_target(target)
+    valid = valid_count(labels, ignore_index)
     weight = host_reduction_weight(student, valid, reduction, num_items)
-    args = kernel_options(target is not None, **options_kw).weighted(weight)._replace(
-        renormalize=tail == "renormalize", teacher_scale=scale)
+    args = options.kernel_args(target is not None, weight)
     terms = _terms_buffer(student.shape[0], (student.dtype,), student.device,
                           return_components)
     check = not torch.compiler.is_compiling()
 
     def call(grad_student, _):
         return vocab_parallel_sparse_kd_rows(
-            student, logprobs, indices, flat_target, grad_student, terms, args,
+            student, logprobs, indices, labels, grad_student, terms, args,
             vocab_start_index=vocab_start_index, group=group, check=check)
 
     with autocast_off(student.device):

@@ -1,10 +1,9 @@
-"""Public functional API: validation, flattening, backend resolution, weighting, reduction.
+"""The dense distillation losses: `distillation_loss` and its fused lm-head form.
 
-The dense losses live here; the top-k (offline) teacher losses live in `fastkd._sparse_api`
-and are re-exported from this module.
-
-The exact semantics (formulas, options, reductions, dtype rules, edge cases and errors) are
-documented in docs/semantics.md.
+The top-k (offline) teacher losses live in `fastkd._topk_losses` and are re-exported from
+this module. Every loss takes its option keywords from `fastkd._options.LossOptions`
+(`takes_options`), validated once. The exact semantics (formulas, options, reductions,
+dtype rules, edge cases and errors) are documented in docs/semantics.md.
 """
 
 from __future__ import annotations
@@ -13,34 +12,24 @@ from typing import Optional
 
 import torch
 
-from ._dispatch import dense_kernel, resolve_backend
+from ._dispatch import is_dtensor, kernel_for
 from ._docs import fill_doc
-from ._glue import (
-    _autocast_head,
-    _check_inplace,
-    _flat_target,
-    _fused_linear_loss,
-    _is_dtensor,
-    _reduced,
-    _to_float64_if_any,
-    _valid_count,
-    host_reduction_weight,
-    kernel_options,
-    loss_weights,  # noqa: F401  (part of this module's namespace for other modules)
-)
-from ._sparse_api import (  # the top-k teacher losses, public from here
+from ._inputs import autocast_head, check_inplace, to_float64_if_any
+from ._lm_head import fused_linear_loss
+from ._options import LossOptions, takes_options
+from ._reduction import flat_target, host_reduction_weight, reduce_loss, valid_count
+from ._topk_losses import (  # the top-k teacher losses, public from here
     fused_linear_sparse_distillation_loss,
     sparse_distillation_loss,
 )
-from ._validation import check_chunk_size as _check_chunk_size
 from ._validation import (
+    check_chunk_size,
     check_heads_pair,
+    check_linear_head,
     check_logits_pair,
-    check_options,
     check_same_device,
     check_target,
 )
-from ._validation import check_linear_head as _check_linear_head
 from .ops import dense_distillation_rows
 from .ops.dense import autocast_off, rows_layout
 
@@ -49,21 +38,13 @@ __all__ = ["distillation_loss", "fused_linear_distillation_loss",
 
 
 @fill_doc
+@takes_options(LossOptions)
 def distillation_loss(
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor,
     target: Optional[torch.Tensor] = None,
     *,
-    temperature: float = 1.0,
-    alpha: float = 0.5,
-    divergence: str = "kl",
-    beta: float = 0.5,
-    scale_by_t2: bool = True,
-    ignore_index: int = -100,
-    label_smoothing: float = 0.0,
-    softcap: Optional[float] = None,
-    reduction: str = "mean",
-    num_items_in_batch=None,
+    options: LossOptions,
     backend: str = "auto",
     inplace_backward: bool = False,
     return_components: bool = False,
@@ -101,48 +82,42 @@ def distillation_loss(
     ------
     %(raises)s
     """
-    if _is_dtensor(student_logits, teacher_logits):
+    if is_dtensor(student_logits, teacher_logits):
         from . import distributed
 
         return distributed.dtensor_distillation_loss(
-            student_logits, teacher_logits, target, temperature=temperature, alpha=alpha,
-            divergence=divergence, beta=beta, scale_by_t2=scale_by_t2,
-            ignore_index=ignore_index, label_smoothing=label_smoothing, softcap=softcap,
-            reduction=reduction, num_items_in_batch=num_items_in_batch, backend=backend,
-            inplace_backward=inplace_backward, return_components=return_components)
+            student_logits, teacher_logits, target, backend=backend,
+            inplace_backward=inplace_backward, return_components=return_components,
+            **options.keywords())
     check_logits_pair(student_logits, teacher_logits, target)
-    check_options(temperature=temperature, alpha=alpha, divergence=divergence, beta=beta,
-                  ignore_index=ignore_index, label_smoothing=label_smoothing, softcap=softcap,
-                  reduction=reduction, num_items_in_batch=num_items_in_batch)
     lead_shape, vocab = student_logits.shape[:-1], student_logits.shape[-1]
     if target is not None:
-        check_target(target, lead_shape, vocab, ignore_index)
-    name = resolve_backend(backend, student_logits, teacher_logits)
+        check_target(target, lead_shape, vocab, options.ignore_index)
+    kernel = kernel_for("dense", backend, student_logits, teacher_logits)
 
-    student, teacher = _to_float64_if_any(student_logits, teacher_logits)
+    student, teacher = to_float64_if_any(student_logits, teacher_logits)
     upcast = student is not student_logits
     student, teacher, copied = rows_layout(student, teacher)
     if inplace_backward:
-        _check_inplace(student_logits, copied, upcast)
-    flat_target = _flat_target(target)
-    options = kernel_options(target is not None, temperature=temperature, alpha=alpha,
-                             divergence=divergence, beta=beta, scale_by_t2=scale_by_t2,
-                             ignore_index=ignore_index, label_smoothing=label_smoothing,
-                             softcap=softcap)
-    valid = _valid_count(flat_target, ignore_index)
-    weight = host_reduction_weight(student, valid, reduction, num_items_in_batch)
-    out = dense_distillation_rows(student, teacher, flat_target, dense_kernel(name),
-                                  options.weighted(weight),
+        check_inplace(student_logits, copied, upcast)
+    labels = flat_target(target)
+    valid = valid_count(labels, options.ignore_index)
+    weight = host_reduction_weight(student, valid, options.reduction,
+                                   options.num_items_in_batch)
+    out = dense_distillation_rows(student, teacher, labels, kernel,
+                                  options.kernel_args(target is not None, weight),
                                   inplace_backward=inplace_backward,
                                   with_terms=return_components)
     rows, terms = out if return_components else (out, None)
     with autocast_off(rows.device):
-        return _reduced(rows, terms, valid, reduction, num_items_in_batch, lead_shape, weight)
+        return reduce_loss(rows, terms, valid, options.reduction, options.num_items_in_batch,
+                           lead_shape, weight)
 
 
 # --- Large vocabularies: the lm-head fused in, logits chunk by chunk ----------------------------
 
 @fill_doc
+@takes_options(LossOptions)
 def fused_linear_distillation_loss(
     student_hidden: torch.Tensor,
     student_weight: torch.Tensor,
@@ -153,16 +128,7 @@ def fused_linear_distillation_loss(
     student_bias: Optional[torch.Tensor] = None,
     teacher_bias: Optional[torch.Tensor] = None,
     chunk_size: Optional[int] = None,
-    temperature: float = 1.0,
-    alpha: float = 0.5,
-    divergence: str = "kl",
-    beta: float = 0.5,
-    scale_by_t2: bool = True,
-    ignore_index: int = -100,
-    label_smoothing: float = 0.0,
-    softcap: Optional[float] = None,
-    reduction: str = "mean",
-    num_items_in_batch=None,
+    options: LossOptions,
     backend: str = "auto",
     return_components: bool = False,
 ):
@@ -209,38 +175,28 @@ def fused_linear_distillation_loss(
     ------
     %(raises)s
     """
-    if _is_dtensor(student_weight, teacher_weight, student_hidden, teacher_hidden):
+    if is_dtensor(student_weight, teacher_weight, student_hidden, teacher_hidden):
         from . import distributed
 
         return distributed.dtensor_fused_linear_distillation_loss(
             student_hidden, student_weight, teacher_hidden, teacher_weight, target,
             student_bias=student_bias, teacher_bias=teacher_bias, chunk_size=chunk_size,
-            temperature=temperature, alpha=alpha, divergence=divergence, beta=beta,
-            scale_by_t2=scale_by_t2, ignore_index=ignore_index,
-            label_smoothing=label_smoothing, softcap=softcap, reduction=reduction,
-            num_items_in_batch=num_items_in_batch, backend=backend,
-            return_components=return_components)
-    _check_linear_head("student", student_hidden, student_weight, student_bias)
-    _check_linear_head("teacher", teacher_hidden, teacher_weight, teacher_bias)
+            backend=backend, return_components=return_components, **options.keywords())
+    check_linear_head("student", student_hidden, student_weight, student_bias)
+    check_linear_head("teacher", teacher_hidden, teacher_weight, teacher_bias)
     check_heads_pair(student_hidden, student_weight, teacher_hidden, teacher_weight)
     check_same_device(student_hidden=student_hidden, student_weight=student_weight,
                       student_bias=student_bias, teacher_hidden=teacher_hidden,
                       teacher_weight=teacher_weight, teacher_bias=teacher_bias, target=target)
-    check_options(temperature=temperature, alpha=alpha, divergence=divergence, beta=beta,
-                  ignore_index=ignore_index, label_smoothing=label_smoothing, softcap=softcap,
-                  reduction=reduction, num_items_in_batch=num_items_in_batch)
-    _check_chunk_size(chunk_size)
+    check_chunk_size(chunk_size)
     if target is not None:
-        check_target(target, student_hidden.shape[:-1], student_weight.shape[0], ignore_index)
-    student = _autocast_head(student_hidden, student_weight, student_bias)
-    teacher = _autocast_head(teacher_hidden, teacher_weight, teacher_bias)
-    s_h, s_w, s_b, t_h, t_w, t_b = _to_float64_if_any(*student, *teacher)
-    kernel = dense_kernel(resolve_backend(backend, s_h, s_w, t_h, t_w))
-    options = kernel_options(target is not None, temperature=temperature, alpha=alpha,
-                             divergence=divergence, beta=beta, scale_by_t2=scale_by_t2,
-                             ignore_index=ignore_index, label_smoothing=label_smoothing,
-                             softcap=softcap)
+        check_target(target, student_hidden.shape[:-1], student_weight.shape[0],
+                     options.ignore_index)
+    student = autocast_head(student_hidden, student_weight, student_bias)
+    teacher = autocast_head(teacher_hidden, teacher_weight, teacher_bias)
+    s_h, s_w, s_b, t_h, t_w, t_b = to_float64_if_any(*student, *teacher)
+    kernel = kernel_for("dense", backend, s_h, s_w, t_h, t_w)
     teacher = (t_h.reshape(-1, t_h.shape[-1]), t_w, t_b)
-    return _fused_linear_loss(s_h, s_w, s_b, target, teacher, kernel, options, False,
-                              chunk_size, reduction, num_items_in_batch, ignore_index,
-                              return_components)
+    return fused_linear_loss(s_h, s_w, s_b, target, teacher, kernel,
+                             options.kernel_args(target is not None), False, chunk_size,
+                             options.reduction, options.num_items_in_batch, return_components)

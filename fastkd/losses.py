@@ -15,9 +15,11 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
-from ._dispatch import dense_kernel, resolve_backend
-from ._validation import check_floating, check_options, check_target, reduce_rows
-from .functional import check_logits_pair, distillation_loss, kernel_options
+from ._dispatch import kernel_for
+from ._options import LossOptions
+from ._reduction import reduce_rows
+from ._validation import check_floating, check_logits_pair, check_options, check_target
+from .functional import distillation_loss
 from .ops.multi_teacher import multi_teacher_rows
 from .reference import representation as rep
 from .reference.decoupled import decoupled_kd_rows
@@ -81,7 +83,7 @@ def multi_teacher_distillation_loss(
     keywords = dict(temperature=temperature, alpha=alpha, divergence=divergence, beta=beta,
                     ignore_index=ignore_index, label_smoothing=label_smoothing,
                     reduction=reduction, num_items_in_batch=num_items_in_batch)
-    check_options(softcap=None, **keywords)
+    options = LossOptions(scale_by_t2=scale_by_t2, **keywords).validate()
     if mode == "mixture":
         mixture = mixture_teacher_logits(teacher_logits, weights, temperature)
         return distillation_loss(student_logits, mixture.to(student_logits.dtype), target,
@@ -89,16 +91,12 @@ def multi_teacher_distillation_loss(
     lead_shape, vocab = student_logits.shape[:-1], student_logits.shape[-1]
     if target is not None:
         check_target(target, lead_shape, vocab, ignore_index)
-    name = resolve_backend(backend, student_logits)
+    kernel = kernel_for("dense", backend, student_logits)
     student = student_logits.reshape(-1, vocab).contiguous()
     teachers = [t.reshape(-1, vocab).contiguous() for t in teacher_logits]
     flat_target = None if target is None else target.reshape(-1).to(torch.int64)
-    options = kernel_options(target is not None, temperature=temperature, alpha=alpha,
-                             divergence=divergence, beta=beta, scale_by_t2=scale_by_t2,
-                             ignore_index=ignore_index, label_smoothing=label_smoothing,
-                             softcap=None)
-    rows = multi_teacher_rows(student, teachers, flat_target, dense_kernel(name), options,
-                              weights)
+    rows = multi_teacher_rows(student, teachers, flat_target, kernel,
+                              options.kernel_args(target is not None), weights)
     valid = None if flat_target is None else (flat_target != ignore_index).sum()
     return reduce_rows(rows, valid, reduction, num_items_in_batch, lead_shape)
 

@@ -13,26 +13,32 @@ from torch import nn
 from . import functional as F
 from ._dispatch import check_backend_name
 from ._docs import fill_doc
-from ._sparse_api import _check_tail, _teacher_scale
-from ._validation import check_options
-
-
-def _loss_keywords(temperature, alpha, divergence, beta, ignore_index, label_smoothing, softcap,
-                   reduction, backend) -> dict:
-    """Validated keywords shared by every loss module (backend checked, not stored)."""
-    check_backend_name(backend)
-    options = dict(temperature=temperature, alpha=alpha, divergence=divergence, beta=beta,
-                   ignore_index=ignore_index, label_smoothing=label_smoothing, softcap=softcap,
-                   reduction=reduction)
-    check_options(**options, num_items_in_batch=None)
-    return options
+from ._options import LossOptions, TopKOptions, takes_options
 
 
 class _LossModule(nn.Module):
-    """Stores the validated keywords in `self.options` (shown by repr); no parameters."""
+    """A loss with its settings fixed at construction: `self.options` holds them validated
+    (one `LossOptions` / `TopKOptions`, shown by repr), `self.call` the other keywords of
+    the functional form; no parameters. ``num_items_in_batch`` varies per step: `forward`
+    takes it."""
+
+    def __init__(self, options: LossOptions, **call):
+        super().__init__()
+        check_backend_name(call.get("backend", "auto"))
+        self.options = options
+        self.call = call
+
+    def keywords(self, num_items_in_batch) -> dict:
+        """The functional form's keywords for one call."""
+        if num_items_in_batch is None:
+            num_items_in_batch = self.options.num_items_in_batch
+        return {**self.options.keywords(), "num_items_in_batch": num_items_in_batch,
+                **self.call}
 
     def extra_repr(self) -> str:
-        return ", ".join(f"{k}={v!r}" for k, v in self.options.items())
+        shown = {**{k: v for k, v in self.options.keywords().items()
+                    if k != "num_items_in_batch"}, **self.call}
+        return ", ".join(f"{k}={v!r}" for k, v in shown.items())
 
 
 @fill_doc
@@ -57,17 +63,11 @@ class DistillationLoss(_LossModule):
     %(raises)s
     """
 
-    def __init__(self, temperature: float = 1.0, alpha: float = 0.5, divergence: str = "kl",
-                 beta: float = 0.5, scale_by_t2: bool = True, ignore_index: int = -100,
-                 label_smoothing: float = 0.0, softcap: Optional[float] = None,
-                 reduction: str = "mean", backend: str = "auto",
+    @takes_options(LossOptions)
+    def __init__(self, *, options: LossOptions, backend: str = "auto",
                  inplace_backward: bool = False, return_components: bool = False):
-        super().__init__()
-        self.options = _loss_keywords(temperature, alpha, divergence, beta, ignore_index,
-                                      label_smoothing, softcap, reduction, backend)
-        self.options.update(scale_by_t2=scale_by_t2, backend=backend,
-                            inplace_backward=inplace_backward,
-                            return_components=return_components)
+        super().__init__(options, backend=backend, inplace_backward=inplace_backward,
+                         return_components=return_components)
 
     def forward(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor,
                 target: Optional[torch.Tensor] = None, num_items_in_batch=None):
@@ -85,7 +85,7 @@ class DistillationLoss(_LossModule):
         Tensor, or ``(loss, ce, divergence)`` with ``return_components=True``.
         """
         return F.distillation_loss(student_logits, teacher_logits, target,
-                                   num_items_in_batch=num_items_in_batch, **self.options)
+                                   **self.keywords(num_items_in_batch))
 
 
 @fill_doc
@@ -111,16 +111,11 @@ class FusedLinearDistillationLoss(_LossModule):
     %(raises)s
     """
 
-    def __init__(self, temperature: float = 1.0, alpha: float = 0.5, divergence: str = "kl",
-                 beta: float = 0.5, scale_by_t2: bool = True, ignore_index: int = -100,
-                 label_smoothing: float = 0.0, softcap: Optional[float] = None,
-                 reduction: str = "mean", chunk_size: Optional[int] = None,
+    @takes_options(LossOptions)
+    def __init__(self, *, options: LossOptions, chunk_size: Optional[int] = None,
                  backend: str = "auto", return_components: bool = False):
-        super().__init__()
-        self.options = _loss_keywords(temperature, alpha, divergence, beta, ignore_index,
-                                      label_smoothing, softcap, reduction, backend)
-        self.options.update(scale_by_t2=scale_by_t2, chunk_size=chunk_size, backend=backend,
-                            return_components=return_components)
+        super().__init__(options, chunk_size=chunk_size, backend=backend,
+                         return_components=return_components)
 
     def forward(self, student_hidden: torch.Tensor, student_weight: torch.Tensor,
                 teacher_hidden: torch.Tensor, teacher_weight: torch.Tensor,
@@ -143,7 +138,7 @@ class FusedLinearDistillationLoss(_LossModule):
         return F.fused_linear_distillation_loss(
             student_hidden, student_weight, teacher_hidden, teacher_weight, target,
             student_bias=student_bias, teacher_bias=teacher_bias,
-            num_items_in_batch=num_items_in_batch, **self.options)
+            **self.keywords(num_items_in_batch))
 
 
 @fill_doc
@@ -169,20 +164,10 @@ class SparseDistillationLoss(_LossModule):
     %(raises)s
     """
 
-    def __init__(self, tail: str = "bucket", temperature: float = 1.0, alpha: float = 0.5,
-                 divergence: str = "kl", beta: float = 0.5, scale_by_t2: bool = True,
-                 ignore_index: int = -100, label_smoothing: float = 0.0,
-                 softcap: Optional[float] = None, reduction: str = "mean",
-                 backend: str = "auto", return_components: bool = False,
-                 teacher_temperature: Optional[float] = None):
-        super().__init__()
-        _check_tail(tail)
-        _teacher_scale(teacher_temperature, temperature, tail)
-        self.options = _loss_keywords(temperature, alpha, divergence, beta, ignore_index,
-                                      label_smoothing, softcap, reduction, backend)
-        self.options.update(tail=tail, scale_by_t2=scale_by_t2, backend=backend,
-                            return_components=return_components,
-                            teacher_temperature=teacher_temperature)
+    @takes_options(TopKOptions)
+    def __init__(self, *, options: TopKOptions, backend: str = "auto",
+                 return_components: bool = False):
+        super().__init__(options, backend=backend, return_components=return_components)
 
     def forward(self, student_logits: torch.Tensor, teacher_topk_logprobs: torch.Tensor,
                 teacher_topk_indices: torch.Tensor, target: Optional[torch.Tensor] = None,
@@ -203,5 +188,4 @@ class SparseDistillationLoss(_LossModule):
         """
         return F.sparse_distillation_loss(student_logits, teacher_topk_logprobs,
                                           teacher_topk_indices, target,
-                                          num_items_in_batch=num_items_in_batch,
-                                          **self.options)
+                                          **self.keywords(num_items_in_batch))

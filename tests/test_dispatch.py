@@ -48,8 +48,20 @@ def test_explicit_torch_always_available():
         assert fastkd.resolve_backend("torch", cpu_tensor(dtype)) == "torch"
 
 
-def test_dense_kernel_of_torch_is_the_reference():
-    assert _dispatch.dense_kernel("torch") is fastkd.reference.dense_kd_rows
+def test_kernel_for_every_family_on_the_torch_backend_is_the_reference():
+    from fastkd.reference.sparse import sparse_kd_rows
+
+    assert _dispatch.kernel_for("dense", "torch", cpu_tensor()) is fastkd.reference.dense_kd_rows
+    assert _dispatch.kernel_for("topk", "torch", cpu_tensor()) is sparse_kd_rows
+
+
+def test_one_error_for_a_backend_without_a_kernel_of_the_family():
+    """'cuda' has no top-k kernel: named explicitly it raises, saying which backends serve
+    the family; 'auto' never picks it."""
+    with pytest.raises(fastkd.BackendUnavailableError, match="no topk kernel.*'triton', 'cpu'"):
+        _dispatch.kernel_for("topk", "cuda", cpu_tensor())
+    reason = _dispatch.unavailable_reason("cuda", torch.device("cuda"), torch.float32, "topk")
+    assert "no topk kernel" in reason
 
 
 def test_cuda_on_cpu_tensors_raises_with_reason():

@@ -102,10 +102,10 @@ class KernelRecorder:
 
     def __init__(self, monkeypatch):
         self.calls = []
-        original = functional.dense_kernel
+        original = functional.kernel_for
 
-        def dense_kernel(name):
-            kernel = original(name)
+        def kernel_for(family, backend, *tensors):
+            kernel = original(family, backend, *tensors)
 
             def recorded(student, teacher, target, grad_student, *rest):
                 self.calls.append((student, teacher, grad_student))
@@ -113,7 +113,7 @@ class KernelRecorder:
 
             return recorded
 
-        monkeypatch.setattr(functional, "dense_kernel", dense_kernel)
+        monkeypatch.setattr(functional, "kernel_for", kernel_for)
 
 
 @pytest.mark.parametrize("layout", ["causal-slice", "wide-buffer", "transposed-batch"])

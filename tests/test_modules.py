@@ -51,7 +51,7 @@ def test_keywords_are_stored():
                   backend="torch", inplace_backward=True, return_components=True)
     crit = fastkd.DistillationLoss(**config)
     for key, value in config.items():
-        assert crit.options[key] == value, key
+        assert crit.keywords(None)[key] == value, key
         assert f"{key}={value!r}" in repr(crit)
 
 
@@ -80,14 +80,13 @@ def test_return_components_on_every_module(with_target):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     assert "return_components=True" in repr(fused)
     sparse = fastkd.SparseDistillationLoss(return_components=True, backend="torch")
-    assert sparse.options["return_components"] is True
+    assert sparse.call["return_components"] is True
 
 
 def test_defaults_match_functional_signature():
     crit = fastkd.DistillationLoss()
-    assert crit.options["temperature"] == 1.0 and crit.options["alpha"] == 0.5
-    assert crit.options["divergence"] == "kl" and crit.options["reduction"] == "mean"
-    assert crit.options["backend"] == "auto" and crit.options["scale_by_t2"] is True
+    assert crit.options == fastkd._options.LossOptions()
+    assert crit.call == dict(backend="auto", inplace_backward=False, return_components=False)
 
 
 def test_module_has_no_state():

@@ -33,6 +33,8 @@ BAD_SETTINGS = [
     ("reduction", dict(reduction="avg")),
     ("num_items_in_batch", dict(num_items_in_batch=0)),
     ("num_items_in_batch", dict(num_items_in_batch=float("inf"))),
+    ("skew", dict(skew=0.1)),  # only the skew divergences take it
+    ("alpha_beta", dict(alpha_beta=(0.5, 0.5))),  # only divergence="alpha_beta" takes it
 ]
 
 
@@ -122,7 +124,7 @@ def test_integration_uses_core_validation():
     DistillationArguments = hf.DistillationArguments
 
     for option, bad in BAD_SETTINGS:
-        if option in ("reduction", "num_items_in_batch", "softcap"):
+        if option in ("reduction", "num_items_in_batch", "softcap", "skew", "alpha_beta"):
             continue  # not DistillationArguments fields
         with pytest.raises(ValueError) as core:
             LossOptions.pick(bad).validate()
@@ -131,10 +133,44 @@ def test_integration_uses_core_validation():
         assert str(args.value) == str(core.value), option
     # the core's rule, not a stricter copy: label_smoothing=1 is allowed everywhere
     DistillationArguments(output_dir="/tmp/fastkd-options-test", label_smoothing=1.0)
+    # its loss fields (written out for HfArgumentParser) default as LossOptions' do
+    arguments = DistillationArguments(output_dir="/tmp/fastkd-options-test")
+    shared = [name for name in LossOptions.names() if hasattr(arguments, name)]
+    assert len(shared) >= 6, shared
+    for name in shared:
+        assert getattr(arguments, name) == getattr(LossOptions(), name), name
 
 
-CORE_MODULES = ["fastkd._options", "fastkd._validation", "fastkd._glue", "fastkd._dispatch",
-                "fastkd._sparse_api", "fastkd.functional", "fastkd.modules", "fastkd.losses",
+def test_public_keyword_lists_come_from_the_option_fields():
+    """Every entry point shows the option fields as keyword-only arguments with the fields'
+    defaults (takes_options), the top-k ones with tail and teacher_temperature too; an
+    unknown keyword raises TypeError."""
+    import inspect
+
+    from fastkd import distributed
+    from fastkd._options import TopKOptions
+
+    dense = [fastkd.distillation_loss, fastkd.fused_linear_distillation_loss,
+             distributed.vocab_parallel_distillation_loss,
+             distributed.vocab_parallel_fused_linear_distillation_loss,
+             fastkd.DistillationLoss, fastkd.FusedLinearDistillationLoss]
+    topk = [fastkd.sparse_distillation_loss, fastkd.fused_linear_sparse_distillation_loss,
+            distributed.vocab_parallel_sparse_distillation_loss, fastkd.SparseDistillationLoss]
+    for entries, options in ((dense, LossOptions()), (topk, TopKOptions())):
+        for entry in entries:
+            params = inspect.signature(entry).parameters
+            assert "options" not in params, entry
+            for name in options.names():
+                assert params[name].kind is inspect.Parameter.KEYWORD_ONLY, (entry, name)
+                assert params[name].default == getattr(options, name), (entry, name)
+    s, t, y = _inputs()
+    with pytest.raises(TypeError, match="temprature"):
+        fastkd.distillation_loss(s, t, y, temprature=2.0)
+
+
+CORE_MODULES = ["fastkd._options", "fastkd._kernel_args", "fastkd._validation",
+                "fastkd._reduction", "fastkd._inputs", "fastkd._lm_head", "fastkd._dispatch",
+                "fastkd._topk_losses", "fastkd.functional", "fastkd.modules", "fastkd.losses",
                 "fastkd._dtensor", "fastkd.distributed"]
 
 

@@ -331,11 +331,11 @@ def _backend_or_skip(backend):
 
 
 def test_auto_picks_the_fused_cpu_kernel():
-    from fastkd._sparse_api import _sparse_kernel
+    from fastkd._dispatch import kernel_for
     from fastkd.ops.sparse_native import sparse_kd_native
 
     _backend_or_skip("cpu")
-    assert _sparse_kernel("auto", torch.zeros(2, 3)) is sparse_kd_native
+    assert kernel_for("topk", "auto", torch.zeros(2, 3)) is sparse_kd_native
 
 
 @pytest.mark.parametrize("tail", TAILS)

@@ -440,16 +440,16 @@ def test_autocast_keeps_float32(backend):
 def test_eager_topk_checks(path, monkeypatch):
     """Both implementations of the API's eager checks (CPU tensors use the serial op; other
     devices the vectorised one) find the first bad row and skip ignored rows."""
-    from fastkd import _sparse_api
+    from fastkd import _validation
 
     if path == "serial C++":
         if NATIVE is None:
             pytest.skip(f"no fused CPU kernel: {NATIVE_REASON}")
     else:
-        monkeypatch.setattr(_sparse_api, "_first_bad_rows_cpu", lambda *args: None)
+        monkeypatch.setattr(_validation, "_first_bad_rows_cpu", lambda *args: None)
     _, logprobs, indices, _ = make(n=5, vocab=30, k=4, seed=35)
     valid = torch.tensor([True, True, False, True, True])
-    _sparse_api._check_topk(logprobs, indices, (5,), 30, valid)
+    _validation.check_topk(logprobs, indices, (5,), 30, valid)
     cases = [(indices, "row 3 .* max 30", lambda i, lp: i[3].__setitem__(1, 30)),
              (indices, "row 4 .*repeats", lambda i, lp: i[4].__setitem__(0, int(i[4, 2]))),
              (logprobs, "row 1 .*log-sum-exp 0.69", lambda i, lp: lp[1].fill_(-math.log(2.0)))]
@@ -457,11 +457,11 @@ def test_eager_topk_checks(path, monkeypatch):
         bad_idx, bad_lp = indices.clone(), logprobs.clone()
         spoil(bad_idx, bad_lp)
         with pytest.raises(ValueError, match=message):
-            _sparse_api._check_topk(bad_lp, bad_idx, (5,), 30, valid)
+            _validation.check_topk(bad_lp, bad_idx, (5,), 30, valid)
         bad_idx[2], bad_lp[2] = -1, float("nan")  # an ignored row: never checked
         spoil(bad_idx, bad_lp)
         with pytest.raises(ValueError, match=message):
-            _sparse_api._check_topk(bad_lp, bad_idx, (5,), 30, valid)
+            _validation.check_topk(bad_lp, bad_idx, (5,), 30, valid)
     garbage_idx, garbage_lp = indices.clone(), logprobs.clone()
     garbage_idx[2], garbage_lp[2] = 99, float("nan")
-    _sparse_api._check_topk(garbage_lp, garbage_idx.int(), (5,), 30, valid)
+    _validation.check_topk(garbage_lp, garbage_idx.int(), (5,), 30, valid)

@@ -71,7 +71,7 @@ def scale_rows_(grad: torch.Tensor, grad_rows: torch.Tensor) -> torch.Tensor:
 
     The pass over `grad` is skipped when every factor is exactly 1: the usual
     ``loss.backward()`` of a loss whose reduction weight the kernel already applied
-    (`fastkd._glue.host_reduction_weight`). Checked only for CPU tensors in eager mode,
+    (`fastkd._reduction.host_reduction_weight`). Checked only for CPU tensors in eager mode,
     where reading the factors costs no device sync and no graph break.
     """
     if (grad.device.type == "cpu" and not torch.compiler.is_compiling()

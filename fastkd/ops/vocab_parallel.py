@@ -8,14 +8,14 @@ divergence and CE (the cost: the gradient slice is computed even if backward nev
 
 Collectives per call (N rows, float32; float64 for float64 inputs) of the dense kernel:
   1. one `all_gather` of the (N + 1, k) phase-1 statistics (k = 3..9 columns, see
-     `fastkd.reference.vocab_parallel.stat_names`); the extra row carries this rank's
+     `fastkd.ops.vocab_parallel_stats.stat_names`); the extra row carries this rank's
      (vocab_start_index, V_local), so every rank learns the global vocabulary and checks
      the slices' layout without another collective.
   2. jsd and tvd only: one `all_reduce(SUM)` of (N, 2) (jsd) or (N, 3) (tvd) partial sums
      over the normalised probabilities.
 Both exist on gloo and NCCL (no all_gather_into_tensor).
 The top-k kernel `vocab_parallel_sparse_kd_rows` needs one all_gather of (N + 1, c + k)
-statistics (c = 5..9 columns, `fastkd.reference.vocab_parallel_sparse`) and nothing else.
+statistics (c = 5..9 columns, `fastkd.ops.vocab_parallel_sparse_stats`) and nothing else.
 """
 
 from __future__ import annotations
@@ -26,7 +26,14 @@ import torch
 import torch.distributed as dist
 
 from .._kernel_args import KernelArgs
-from ..reference.vocab_parallel import (
+from .dense import consume_once, new_gradient, scale_rows_
+from .vocab_parallel_sparse_stats import (
+    combine_sparse_stats,
+    sparse_shard_rows_and_grads,
+    sparse_shard_stats,
+    sparse_stat_names,
+)
+from .vocab_parallel_stats import (
     attach_phase2,
     combine_stats,
     phase2_width,
@@ -35,13 +42,6 @@ from ..reference.vocab_parallel import (
     shard_stats,
     stat_names,
 )
-from ..reference.vocab_parallel_sparse import (
-    combine_sparse_stats,
-    sparse_shard_rows_and_grads,
-    sparse_shard_stats,
-    sparse_stat_names,
-)
-from .dense import consume_once, new_gradient, scale_rows_
 
 
 def _all_gather_stacked(local: torch.Tensor, group) -> torch.Tensor:

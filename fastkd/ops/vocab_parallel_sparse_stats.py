@@ -1,8 +1,8 @@
 """Per-shard maths of the vocab-parallel top-k (offline) teacher loss (no communication).
 
-The top-k loss (`fastkd.reference.sparse`) needs, per row, the student's log-probabilities
-`log q` at the k teacher indices and of the tail bucket (the columns not in the top-k), all
-over the GLOBAL vocabulary. Each rank holds the student logits of one vocabulary slice and
+The top-k loss (its reference: `fastkd.reference.sparse`) needs, per row, the student's
+log-probabilities `log q` at the k teacher indices and of the tail bucket (the columns not in
+the top-k), all over the GLOBAL vocabulary. Each rank holds the student logits of one vocabulary slice and
 the (replicated) top-k teacher with GLOBAL indices; it contributes per-row statistics:
 
     m_a, S_a      local max / sum-exp of a = cap(s) / T          -> global log Z
@@ -27,9 +27,9 @@ from typing import Dict
 
 import torch
 
-from .dense import CHUNK_ELEMENTS, _capped, store_chunk
-from .sparse import _category_divergence, _teacher_categories
-from .vocab_parallel import (
+from ..reference.dense import CHUNK_ELEMENTS, _capped, store_chunk
+from ..reference.sparse import _category_divergence, _teacher_categories
+from .vocab_parallel_stats import (
     _ce_rows_and_grad,
     _combine_lse,
     _local_max_sumexp,

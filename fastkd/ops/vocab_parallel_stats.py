@@ -28,7 +28,7 @@ from typing import Dict, Optional
 
 import torch
 
-from .dense import (
+from ..reference.dense import (
     CHUNK_ELEMENTS,
     JSD,
     KL,
