@@ -3,7 +3,8 @@
 The top-k loss (its reference: `fastkd.reference.sparse`) needs, per row, the student's
 log-probabilities `log q` at the k teacher indices and of the tail bucket (the columns not in
 the top-k), all over the GLOBAL vocabulary. Each rank holds the student logits of one
-vocabulary slice and the (replicated) top-k teacher with GLOBAL indices; it contributes per-row statistics:
+vocabulary slice and the (replicated) top-k teacher with GLOBAL indices; it contributes
+per-row statistics:
 
     m_a, S_a      local max / sum-exp of a = cap(s) / T          -> global log Z
     m_u, S_u      the same over the slice's columns not in the top-k -> global tail lse
