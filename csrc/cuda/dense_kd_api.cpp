@@ -82,9 +82,15 @@ void check_options(double temperature, int64_t divergence, double beta,
                    double label_smoothing) {
   TORCH_CHECK_VALUE(temperature > 0.0, "fastkd::dense_kd (cuda): temperature must be > 0, got ",
                     temperature);
+  // Codes 4-7 (skew_kl, skew_reverse_kl, akl, alpha_beta) have no CUDA kernel yet: akl needs
+  // a per-row head threshold (a bisection over the row) that the one-pass tiles do not hold.
   TORCH_CHECK_VALUE(divergence >= 0 && divergence <= 3,
                     "fastkd::dense_kd (cuda): divergence code must be in 0..3 "
-                    "(kl, reverse_kl, jsd, tvd), got ", divergence);
+                    "(kl, reverse_kl, jsd, tvd), got ", divergence,
+                    divergence >= 4 && divergence <= 7
+                        ? " (divergence='skew_kl', 'skew_reverse_kl', 'akl' and 'alpha_beta' "
+                          "are served by backend='cpu' and backend='torch', not 'cuda')"
+                        : "");
   TORCH_CHECK_VALUE(divergence != 2 || (beta > 0.0 && beta < 1.0),
                     "fastkd::dense_kd (cuda): beta must be in (0, 1) for jsd, got ", beta);
   TORCH_CHECK_VALUE(label_smoothing >= 0.0 && label_smoothing <= 1.0,
