@@ -86,7 +86,7 @@ inline void skew_terms(const Vec& p, const Vec& lp, const Vec& lr, const NewDivC
 // Per column of codes 4, 5, 7: d (the column's share of D), g and h. ps, pt: probabilities;
 // xs, xt: shifted logits (log p = x - log Z).
 template <int kDiv>
-FASTKD_INLINE void new_div_terms(const NewDivConstants& k, const Vec& ps, const Vec& pt,
+FASTKD_INLINE inline void new_div_terms(const NewDivConstants& k, const Vec& ps, const Vec& pt,
                                  const Vec& xs, const Vec& xt, Vec& d, Vec& g, Vec& h) {
   const Vec ls = xs - k.log_sum_s, lt = xt - k.log_sum_t;
   if constexpr (kDiv == kSkewKL) {
