@@ -11,7 +11,10 @@
 namespace fastkd {
 
 // Codes match fastkd.reference.DIVERGENCES (the index of each name).
-enum class Divergence : int { kKL = 0, kReverseKL = 1, kJSD = 2, kTVD = 3 };
+enum class Divergence : int {
+  kKL = 0, kReverseKL = 1, kJSD = 2, kTVD = 3,
+  kSkewKL = 4, kSkewReverseKL = 5, kAKL = 6, kAlphaBeta = 7,
+};
 
 struct DenseKDParams {
   // Inputs.
@@ -36,7 +39,8 @@ struct DenseKDParams {
   float div_weight;
   int divergence;            // a Divergence code
   float param_a;             // divergence parameters (LossOptions.divergence_params):
-  float param_b;             //   jsd (beta = the teacher's mixture weight, 0)
+  float param_b;             //   jsd (beta = the teacher's mixture weight, 0); skew_kl,
+                             //   skew_reverse_kl (lambda, 0); akl (0, 0); alpha_beta (a, b)
   int64_t ignore_index;
   float label_smoothing;
   float softcap;             // <= 0: off

@@ -177,7 +177,14 @@ class LossOptions:
 
     @property
     def divergence_code(self) -> int:
-        """The kernels' integer for `divergence` (its index in `DIVERGENCES`)."""
+        """The kernels' integer for `divergence` (its index in `DIVERGENCES`); alpha_beta's
+        limits (1, 0) and (0, 1) are kl's and reverse_kl's codes (the kernels see only
+        a, b > 0)."""
+        if self.divergence == "alpha_beta":
+            limit = {(1.0, 0.0): "kl", (0.0, 1.0): "reverse_kl"}.get(
+                tuple(float(x) for x in self.alpha_beta))
+            if limit is not None:
+                return DIVERGENCES.index(limit)
         return DIVERGENCES.index(self.divergence)
 
     def kernel_args(self, target_given: bool, weight: Optional[float] = None) -> KernelArgs:

@@ -20,8 +20,17 @@ from fastkd._kernel_args import KernelArgs
 
 DIVERGENCE_CASES = [("kl", 0.5), ("reverse_kl", 0.5), ("jsd", 0.5), ("jsd", 0.1), ("tvd", 0.5)]
 DIVERGENCE_IDS = ["kl", "reverse_kl", "jsd-0.5", "jsd-0.1", "tvd"]
+#: The four divergences of issue 22 (name, options): run by the backends that serve them.
+NEW_DIVERGENCE_CASES = [("skew_kl", dict(skew=0.1)), ("skew_kl", dict(skew=0.7)),
+                        ("skew_reverse_kl", dict(skew=0.1)),
+                        ("skew_reverse_kl", dict(skew=0.7)), ("akl", {}),
+                        ("alpha_beta", dict(alpha_beta=(0.5, 0.5))),
+                        ("alpha_beta", dict(alpha_beta=(1.5, 0.3)))]
+NEW_DIVERGENCE_IDS = ["skew_kl-0.1", "skew_kl-0.7", "skew_reverse_kl-0.1",
+                      "skew_reverse_kl-0.7", "akl", "alpha_beta-0.5-0.5", "alpha_beta-1.5-0.3"]
 #: The kernel contract's divergence codes, by position.
-DIVERGENCE_CODES = ("kl", "reverse_kl", "jsd", "tvd")
+DIVERGENCE_CODES = ("kl", "reverse_kl", "jsd", "tvd", "skew_kl", "skew_reverse_kl", "akl",
+                    "alpha_beta")
 #: Per-element rounding of one value to the dtype (half an ulp at 1.0).
 HALF_ULP = {torch.bfloat16: 2.0**-9, torch.float16: 2.0**-12, torch.float32: 2.0**-24}
 #: The contract's scalars of a valid call (KL, T = 2, alpha = 0.5, with a target).
@@ -33,7 +42,8 @@ VALID_SCALARS = VALID_ARGS.dense_scalars()
 #: Loss options of the raw-kernel tests unless a test overrides them.
 #: Loss options of the torch.compile checks.
 COMPILE_OPTIONS = dict(temperature=2.0, alpha=0.3, divergence="jsd", label_smoothing=0.1)
-DEFAULTS = dict(temperature=2.0, alpha=0.3, divergence="kl", beta=0.5, scale_by_t2=True,
+DEFAULTS = dict(temperature=2.0, alpha=0.3, divergence="kl", beta=0.5, skew=0.1,
+                alpha_beta=None, scale_by_t2=True,
                 ignore_index=-100, label_smoothing=0.0, softcap=None)
 #: Keyword arguments that steer how a kernel is run, not the loss: the oracle ignores them.
 RUN_ONLY = ("path", "shape", "grad_student", "grad_teacher", "inplace")
@@ -51,9 +61,20 @@ def scalars(target_given: bool, **options) -> KernelArgs:
     o = dict(DEFAULTS, **options)
     ce_weight, div_weight = weights(target_given, o["alpha"], o["temperature"],
                                     o["scale_by_t2"])
-    param_a = o["beta"] if o["divergence"] == "jsd" else 0.0
+    divergence, param_a, param_b = o["divergence"], 0.0, 0.0
+    if divergence == "jsd":
+        param_a = o["beta"]
+    elif divergence in ("skew_kl", "skew_reverse_kl"):
+        param_a = o["skew"]
+    elif divergence == "alpha_beta":
+        param_a, param_b = (float(x) for x in o["alpha_beta"])
+        # the AB formula's limits are the KLs; the kernels see only a, b > 0
+        limits = {(1.0, 0.0): "kl", (0.0, 1.0): "reverse_kl"}
+        divergence = limits.get((param_a, param_b), divergence)
+        if divergence != "alpha_beta":
+            param_a = param_b = 0.0
     return KernelArgs(o["temperature"], ce_weight, div_weight,
-                      DIVERGENCE_CODES.index(o["divergence"]), param_a, 0.0,
+                      DIVERGENCE_CODES.index(divergence), param_a, param_b,
                       o["ignore_index"], o["label_smoothing"], o["softcap"] or 0.0)
 
 
@@ -328,8 +349,8 @@ def run_raw_layout(kernel, student, teacher, target, *, terms=True, grad_teacher
 def oracle_terms(student, teacher, target, **options):
     """(ce, divergence) per row, unweighted, 0 where ignored (ce 0 without a target)."""
     o = dict(DEFAULTS, **{k: v for k, v in options.items() if k not in RUN_ONLY})
-    kw = {k: o[k] for k in ("temperature", "divergence", "beta", "ignore_index",
-                            "label_smoothing", "softcap")}
+    kw = {k: o[k] for k in ("temperature", "divergence", "beta", "skew", "alpha_beta",
+                            "ignore_index", "label_smoothing", "softcap")}
     s, t = student.detach().cpu().double(), teacher.detach().cpu().double()
     y = None if target is None else target.cpu()
     div = oracle_loss(s, t, y, alpha=0.0, scale_by_t2=False, reduction="none", **kw)

@@ -80,10 +80,12 @@ def check_against_oracle(kernel, student, teacher, target, *, grad_teacher=True,
 
 
 def oracle_terms(student, teacher, target, temperature=2.0, divergence="kl", beta=0.5,
-                 ignore_index=-100, label_smoothing=0.0, softcap=None, **_):
+                 ignore_index=-100, label_smoothing=0.0, softcap=None, skew=0.1,
+                 alpha_beta=None, **_):
     """(CE, D) per row in float64: the unweighted terms (0 for ignored rows; CE 0 without a
     target)."""
     kw = dict(temperature=temperature, divergence=divergence, beta=beta, softcap=softcap,
+              skew=skew, alpha_beta=alpha_beta,
               reduction="none", label_smoothing=label_smoothing, ignore_index=ignore_index)
     s, t = student.detach().cpu().double(), teacher.detach().cpu().double()
     d = oracle_loss(s, t, None, scale_by_t2=False, **kw)

@@ -21,8 +21,48 @@ def _xlogy_diff(p, logp, logr):
     return torch.where(live, p * safe, 0.0).sum(-1)
 
 
-def divergence_rows(s, t, temperature, divergence, beta):
-    """D(p_t, p_s) per row for (..., V) float64 logits (already softcapped)."""
+def _log_mix(lam, p, q):
+    """log(lam * p + (1 - lam) * q), with 1 in place of an m = 0 (p = q = 0 there), so no
+    0 * inf NaN reaches a gradient through the unselected branch of a where."""
+    m = lam * p + (1 - lam) * q
+    return torch.log(torch.where(m > 0, m, 1.0))
+
+
+def akl_head(p, mu=0.5):
+    """Head of AKL (Wu et al. 2025): {i : p_i >= tau}, tau the largest value whose
+    upper set {p >= tau} holds mass >= mu. The ascending sort's suffix sums give S(v) for
+    each value v; tau is the largest sorted value with S >= mu (ties: all in)."""
+    p = p.detach()
+    ascending = torch.sort(p, dim=-1).values
+    suffix = ascending.flip(-1).cumsum(-1).flip(-1)
+    candidates = torch.where(suffix >= mu, ascending, torch.full_like(ascending, -1.0))
+    tau = candidates.max(-1, keepdim=True).values
+    tau = torch.where(tau < 0, ascending[..., :1], tau)  # rounding below mu: everything
+    return p >= tau
+
+
+def _akl(p_s, logp_s, p_t, logp_t):
+    head = akl_head(p_t)
+    gap = (p_t - p_s).detach().abs()
+    total = gap.sum(-1)
+    w_head = torch.where(total > 0, (gap * head).sum(-1) / torch.where(total > 0, total, 1.0),
+                         1.0)
+    w_tail = 1 - w_head
+    fkl, rkl = _xlogy_diff(p_t, logp_t, logp_s), _xlogy_diff(p_s, logp_s, logp_t)
+    return w_head * fkl + torch.where(w_tail > 0, w_tail * rkl, 0.0)
+
+
+def _alpha_beta(p_s, logp_s, p_t, logp_t, a, b):
+    """Cichocki-Cruces-Amari AB-divergence of (teacher p, student q), a, b > 0."""
+    pa_qb = torch.exp(a * logp_t + b * logp_s)
+    terms = pa_qb - a / (a + b) * torch.exp((a + b) * logp_t) \
+        - b / (a + b) * torch.exp((a + b) * logp_s)
+    return -terms.sum(-1) / (a * b)
+
+
+def divergence_rows(s, t, temperature, divergence, beta, skew=0.1, alpha_beta=None):
+    """D(p_t, p_s) per row for (..., V) float64 logits (already softcapped). `skew`: the
+    skew divergences' lambda; `alpha_beta`: (a, b) of the AB-divergence."""
     logp_s = F.log_softmax(s / temperature, dim=-1)
     logp_t = F.log_softmax(t / temperature, dim=-1)
     p_s, p_t = logp_s.exp(), logp_t.exp()
@@ -38,12 +78,21 @@ def divergence_rows(s, t, temperature, divergence, beta):
         return beta * _xlogy_diff(p_t, logp_t, logm) + (1 - beta) * _xlogy_diff(p_s, logp_s, logm)
     if divergence == "tvd":
         return 0.5 * (p_t - p_s).abs().sum(-1)
+    if divergence == "skew_kl":  # KL(p_t || lam p_t + (1 - lam) p_s)
+        return _xlogy_diff(p_t, logp_t, _log_mix(skew, p_t, p_s))
+    if divergence == "skew_reverse_kl":  # KL(p_s || (1 - lam) p_t + lam p_s)
+        return _xlogy_diff(p_s, logp_s, _log_mix(1 - skew, p_t, p_s))
+    if divergence == "akl":
+        return _akl(p_s, logp_s, p_t, logp_t)
+    if divergence == "alpha_beta":
+        return _alpha_beta(p_s, logp_s, p_t, logp_t, *alpha_beta)
     raise ValueError(divergence)
 
 
 def oracle_loss(student, teacher, target=None, *, temperature=1.0, alpha=0.5, divergence="kl",
-                beta=0.5, scale_by_t2=True, ignore_index=-100, label_smoothing=0.0,
-                softcap=None, reduction="mean", num_items_in_batch=None, dtype=torch.float64):
+                beta=0.5, skew=0.1, alpha_beta=None, scale_by_t2=True, ignore_index=-100,
+                label_smoothing=0.0, softcap=None, reduction="mean", num_items_in_batch=None,
+                dtype=torch.float64):
     """The loss of docs/semantics.md §1 in float64 (differentiable in student and teacher).
 
     `dtype` other than float64 evaluates the same eager formula in that dtype: the
@@ -52,7 +101,7 @@ def oracle_loss(student, teacher, target=None, *, temperature=1.0, alpha=0.5, di
     if softcap is not None:
         s, t = softcap * torch.tanh(s / softcap), softcap * torch.tanh(t / softcap)
     k = temperature**2 if scale_by_t2 else 1.0
-    d = divergence_rows(s, t, temperature, divergence, beta)
+    d = divergence_rows(s, t, temperature, divergence, beta, skew, alpha_beta)
     if target is None:
         rows = k * d
         count = torch.tensor(float(rows.numel()), dtype=torch.float64)

@@ -29,7 +29,6 @@ from oracle import oracle_with_grads, row_weights
 
 import fastkd
 from fastkd._dispatch import resolve_backend
-from fastkd.reference import DIVERGENCES
 
 native = pytest.importorskip("fastkd.ops.native", reason="the extension fastkd._C is not built")
 pytestmark = pytest.mark.skipif(not native.HAS_CPU,
@@ -87,9 +86,11 @@ def test_rows_split_across_threads():
 def test_temperatures(temperature):
     """T = 1 and T = 2 reuse the student's exponentials for CE; other T compute a third one."""
     student, teacher, target = inputs(4, 600, seed=2)
-    for divergence in ("kl", "reverse_kl") if temperature < 1.0 else DIVERGENCES:
+    cases = [("kl", {}), ("reverse_kl", {})] if temperature < 1.0 else \
+        [(d, dict(beta=b)) for d, b in DIVERGENCE_CASES] + kernel_checks.NEW_DIVERGENCE_CASES
+    for divergence, options in cases:
         check_op(student, teacher, target, divergence=divergence, temperature=temperature,
-                 alpha=0.4, label_smoothing=0.2)
+                 alpha=0.4, label_smoothing=0.2, **options)
 
 
 @pytest.mark.parametrize("divergence,beta", DIVERGENCE_CASES, ids=DIVERGENCE_IDS)

@@ -107,15 +107,24 @@ int64_t row_stride(const std::optional<at::Tensor>& t) {
 }
 
 void check_options(double temperature, double ce_weight, double div_weight, int64_t divergence,
-                   double beta, double label_smoothing, bool with_terms) {
+                   double param_a, double param_b, double label_smoothing, bool with_terms) {
+  const double beta = param_a;
   TORCH_CHECK_VALUE(std::isfinite(temperature) && temperature > 0,
                     "fastkd::dense_kd: temperature must be finite and > 0, got ", temperature);
   TORCH_CHECK_VALUE(std::isfinite(ce_weight) && std::isfinite(div_weight),
                     "fastkd::dense_kd: ce_weight and div_weight must be finite, got ", ce_weight,
                     " and ", div_weight);
-  TORCH_CHECK_VALUE(divergence >= 0 && divergence <= 3,
-                    "fastkd::dense_kd: divergence must be 0 (kl), 1 (reverse_kl), 2 (jsd) or "
-                    "3 (tvd), got ", divergence);
+  TORCH_CHECK_VALUE(divergence >= 0 && divergence <= 7,
+                    "fastkd::dense_kd: divergence must be 0 (kl), 1 (reverse_kl), 2 (jsd), "
+                    "3 (tvd), 4 (skew_kl), 5 (skew_reverse_kl), 6 (akl) or 7 (alpha_beta), got ",
+                    divergence);
+  const bool evaluated = div_weight != 0 || with_terms;
+  TORCH_CHECK_VALUE(!(divergence == 4 || divergence == 5) || !evaluated ||
+                        (param_a >= 0 && param_a < 1),
+                    "fastkd::dense_kd: skew (param_a) must be in [0, 1), got ", param_a);
+  TORCH_CHECK_VALUE(divergence != 7 || !evaluated || (param_a > 0 && param_b > 0),
+                    "fastkd::dense_kd: alpha_beta needs param_a > 0 and param_b > 0, got ",
+                    param_a, " and ", param_b);
   TORCH_CHECK_VALUE(divergence != 2 || (div_weight == 0 && !with_terms) || (beta > 0 && beta < 1),
                     "fastkd::dense_kd: beta must be in (0, 1) for jsd, got ", beta);
   TORCH_CHECK_VALUE(label_smoothing >= 0 && label_smoothing <= 1,
@@ -145,8 +154,8 @@ at::Tensor dense_kd_cpu(const at::Tensor& student, const at::Tensor& teacher,
                         double label_smoothing, double softcap,
                         const std::optional<at::Tensor>& terms) {
   check_tensors(student, teacher, target, grad_student, grad_teacher, terms);
-  check_options(temperature, ce_weight, div_weight, divergence, param_a, label_smoothing,
-                terms.has_value());
+  check_options(temperature, ce_weight, div_weight, divergence, param_a, param_b,
+                label_smoothing, terms.has_value());
   const int64_t n = student.size(0), vocab = student.size(1);
   at::Tensor rows = at::empty({n}, student.options().dtype(at::kFloat));
   if (n == 0) return rows;

@@ -10,6 +10,7 @@
 #include <memory>
 
 #include "cpu/dense_kd_cpu.h"
+#include "cpu/dense_kd_cpu_new_div.h"
 #include "cpu/dense_kd_cpu_vec.h"
 #include "dense_kd_params.h"
 
@@ -91,6 +92,8 @@ struct RowStats {
   float rho_t = 0.f, rho_s = 0.f, kl_t = 0.f, kl_s = 0.f;
   int64_t argmax_s = 0, argmax_t = 0;  // jsd: columns of the largest probabilities
   float dot_s = 0.f, dot_t = 0.f;  // tvd: <p_s, g>, <p_t, g>
+  // codes 4-7: sum of g = p_s dD/dp_s and h = p_t dD/dp_t; akl's detached weights
+  float sum_g = 0.f, sum_h = 0.f, w_head = 1.f, w_tail = 0.f;
 };
 
 // Gradients of at least this many bytes are written with streaming stores.
@@ -127,6 +130,7 @@ struct DivGradConstants {
   Vec dot_s, dot_t;  // tvd
   const float* jsd_ratio_s;  // jsd: log(p/m) - rho per column
   const float* jsd_ratio_t;
+  NewDivConstants nd;        // codes 4-7
 };
 
 // d D / d a_s at column j.
@@ -140,6 +144,10 @@ inline Vec student_div_grad(const DivGradConstants& k, int64_t j, const Vec& ps,
   } else if constexpr (kDiv == kJSD) {
     return k.one_minus_beta *
            where_positive(ps, ps * (Vec::loadu(k.jsd_ratio_s + j) - k.jsd_kl_s));
+  } else if constexpr (is_new_divergence(kDiv)) {
+    Vec d, g, h;
+    new_div_terms<kDiv>(k.nd, ps, pt, xs, xt, d, g, h);
+    return at::vec::fnmadd(ps, k.nd.sum_g, g);
   } else {
     return ps * (half_sign(ps - pt) - k.dot_s);
   }
@@ -155,6 +163,10 @@ inline Vec teacher_div_grad(const DivGradConstants& k, int64_t j, const Vec& ps,
     return pt - ps;
   } else if constexpr (kDiv == kJSD) {
     return k.beta * where_positive(pt, pt * (Vec::loadu(k.jsd_ratio_t + j) - k.jsd_kl_t));
+  } else if constexpr (is_new_divergence(kDiv)) {
+    Vec d, g, h;
+    new_div_terms<kDiv>(k.nd, ps, pt, xs, xt, d, g, h);
+    return at::vec::fnmadd(pt, k.nd.sum_h, h);
   } else {
     return pt * (k.dot_t - half_sign(ps - pt));
   }

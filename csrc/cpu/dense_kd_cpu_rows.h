@@ -118,6 +118,10 @@ class RowKernel {
       case kKL: return run_as<kKL, kSoftcap>(row, st, label);
       case kReverseKL: return run_as<kReverseKL, kSoftcap>(row, st, label);
       case kJSD: return run_as<kJSD, kSoftcap>(row, st, label);
+      case kSkewKL: return run_as<kSkewKL, kSoftcap>(row, st, label);
+      case kSkewReverseKL: return run_as<kSkewReverseKL, kSoftcap>(row, st, label);
+      case kAKL: return run_as<kAKL, kSoftcap>(row, st, label);
+      case kAlphaBeta: return run_as<kAlphaBeta, kSoftcap>(row, st, label);
       default: return run_as<kTVD, kSoftcap>(row, st, label);
     }
   }
@@ -263,6 +267,8 @@ class RowKernel {
     } else if constexpr (kDiv == kJSD) {
       jsd_sums<kSoftcap>(st);
       st.divergence = p_.param_a * (st.rho_t + st.kl_t) + (1.f - p_.param_a) * (st.rho_s + st.kl_s);
+    } else if constexpr (is_new_divergence(kDiv)) {
+      new_div_sums<kDiv, kSoftcap>(st);
     } else {
       tvd_sums(st);
     }
@@ -338,6 +344,100 @@ class RowKernel {
     st.dot_t = lane_sum(dot_t);
   }
 
+  NewDivConstants new_constants(const RowStats& st) const {
+    NewDivConstants k = new_div_constants(s_.log_sum, t_.log_sum, p_.param_a, p_.param_b);
+    k.w_head = Vec(st.w_head);
+    k.w_tail = Vec(st.w_tail);
+    k.sum_g = Vec(st.sum_g);
+    k.sum_h = Vec(st.sum_h);
+    return k;
+  }
+
+  // AKL's head threshold tau (see dense_kd_cpu_new_div.h): bisection on the cached teacher
+  // probabilities, then snapped to the smallest value >= the lower bound.
+  float akl_threshold() const {
+    const float* const et_buf = t_.exp;
+    const int64_t padded = full_ + (rest_ > 0 ? kLanes : 0);  // padding: e = 0, never head
+    const float inv = 1.f / t_.sum;
+    auto mass_from = [&](float tau) {  // sum of p_t >= tau (tau > 0)
+      const Vec v_tau(tau), v_inv(inv);
+      Vec acc(0.f);
+      for (int64_t j = 0; j < padded; j += kLanes) {
+        const Vec pt = Vec::loadu(et_buf + j) * v_inv;
+        acc = acc + select(greater_equal(pt, v_tau), Vec(0.f), pt);
+      }
+      return lane_sum(acc);
+    };
+    float lo = 0.f, hi = inv * (1.f + 1e-6f) + 1e-30f;  // max p_t = 1 / Z_t: e = 1 there
+    for (int it = 0; it < 64; ++it) {
+      const float mid = 0.5f * (lo + hi);
+      if (!(mid > lo && mid < hi)) break;  // adjacent floats
+      if (mass_from(mid) >= kAklHeadMass) lo = mid; else hi = mid;
+    }
+    float tau = hi;  // the smallest p_t >= lo (lo = 0: every value is a candidate)
+    for (int64_t j = 0; j < vocab_; ++j) {
+      const float pt = et_buf[j] * inv;
+      if (pt >= lo && pt > 0.f && pt < tau) tau = pt;
+    }
+    return tau;
+  }
+
+  // Sweep D of codes 4-7: D and the sums of g and h (akl: first its head and weights).
+  template <int kDiv, bool kSoftcap>
+  void new_div_sums(RowStats& st) {
+    const auto xs_at = shifted_view<kSoftcap>(s_), xt_at = shifted_view<kSoftcap>(t_);
+    const float* const es_buf = s_.exp;
+    const float* const et_buf = t_.exp;
+    const int64_t full = full_, rest = rest_;
+    const Vec inv_s(1.f / s_.sum), inv_t(1.f / t_.sum);
+    NewDivConstants k = new_constants(st);
+    Vec acc_d(0.f), acc_g(0.f), acc_h(0.f), acc_ps(0.f), acc_pt(0.f);
+    if constexpr (kDiv == kAKL) {
+      const Vec tau(akl_threshold());
+      Vec gap_head(0.f), gap_all(0.f);
+      auto step = [&](int64_t j, int64_t n) FASTKD_INLINE {
+        const Vec ps = load_logits(es_buf + j, n) * inv_s;
+        const Vec pt = load_logits(et_buf + j, n) * inv_t;
+        const Vec ls = xs_at.template at<false>(j, n) - k.log_sum_s;
+        const Vec lt = xt_at.template at<false>(j, n) - k.log_sum_t;
+        const Vec gap = (ps - pt).abs();
+        gap_all = gap_all + gap;
+        gap_head = gap_head + select(greater_equal(pt, tau), Vec(0.f), gap);
+        acc_g = acc_g + where_positive(pt, pt * (lt - ls));  // FKL
+        acc_h = acc_h + where_positive(ps, ps * (ls - lt));  // RKL
+        acc_ps = acc_ps + ps;
+        acc_pt = acc_pt + pt;
+      };
+      for (int64_t j = 0; j < full; j += kLanes) step(j, kLanes);
+      if (rest > 0) step(full, rest);
+      const float total = lane_sum(gap_all), head = lane_sum(gap_head);
+      st.w_head = total > 0.f ? head / total : 1.f;
+      st.w_tail = total > 0.f ? (total - head) / total : 0.f;
+      const float fkl = lane_sum(acc_g), rkl = lane_sum(acc_h);
+      // a zero weight keeps its (possibly infinite) KL out
+      st.divergence = st.w_head * fkl + (st.w_tail > 0.f ? st.w_tail * rkl : 0.f);
+      st.sum_g = (st.w_tail > 0.f ? st.w_tail * rkl : 0.f) - st.w_head * lane_sum(acc_pt);
+      st.sum_h = st.w_head * fkl - st.w_tail * lane_sum(acc_ps);
+      return;
+    }
+    auto step = [&](int64_t j, int64_t n) FASTKD_INLINE {
+      const Vec ps = load_logits(es_buf + j, n) * inv_s;
+      const Vec pt = load_logits(et_buf + j, n) * inv_t;
+      Vec d, g, h;
+      new_div_terms<kDiv>(k, ps, pt, xs_at.template at<false>(j, n),
+                          xt_at.template at<false>(j, n), d, g, h);
+      acc_d = acc_d + d;
+      acc_g = acc_g + g;
+      acc_h = acc_h + h;
+    };
+    for (int64_t j = 0; j < full; j += kLanes) step(j, kLanes);
+    if (rest > 0) step(full, rest);
+    st.divergence = lane_sum(acc_d);
+    if constexpr (kDiv == kAlphaBeta) st.divergence *= -1.f / (p_.param_a * p_.param_b);
+    st.sum_g = lane_sum(acc_g);
+    st.sum_h = lane_sum(acc_h);
+  }
+
   // CE at temperature 1 with PyTorch's label smoothing; with x_q = cap(z) - max cap(z) = r x_s,
   // CE = log sum exp(x_q) - (1 - eps) x_q[y] - eps mean(x_q). Zero-weight parts not evaluated.
   float cross_entropy(const RowStats& st) const {
@@ -353,7 +453,7 @@ class RowKernel {
     return {Vec(t_.log_sum - s_.log_sum + st.divergence),
             Vec(s_.log_sum - t_.log_sum + st.divergence),
             Vec(st.kl_s), Vec(st.kl_t), Vec(p_.param_a), Vec(1.f - p_.param_a), Vec(st.dot_s),
-            Vec(st.dot_t), jsd_s_, jsd_t_};
+            Vec(st.dot_t), jsd_s_, jsd_t_, new_constants(st)};
   }
 
   // `direct`: dst is the float32 output itself (n lanes written; streamed past the caches
@@ -386,7 +486,8 @@ class RowKernel {
     const bool ce = has_ce_, div = has_div_;
     const bool ce_same = ce_ratio_ == 1.f, ce_square = ce_ratio_ == 2.f;
     // kl's teacher and reverse_kl's student gradients need both log-probabilities.
-    const bool need_x = div && (kDiv == kReverseKL || (kDiv == kKL && out_t != nullptr));
+    const bool need_x = div && (kDiv == kReverseKL || (kDiv == kKL && out_t != nullptr) ||
+                                is_new_divergence(kDiv));
     const auto xs_at = shifted_view<kSoftcap>(s_), xt_at = shifted_view<kSoftcap>(t_);
     const float* const es_buf = s_.exp;
     const float* const et_buf = t_.exp;

@@ -15,6 +15,10 @@
 //               - rho): near a one-hot side the dominant log(p/m) - rho is exactly 0, where
 //               log(p/m) - KL would cancel to a few ulps of log(p/m)
 //   tvd:        dD/da_s = p_s (g - <p_s, g>)         dD/da_t = p_t (<p_t, g> - g), g = sign(r)/2
+//   skew_kl, skew_reverse_kl, alpha_beta (new_terms): with g = p_s dD/dp_s, h = p_t dD/dp_t
+//   per element, dD/da_s = g - p_s sum(g), dD/da_t = h - p_t sum(h); D, sum(g), sum(h) come
+//   from the second reduction (tested on the host; the CUDA op does not dispatch these codes
+//   yet: their generic-kernel instances spill). akl (a per-row head threshold): no maths here.
 //   CE:         dCE/dz_s = q - (1 - eps) onehot(y) - eps / V
 //   ds = cap'(s) (ce_w dCE/dz_s + div_w / T dD/da_s),   dt = cap'(t) div_w / T dD/da_t
 // A row is reduced in pieces (vector groups, threads, warps, CTAs of a cluster): each piece
@@ -43,9 +47,19 @@ constexpr int kKL = static_cast<int>(Divergence::kKL);
 constexpr int kReverseKL = static_cast<int>(Divergence::kReverseKL);
 constexpr int kJSD = static_cast<int>(Divergence::kJSD);
 constexpr int kTVD = static_cast<int>(Divergence::kTVD);
+constexpr int kSkewKL = static_cast<int>(Divergence::kSkewKL);
+constexpr int kSkewReverseKL = static_cast<int>(Divergence::kSkewReverseKL);
+constexpr int kAlphaBeta = static_cast<int>(Divergence::kAlphaBeta);
+
+// skew_kl, skew_reverse_kl, alpha_beta: elementwise terms and their row sums (new_terms).
+constexpr FASTKD_HD bool is_sum_divergence(int div) {
+  return div == kSkewKL || div == kSkewReverseKL || div == kAlphaBeta;
+}
 
 // Divergences whose value needs the final log-sum-exps: one more reduction over the row.
-constexpr FASTKD_HD bool needs_second_reduction(int div) { return div == kJSD || div == kTVD; }
+constexpr FASTKD_HD bool needs_second_reduction(int div) {
+  return div == kJSD || div == kTVD || is_sum_divergence(div);
+}
 
 constexpr float kNegInf = -INFINITY;
 
@@ -68,7 +82,8 @@ struct RowOptions {
   float keep_y;          // 1 - eps
   float eps_over_v;
   float inv_v;
-  float beta;            // JSD teacher weight
+  float beta;            // param_a: JSD teacher weight, skew lambda, alpha_beta's alpha
+  float param_b;         // alpha_beta's beta
 };
 
 FASTKD_HD RowOptions make_row_options(const DenseKDParams& p) {
@@ -87,7 +102,8 @@ FASTKD_HD RowOptions make_row_options(const DenseKDParams& p) {
   o.keep_y = 1.0f - p.label_smoothing;
   o.inv_v = 1.0f / static_cast<float>(p.vocab);
   o.eps_over_v = p.label_smoothing * o.inv_v;
-  o.beta = p.param_a;  // jsd
+  o.beta = p.param_a;  // jsd, skew_*, alpha_beta
+  o.param_b = p.param_b;
   return o;
 }
 
@@ -279,7 +295,8 @@ struct RowScalars {
   float d;             // divergence value (JSD / TVD: after the second reduction)
   float rho_t, rho_s;  // JSD: log(p_t / m) at the teacher's max, log(p_s / m) at the student's
   float kl_t, kl_s;    // JSD: KL(p_t || m) - rho_t, KL(p_s || m) - rho_s, m = b p_t + (1-b) p_s
-  float dot_s, dot_t;  // TVD: <p_s, g>, <p_t, g>, g = sign(p_s - p_t) / 2
+  float dot_s, dot_t;  // TVD: <p_s, g>, <p_t, g>, g = sign(p_s - p_t) / 2; skew_*,
+                       // alpha_beta: sum g, sum h (g = p_s dD/dp_s, h = p_t dD/dp_t)
   float sum_z, zy;
 };
 
@@ -339,6 +356,44 @@ FASTKD_HD Pair pair_of(float zs, float zt, const RowScalars& rs, const RowOption
 
 FASTKD_HD float half_sign(float x) { return x > 0.0f ? 0.5f : (x < 0.0f ? -0.5f : 0.0f); }
 
+// log(e^u + e^v), -inf where both are -inf (no inf - inf NaN).
+FASTKD_HD float log_add_exp(float u, float v) {
+  const float hi = fmaxf(u, v), lo = fminf(u, v);
+  return hi == kNegInf ? kNegInf : hi + log1pf(expf(lo - hi));
+}
+
+// KL(p || w p + (1 - w) r) at one element: its share d, g_p = p dD/dp (less the constant
+// p, which cancels in the softmax chain rule) and g_r = r dD/dr, from log p and log r.
+FASTKD_HD void skew_terms(float p, float lp, float lr, float w, float& d, float& g_p,
+                          float& g_r) {
+  const float log_w = w > 0.0f ? logf(w) : kNegInf;
+  const float lpm = lp - log_add_exp(log_w + lp, log1pf(-w) + lr);
+  d = p > 0.0f ? p * lpm : 0.0f;
+  g_p = p > 0.0f ? d - w * expf(lp + lpm) : 0.0f;
+  g_r = p > 0.0f ? -(1.0f - w) * expf(lr + lpm) : 0.0f;
+}
+
+// skew_kl (KL(p_t || l p_t + (1-l) p_s)), skew_reverse_kl (KL(p_s || l p_s + (1-l) p_t)),
+// alpha_beta at one element: d (alpha_beta: before the factor -1/(a b)), g and h.
+template <int kDiv>
+FASTKD_HD void new_terms(float zs, float zt, const RowScalars& rs, const RowOptions& o,
+                         float& d, float& g, float& h) {
+  const float ls = (zs - rs.ms) * o.inv_t - rs.log_ss;  // log p_s
+  const float lt = (zt - rs.mt) * o.inv_t - rs.log_st;  // log p_t
+  if (kDiv == kSkewKL) {
+    skew_terms(expf(lt), lt, ls, o.beta, d, h, g);
+  } else if (kDiv == kSkewReverseKL) {
+    skew_terms(expf(ls), ls, lt, o.beta, d, g, h);
+  } else {  // alpha_beta; p^x = exp(x log p), 0 where p = 0
+    const float a = o.beta, b = o.param_b;
+    const float cross = expf(a * lt + b * ls);
+    const float pow_t = expf((a + b) * lt), pow_s = expf((a + b) * ls);
+    d = cross - a / (a + b) * pow_t - b / (a + b) * pow_s;
+    g = (pow_s - cross) / a;
+    h = (pow_t - cross) / b;
+  }
+}
+
 // Second reduction (JSD, TVD): adds one element's terms to acc[3].
 // JSD: acc = (KL(p_t||m) - rho_t, KL(p_s||m) - rho_s, -);
 // TVD: acc = (sum |p_s - p_t|, <p_s, g>, <p_t, g>).
@@ -357,6 +412,12 @@ FASTKD_HD void accumulate_second(float (&acc)[3], float s_raw, float t_raw, bool
     acc[0] += fabsf(q.p_s - q.p_t);
     acc[1] += q.p_s * g;
     acc[2] += q.p_t * g;
+  } else if (is_sum_divergence(kDiv)) {
+    float d, g, h;
+    new_terms<kDiv>(capped(s_raw, o), capped(t_raw, o), rs, o, d, g, h);
+    acc[0] += d;
+    acc[1] += g;
+    acc[2] += h;
   }
 }
 
@@ -368,6 +429,10 @@ FASTKD_HD void finish_second(RowScalars& r, const float (&acc)[3], const RowOpti
     r.d = o.beta * (r.rho_t + r.kl_t) + (1.0f - o.beta) * (r.rho_s + r.kl_s);
   } else if (kDiv == kTVD) {
     r.d = 0.5f * acc[0];
+    r.dot_s = acc[1];
+    r.dot_t = acc[2];
+  } else if (is_sum_divergence(kDiv)) {
+    r.d = kDiv == kAlphaBeta ? acc[0] * (-1.0f / (o.beta * o.param_b)) : acc[0];
     r.dot_s = acc[1];
     r.dot_t = acc[2];
   }
@@ -433,6 +498,11 @@ FASTKD_HD void grad_element(float s_raw, float t_raw, bool is_target, const RowS
       jsd_log_ratios(q.r, o, ls, lt);
       ds = (1.0f - o.beta) * (q.p_s > 0.0f ? q.p_s * ((ls - r.rho_s) - r.kl_s) : 0.0f);
       dt = o.beta * (q.p_t > 0.0f ? q.p_t * ((lt - r.rho_t) - r.kl_t) : 0.0f);
+    } else if (is_sum_divergence(kDiv)) {
+      float d, g, h;
+      new_terms<kDiv>(zs, capped(t_raw, o), r, o, d, g, h);
+      ds = g - q.p_s * r.dot_s;
+      dt = h - q.p_t * r.dot_t;
     } else {
       const float g = half_sign(q.r);
       ds = q.p_s * (g - r.dot_s);

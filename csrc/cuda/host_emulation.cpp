@@ -131,7 +131,7 @@ extern "C" int fastkd_emulate_dense_kd(const float* student, const float* teache
                                        int64_t grad_student_row_stride,
                                        int64_t grad_teacher_row_stride, float temperature,
                                        float ce_weight, float div_weight, int divergence,
-                                       float beta, int64_t ignore_index, float label_smoothing,
+                                       float param_a, float param_b, int64_t ignore_index, float label_smoothing,
                                        float softcap, int n_ctas, int n_threads) {
   if (n_ctas < 1 || n_threads < 1 || vocab < 1) return -1;
   DenseKDParams p{};
@@ -152,8 +152,8 @@ extern "C" int fastkd_emulate_dense_kd(const float* student, const float* teache
   p.ce_weight = ce_weight;
   p.div_weight = div_weight;
   p.divergence = divergence;
-  p.param_a = beta;
-  p.param_b = 0.f;
+  p.param_a = param_a;
+  p.param_b = param_b;
   p.ignore_index = ignore_index;
   p.label_smoothing = label_smoothing;
   p.softcap = softcap;
@@ -163,6 +163,9 @@ extern "C" int fastkd_emulate_dense_kd(const float* student, const float* teache
     case kReverseKL: emulate<kReverseKL>(p, shape); return 0;
     case kJSD: emulate<kJSD>(p, shape); return 0;
     case kTVD: emulate<kTVD>(p, shape); return 0;
+    case kSkewKL: emulate<kSkewKL>(p, shape); return 0;
+    case kSkewReverseKL: emulate<kSkewReverseKL>(p, shape); return 0;
+    case kAlphaBeta: emulate<kAlphaBeta>(p, shape); return 0;
     default: return -1;
   }
 }
