@@ -19,6 +19,25 @@ import torch
 
 #: The loss families and the backends that have a kernel for each.
 FAMILIES = {"dense": ("triton", "cuda", "cpu", "torch"), "topk": ("triton", "cpu", "torch")}
+#: The divergences every kernel of every family serves; the newer ones (skew_kl,
+#: skew_reverse_kl, akl, alpha_beta) only where `NEWER_DIVERGENCES` says.
+CLASSIC_DIVERGENCES = ("kl", "reverse_kl", "jsd", "tvd")
+NEWER_DIVERGENCES = {("dense", "cpu"), ("dense", "torch")}
+
+
+def serves(family: str, backend: str, divergence: str) -> bool:
+    """Whether `backend`'s kernel of `family` computes `divergence`."""
+    return divergence in CLASSIC_DIVERGENCES or (family, backend) in NEWER_DIVERGENCES
+
+
+def check_divergence_served(family: str, divergence: str) -> None:
+    """ValueError naming `divergence` when no backend of `family` computes it."""
+    served = [b for b in FAMILIES[family] if serves(family, b, divergence)]
+    if not served:
+        raise ValueError(f"divergence={divergence!r} has no {family} kernel yet (the "
+                         f"{family} losses take {CLASSIC_DIVERGENCES}); use the dense losses "
+                         "(distillation_loss, fused_linear_distillation_loss) on backend "
+                         "'cpu' or 'torch' for it")
 
 BACKENDS = ("auto", "triton", "cuda", "cpu", "torch")
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -114,7 +133,7 @@ def check_backend_name(backend) -> None:
 
 
 def resolve_backend(backend: str, tensor: torch.Tensor, *others: torch.Tensor,
-                    family: str = "dense") -> str:
+                    family: str = "dense", divergence: str = "kl") -> str:
     """Returns the concrete backend name for the tensors' device and dtypes.
 
     Every tensor given (e.g. student and teacher logits) must be runnable by the backend:
@@ -132,6 +151,10 @@ def resolve_backend(backend: str, tensor: torch.Tensor, *others: torch.Tensor,
     dtypes = [tensor.dtype] + [t.dtype for t in others if t is not None]
 
     def reason_for(candidate: str) -> Optional[str]:
+        if not serves(family, candidate, divergence):
+            return (f"its {family} kernel does not compute divergence={divergence!r} (served "
+                    "by: " + ", ".join(repr(b) for b in FAMILIES[family]
+                                      if serves(family, b, divergence)) + ")")
         for dtype in dtypes:
             reason = unavailable_reason(candidate, device, dtype, family)
             if reason is not None:
@@ -178,11 +201,14 @@ def _kernel(family: str, name: str) -> Callable:
 
 
 def kernel_for(family: str, backend: str, tensor: torch.Tensor,
-               *others: Optional[torch.Tensor]) -> Callable:
+               *others: Optional[torch.Tensor], divergence: str = "kl") -> Callable:
     """The kernel of `family` ("dense" or "topk") that `backend` resolves to for these
-    tensors (`resolve_backend`'s rules); raises `BackendUnavailableError` when an explicitly
-    named backend cannot serve the call."""
-    return _kernel(family, resolve_backend(backend, tensor, *others, family=family))
+    tensors and `divergence` (`resolve_backend`'s rules); raises `BackendUnavailableError`
+    when an explicitly named backend cannot serve the call, ValueError when no backend of
+    the family computes the divergence."""
+    check_divergence_served(family, divergence)
+    return _kernel(family, resolve_backend(backend, tensor, *others, family=family,
+                                           divergence=divergence))
 
 
 def is_dtensor(*tensors) -> bool:

@@ -108,7 +108,7 @@ def sparse_distillation_loss(
     check_same_device(student_logits=student_logits,
                       teacher_topk_logprobs=teacher_topk_logprobs,
                       teacher_topk_indices=teacher_topk_indices, target=target)
-    kernel = kernel_for("topk", backend, student_logits)
+    kernel = kernel_for("topk", backend, student_logits, divergence=options.divergence)
     k = teacher_topk_logprobs.shape[-1]
     labels = flat_target(target)
     student, copied = student_rows(student_logits)  # a view wherever one exists
@@ -182,7 +182,7 @@ def fused_linear_sparse_distillation_loss(
                       student_bias=student_bias, teacher_topk_logprobs=teacher_topk_logprobs,
                       teacher_topk_indices=teacher_topk_indices, target=target)
     check_chunk_size(chunk_size)
-    kernel = kernel_for("topk", backend, student_hidden)
+    kernel = kernel_for("topk", backend, student_hidden, divergence=options.divergence)
     student_hidden, student_weight, student_bias = autocast_head(student_hidden,
                                                                  student_weight, student_bias)
     k = teacher_topk_logprobs.shape[-1]

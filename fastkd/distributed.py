@@ -24,6 +24,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from ._dispatch import CLASSIC_DIVERGENCES
 from ._dtensor import dtensor_distillation_loss, dtensor_fused_linear_distillation_loss
 from ._inputs import autocast_head
 from ._options import LossOptions, TopKOptions, takes_options
@@ -48,6 +49,14 @@ from .ops.vocab_parallel_stats import compute_dtype
 __all__ = ["vocab_parallel_distillation_loss", "vocab_parallel_fused_linear_distillation_loss",
            "vocab_parallel_sparse_distillation_loss", "dtensor_distillation_loss",
            "dtensor_fused_linear_distillation_loss"]
+
+def _check_vocab_parallel_divergence(divergence: str) -> None:
+    """The vocab-parallel statistics exist for the classic divergences only (this round)."""
+    if divergence not in CLASSIC_DIVERGENCES:
+        raise ValueError(f"divergence={divergence!r} has no vocab-parallel form yet (these "
+                         f"losses take {CLASSIC_DIVERGENCES}); gather the logits and use "
+                         "fastkd.distillation_loss for it")
+
 
 def _check_vocab_start(vocab_start_index) -> None:
     if not isinstance(vocab_start_index, int) or isinstance(vocab_start_index, bool):
@@ -139,6 +148,7 @@ def vocab_parallel_distillation_loss(
     check_logits_pair(student_logits_shard, teacher_logits_shard, target)
     reduction, num_items_in_batch = options.reduction, options.num_items_in_batch
     _check_vocab_start(vocab_start_index)
+    _check_vocab_parallel_divergence(options.divergence)
     lead_shape, local_vocab = student_logits_shard.shape[:-1], student_logits_shard.shape[-1]
     if target is not None:
         # The label range needs the global vocabulary: checked after the statistics' gather.
@@ -243,6 +253,7 @@ def vocab_parallel_fused_linear_distillation_loss(
                          f"student_weight_shard has {student_weight_shard.shape[0]}; both "
                          "heads must be split at the same vocabulary rows")
     _check_vocab_start(vocab_start_index)
+    _check_vocab_parallel_divergence(options.divergence)
     check_chunk_size(chunk_size)
     if target is not None:
         check_target(target, lead_shape, None, options.ignore_index)
@@ -338,6 +349,7 @@ def vocab_parallel_sparse_distillation_loss(
     if student_logits_shard.dim() < 1:
         raise ValueError("student_logits_shard must have at least one dimension (..., V)")
     _check_vocab_start(vocab_start_index)
+    _check_vocab_parallel_divergence(options.divergence)
     lead_shape, local_vocab = student_logits_shard.shape[:-1], student_logits_shard.shape[-1]
     ignore_index = options.ignore_index
     if target is not None:

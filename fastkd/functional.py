@@ -93,7 +93,8 @@ def distillation_loss(
     lead_shape, vocab = student_logits.shape[:-1], student_logits.shape[-1]
     if target is not None:
         check_target(target, lead_shape, vocab, options.ignore_index)
-    kernel = kernel_for("dense", backend, student_logits, teacher_logits)
+    kernel = kernel_for("dense", backend, student_logits, teacher_logits,
+                        divergence=options.divergence)
 
     student, teacher = to_float64_if_any(student_logits, teacher_logits)
     upcast = student is not student_logits
@@ -195,7 +196,7 @@ def fused_linear_distillation_loss(
     student = autocast_head(student_hidden, student_weight, student_bias)
     teacher = autocast_head(teacher_hidden, teacher_weight, teacher_bias)
     s_h, s_w, s_b, t_h, t_w, t_b = to_float64_if_any(*student, *teacher)
-    kernel = kernel_for("dense", backend, s_h, s_w, t_h, t_w)
+    kernel = kernel_for("dense", backend, s_h, s_w, t_h, t_w, divergence=options.divergence)
     teacher = (t_h.reshape(-1, t_h.shape[-1]), t_w, t_b)
     return fused_linear_loss(s_h, s_w, s_b, target, teacher, kernel,
                              options.kernel_args(target is not None), False, chunk_size,

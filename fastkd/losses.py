@@ -91,7 +91,7 @@ def multi_teacher_distillation_loss(
     lead_shape, vocab = student_logits.shape[:-1], student_logits.shape[-1]
     if target is not None:
         check_target(target, lead_shape, vocab, ignore_index)
-    kernel = kernel_for("dense", backend, student_logits)
+    kernel = kernel_for("dense", backend, student_logits, divergence=options.divergence)
     student = student_logits.reshape(-1, vocab).contiguous()
     teachers = [t.reshape(-1, vocab).contiguous() for t in teacher_logits]
     flat_target = None if target is None else target.reshape(-1).to(torch.int64)

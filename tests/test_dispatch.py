@@ -146,3 +146,28 @@ def test_invalid_env_raises(monkeypatch, value):
 def test_unknown_backend_name(value):
     with pytest.raises(ValueError, match=r"\bbackend\b"):
         fastkd.resolve_backend(value, cpu_tensor())
+
+
+def test_newer_divergences_route_to_the_backends_that_compute_them():
+    """'auto' picks a backend whose kernel computes the divergence; a named one that does not
+    raises naming the divergence; a family with no kernel for it (top-k, this round) raises
+    ValueError on every backend, as do the vocab-parallel losses."""
+    student = random_logits(4, 30, seed=3)
+    teacher = random_logits(4, 30, seed=4)
+    target = random_target(4, vocab=30, seed=5)
+    kw = dict(divergence="skew_kl", skew=0.2, temperature=2.0)
+    exact = fastkd.distillation_loss(student.double(), teacher.double(), target, **kw)
+    got = fastkd.distillation_loss(student, teacher, target, backend="auto", **kw)
+    torch.testing.assert_close(got.double(), exact, rtol=1e-5, atol=1e-6)
+    with pytest.raises(fastkd.BackendUnavailableError, match="skew_kl"):
+        fastkd.distillation_loss(student, teacher, target, backend="triton", **kw)
+    logprobs, indices = fastkd.topk_teacher_logprobs_from_logits(teacher / 2.0, 5)
+    for backend in ("auto", "torch", "cpu"):
+        with pytest.raises(ValueError, match="skew_kl.*no topk kernel"):
+            fastkd.sparse_distillation_loss(student, logprobs, indices, target,
+                                            backend=backend, **kw)
+    from fastkd import distributed
+
+    with pytest.raises(ValueError, match="skew_kl.*no vocab-parallel form"):
+        distributed.vocab_parallel_distillation_loss(student, teacher, target,
+                                                     vocab_start_index=0, **kw)

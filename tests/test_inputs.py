@@ -104,8 +104,8 @@ class KernelRecorder:
         self.calls = []
         original = functional.kernel_for
 
-        def kernel_for(family, backend, *tensors):
-            kernel = original(family, backend, *tensors)
+        def kernel_for(family, backend, *tensors, **keywords):
+            kernel = original(family, backend, *tensors, **keywords)
 
             def recorded(student, teacher, target, grad_student, *rest):
                 self.calls.append((student, teacher, grad_student))
