@@ -1,6 +1,9 @@
 """fastkd: fused, memory-lean knowledge-distillation losses for PyTorch."""
 
-from . import data  # fastkd.data: the top-k store, its writer and collator
+from . import (
+    _dtensor,  # noqa: F401  registers the DTensor routes with _dispatch
+    data,  # fastkd.data: the top-k store, its writer and collator
+)
 from ._dispatch import BackendUnavailableError, resolve_backend
 from .functional import (
     distillation_loss,

@@ -211,6 +211,26 @@ def kernel_for(family: str, backend: str, tensor: torch.Tensor,
                                            divergence=divergence))
 
 
+#: DTensor routes by loss ("logits", "fused_linear"), registered by `fastkd._dtensor` when
+#: `fastkd` is imported. The routing module imports the public functions and registers its
+#: entry points here, so the functions reach it without importing it (no import cycle).
+_DTENSOR_ROUTES: dict = {}
+
+
+def register_dtensor_route(loss: str, route: Callable) -> None:
+    """Registers the function that computes `loss` for DTensor arguments."""
+    _DTENSOR_ROUTES[loss] = route
+
+
+def dtensor_route(loss: str) -> Callable:
+    """The registered DTensor route of `loss` (see `register_dtensor_route`)."""
+    try:
+        return _DTENSOR_ROUTES[loss]
+    except KeyError:
+        raise RuntimeError(f"no DTensor route for {loss!r} is registered: import fastkd "
+                           "(the package) rather than one of its modules alone") from None
+
+
 def is_dtensor(*tensors) -> bool:
     """Whether any tensor is a DTensor; free (no import) when torch.distributed.tensor was
     never imported, since no DTensor can exist then (False while compiling)."""

@@ -2,7 +2,8 @@
 
 `fastkd.distillation_loss` and `fastkd.fused_linear_distillation_loss` hand a call with a
 DTensor argument to `dtensor_distillation_loss` / `dtensor_fused_linear_distillation_loss`
-here (re-exported by `fastkd.distributed`).
+here. This module imports the public functions and registers these two routes with
+`fastkd._dispatch` when `fastkd` is imported; nothing imports it back.
 
 Accepted layouts, on a device mesh of any number of dimensions:
 - logits: `Shard(-1)` (the vocabulary) on exactly one mesh dimension and `Replicate()` on the
@@ -24,6 +25,9 @@ with their inputs' placements (`to_local` / `from_local` carry them).
 """
 
 from __future__ import annotations
+
+from . import distributed, functional
+from ._dispatch import register_dtensor_route
 
 
 def _dt():
@@ -150,7 +154,6 @@ def dtensor_distillation_loss(student_logits, teacher_logits, target=None, *,
         with the logits' placements.
     """
     dt = _dt()
-    from . import distributed, functional
 
     y = _local_replicated("target", target)
     s_sharded = isinstance(student_logits, dt.DTensor) and \
@@ -206,7 +209,6 @@ def dtensor_fused_linear_distillation_loss(student_hidden, student_weight, teach
         every rank (summed over the vocabulary-parallel group).
     """
     dt = _dt()
-    from . import distributed, functional
 
     y = _local_replicated("target", target)
     if not isinstance(student_weight, dt.DTensor):
@@ -239,3 +241,7 @@ def dtensor_fused_linear_distillation_loss(student_hidden, student_weight, teach
         student_bias_shard=local(student_bias), teacher_bias_shard=local(teacher_bias),
         **keywords)
     return _replicated_out(result, mesh)
+
+
+register_dtensor_route("logits", dtensor_distillation_loss)
+register_dtensor_route("fused_linear", dtensor_fused_linear_distillation_loss)

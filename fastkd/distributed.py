@@ -9,11 +9,10 @@ logits, and its backward gives the gradient of its own slice without communicati
 
 Entry points: `vocab_parallel_distillation_loss` (logit shards),
 `vocab_parallel_fused_linear_distillation_loss` (lm-head shards, logits never whole),
-`vocab_parallel_sparse_distillation_loss` (top-k teacher), and the DTensor routes
-`dtensor_distillation_loss` / `dtensor_fused_linear_distillation_loss` that
-`fastkd.distillation_loss` and `fastkd.fused_linear_distillation_loss` take for DTensor
-inputs sharded on the vocabulary. Every rank of the group must call them with the same
-leading shapes, targets and keywords. Semantics: `docs/semantics.md`.
+`vocab_parallel_sparse_distillation_loss` (top-k teacher). `fastkd.distillation_loss` and
+`fastkd.fused_linear_distillation_loss` reach them for DTensor inputs sharded on the
+vocabulary through `fastkd._dtensor` (the one routing module). Every rank of the group must
+call them with the same leading shapes, targets and keywords. Semantics: `docs/semantics.md`.
 """
 
 from __future__ import annotations
@@ -25,7 +24,6 @@ import torch
 import torch.distributed as dist
 
 from ._dispatch import CLASSIC_DIVERGENCES
-from ._dtensor import dtensor_distillation_loss, dtensor_fused_linear_distillation_loss
 from ._inputs import autocast_head
 from ._options import LossOptions, TopKOptions, takes_options
 from ._reduction import flat_target, host_reduction_weight, reduce_rows, valid_count
@@ -47,8 +45,7 @@ from .ops.vocab_parallel_fused import agreed_chunk_rows, vocab_parallel_fused_ro
 from .ops.vocab_parallel_stats import compute_dtype
 
 __all__ = ["vocab_parallel_distillation_loss", "vocab_parallel_fused_linear_distillation_loss",
-           "vocab_parallel_sparse_distillation_loss", "dtensor_distillation_loss",
-           "dtensor_fused_linear_distillation_loss"]
+           "vocab_parallel_sparse_distillation_loss"]
 
 def _check_vocab_parallel_divergence(divergence: str) -> None:
     """The vocab-parallel statistics exist for the classic divergences only (this round)."""

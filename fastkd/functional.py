@@ -12,7 +12,7 @@ from typing import Optional
 
 import torch
 
-from ._dispatch import is_dtensor, kernel_for
+from ._dispatch import dtensor_route, is_dtensor, kernel_for
 from ._docs import fill_doc
 from ._inputs import autocast_head, check_inplace, to_float64_if_any
 from ._lm_head import fused_linear_loss
@@ -83,9 +83,7 @@ def distillation_loss(
     %(raises)s
     """
     if is_dtensor(student_logits, teacher_logits):
-        from . import distributed
-
-        return distributed.dtensor_distillation_loss(
+        return dtensor_route("logits")(
             student_logits, teacher_logits, target, backend=backend,
             inplace_backward=inplace_backward, return_components=return_components,
             **options.keywords())
@@ -177,9 +175,7 @@ def fused_linear_distillation_loss(
     %(raises)s
     """
     if is_dtensor(student_weight, teacher_weight, student_hidden, teacher_hidden):
-        from . import distributed
-
-        return distributed.dtensor_fused_linear_distillation_loss(
+        return dtensor_route("fused_linear")(
             student_hidden, student_weight, teacher_hidden, teacher_weight, target,
             student_bias=student_bias, teacher_bias=teacher_bias, chunk_size=chunk_size,
             backend=backend, return_components=return_components, **options.keywords())

@@ -88,7 +88,7 @@ def run_dtensor(rank, world, mesh, case):
     if case.get("module"):
         loss = fastkd.DistillationLoss(**_kw(case))(sd, td, y)
     elif case["name"] == "dtensor-kl-sum-notarget":  # the route itself, with components
-        from fastkd.distributed import dtensor_distillation_loss
+        from fastkd._dtensor import dtensor_distillation_loss
         loss, ce, div = dtensor_distillation_loss(sd, td, y, return_components=True,
                                                   **_kw(case))
         components = [(x.to_local(), _names(x.placements)) for x in (ce, div)]

@@ -288,12 +288,13 @@ def test_autocast_cpu_bf16_returns_float32(backend):
     assert_within(outside, oracle_loss(logits.detach(), teacher, target, **KW), 1e-5, "loss")
 
 
-def test_dtensor_is_routed_to_fastkd_distributed(monkeypatch):
-    """A DTensor argument hands the whole call (every keyword) to fastkd.distributed."""
+def test_dtensor_is_routed_to_the_registered_routes(monkeypatch):
+    """A DTensor argument hands the whole call (every keyword) to the route fastkd._dtensor
+    registered in fastkd._dispatch."""
     import sys
     import types
 
-    import fastkd.distributed
+    from fastkd import _dispatch
 
     class FakeDTensor(torch.Tensor):
         pass
@@ -309,10 +310,9 @@ def test_dtensor_is_routed_to_fastkd_distributed(monkeypatch):
             return "routed"
         return routed
 
-    monkeypatch.setattr(fastkd.distributed, "dtensor_distillation_loss",
-                        route("dense"), raising=False)
-    monkeypatch.setattr(fastkd.distributed, "dtensor_fused_linear_distillation_loss",
-                        route("fused"), raising=False)
+    assert _dispatch.dtensor_route("logits") is fastkd._dtensor.dtensor_distillation_loss
+    monkeypatch.setitem(_dispatch._DTENSOR_ROUTES, "logits", route("dense"))
+    monkeypatch.setitem(_dispatch._DTENSOR_ROUTES, "fused_linear", route("fused"))
     logits = random_logits(3, 7, seed=28)
     dt = torch.Tensor._make_subclass(FakeDTensor, logits)
     assert fastkd.distillation_loss(dt, logits, None, temperature=3.0,

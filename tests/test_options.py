@@ -7,6 +7,7 @@ import math
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,6 +16,8 @@ import fastkd
 from fastkd._dispatch import resolve_backend
 from fastkd._kernel_args import KernelArgs
 from fastkd._options import LossOptions, teacher_scale
+
+ROOT = Path(__file__).resolve().parents[1]
 
 BAD_SETTINGS = [
     ("temperature", dict(temperature=float("inf"))),
@@ -172,6 +175,33 @@ CORE_MODULES = ["fastkd._options", "fastkd._kernel_args", "fastkd._validation",
                 "fastkd._reduction", "fastkd._inputs", "fastkd._lm_head", "fastkd._dispatch",
                 "fastkd._topk_losses", "fastkd.functional", "fastkd.modules", "fastkd.losses",
                 "fastkd._dtensor", "fastkd.distributed"]
+
+
+def _imported_modules(path):
+    """Every module name a source file imports (at any depth, lazy imports included),
+    relative imports resolved against the fastkd package."""
+    import ast
+    package = ".".join(path.relative_to(ROOT).with_suffix("").parts[:-1])
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = package.rsplit(".", node.level - 1)[0] if node.level else ""
+            module = ".".join(x for x in (base, node.module) if x)
+            names.add(module)
+            names.update(f"{module}.{a.name}" for a in node.names)
+    return names
+
+
+def test_the_dtensor_routing_module_is_not_imported_back():
+    """fastkd._dtensor imports the public functions; only the package's __init__ imports
+    it (to register the routes), and functional.py never reaches fastkd.distributed."""
+    importers = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "fastkd").rglob("*.py")
+                       if "fastkd._dtensor" in _imported_modules(p))
+    assert importers == ["fastkd/__init__.py"], importers
+    functional = _imported_modules(ROOT / "fastkd" / "functional.py")
+    assert "fastkd.distributed" not in functional and "fastkd._dtensor" not in functional
 
 
 @pytest.mark.parametrize("module", CORE_MODULES)
