@@ -9,13 +9,15 @@ Accepted layouts, on a device mesh of any number of dimensions:
 - logits: `Shard(-1)` (the vocabulary) on exactly one mesh dimension and `Replicate()` on the
   others; student and teacher with the same mesh and placements. The loss runs over that
   mesh dimension's process group. All-`Replicate()` DTensors are computed like local tensors.
-- fused lm-head: head weights (and biases) `Shard(0)` on one mesh dimension (what
-  `ColwiseParallel` makes of an `nn.Linear`), `Replicate()` elsewhere, with hidden states that
-  are all-`Replicate()` DTensors on the same mesh: those prove the tokens are the same on every
-  rank (tensor parallel). FSDP2's `fully_shard` leaves the same `Shard(0)` weight with plain,
-  per-rank hidden states (data parallel), so a sharded weight with a plain hidden state is
-  ambiguous and raises a `ValueError` naming both ways out; fastkd never guesses. With
-  all-`Replicate()` weights the hidden states may be plain tensors.
+- fused lm-head: a head weight `Shard(0)` on one mesh dimension is what both FSDP2's
+  `fully_shard` (data parallel: each rank its own tokens) and `ColwiseParallel` (tensor
+  parallel: the same tokens on every rank) leave; the hidden states decide, never a guess.
+  Plain hidden states mean data parallel: each sharded weight (student, teacher, or both) is
+  gathered for the call (`fastkd.ops.shard_gather`; the gradient is reduce-scattered and
+  averaged as FSDP2 does) and the rank's own loss comes back as a plain tensor.
+  All-`Replicate()` DTensor hidden states on the weights' mesh (or plain ones with
+  `tensor_parallel=True`) mean tensor parallel: the vocab-parallel loss. Mixed or
+  contradicting proofs raise a `ValueError` naming both ways out.
 Anything else (`Partial`, a shard of another dimension) raises naming the argument. The loss
 (and the components) come back as DTensors replicated on the mesh; the gradients as DTensors
 with their inputs' placements (`to_local` / `from_local` carry them).
@@ -26,8 +28,11 @@ with their inputs' placements (`to_local` / `from_local` carry them).
 
 from __future__ import annotations
 
+import torch
+
 from . import distributed, functional
 from ._dispatch import register_dtensor_route
+from .ops.shard_gather import gather_rows
 
 
 def _dt():
@@ -94,22 +99,10 @@ def _local_replicated(name: str, tensor):
     return tensor.to_local()
 
 
-def _proven_replicated(name: str, hidden, mesh):
-    """The local tensor of hidden states that prove tensor parallelism for a Shard(0) head:
-    an all-Replicate DTensor on the head's mesh. A plain tensor is what FSDP2 (data parallel,
-    each rank its own tokens) passes too, so it raises instead of being taken for either."""
-    dt = _dt()
-    if not isinstance(hidden, dt.DTensor):
-        raise ValueError(
-            f"{name} is a plain tensor while the head weights are DTensors sharded Shard(0): "
-            "that is both FSDP2's data-parallel layout (each rank its own tokens) and "
-            "ColwiseParallel's tensor-parallel one (the same tokens on every rank), and fastkd "
-            "does not guess. Tensor parallel: pass the hidden states as DTensors with "
-            "Replicate() placements on the weights' mesh (DTensor.from_local(hidden, mesh, "
-            "[Replicate()] * mesh.ndim)). Data parallel (FSDP2): call the loss on unsharded "
-            "logits (fastkd.distillation_loss on lm_head(hidden) inside the model's forward), "
-            "since the fused lm-head loss does not gather FSDP2-sharded weights yet")
-    if hidden.device_mesh != mesh:
+def _replicated_hidden(name: str, hidden, mesh):
+    """The local tensor of tensor-parallel hidden states: a plain tensor (the caller said
+    tensor_parallel=True) or an all-Replicate DTensor on the head's mesh."""
+    if isinstance(hidden, _dt().DTensor) and hidden.device_mesh != mesh:
         raise ValueError(f"{name} is a DTensor on mesh {hidden.device_mesh}; it must be on the "
                          f"head weights' mesh ({mesh})")
     return _local_replicated(name, hidden)
@@ -181,36 +174,90 @@ def dtensor_distillation_loss(student_logits, teacher_logits, target=None, *,
     return _replicated_out(result, mesh)
 
 
+def _data_parallel_head(name: str, weight, bias):
+    """A head for this rank's own tokens: a plain weight as it is, an all-Replicate DTensor
+    as its local tensor, a Shard(0) DTensor (FSDP2) gathered over its mesh dimension for
+    this call (`fastkd.ops.shard_gather`: the gradient comes back FSDP2's way)."""
+    dt = _dt()
+    if not isinstance(weight, dt.DTensor):
+        if isinstance(bias, dt.DTensor):
+            raise TypeError(f"{name}_bias is a DTensor but {name}_weight is not")
+        return weight, bias
+    mesh, mesh_dim = _layout(f"{name}_weight", weight, 0)
+    if bias is not None:
+        _same_layout(f"{name}_bias", bias, f"{name}_weight", weight)
+    if mesh_dim is None:
+        return weight.to_local(), None if bias is None else bias.to_local()
+    _local_slice(f"{name}_weight", weight, mesh_dim, 0)
+    group = mesh.get_group(mesh_dim)
+    full = gather_rows(weight.to_local(), weight.shape[0], group)
+    return full, None if bias is None else gather_rows(bias.to_local(), bias.shape[0], group)
+
+
+def _ways_out(what: str) -> str:
+    return (f"{what}. Data parallel (FSDP2, each rank its own tokens): pass plain hidden "
+            "states (tensor_parallel=None or False). Tensor parallel (the same tokens on "
+            "every rank): pass the hidden states as DTensors with Replicate() placements on "
+            "the weights' mesh, or plain ones with tensor_parallel=True")
+
+
+def _parallelism(student_hidden, teacher_hidden, tensor_parallel) -> str:
+    """"data" or "tensor", from what the caller proves (see the module docstring)."""
+    dt = _dt()
+    if tensor_parallel not in (None, True, False):
+        raise TypeError(f"tensor_parallel must be None, True or False, got {tensor_parallel!r}")
+    dtensors = [isinstance(h, dt.DTensor) for h in (student_hidden, teacher_hidden)]
+    if dtensors[0] != dtensors[1]:
+        raise ValueError(_ways_out("student_hidden and teacher_hidden must both be plain "
+                                   "tensors or both DTensors, got one of each"))
+    if dtensors[0]:
+        if tensor_parallel is False:
+            raise ValueError(_ways_out("tensor_parallel=False (data parallel) contradicts "
+                                       "DTensor hidden states, which say tensor parallel"))
+        return "tensor"
+    return "tensor" if tensor_parallel else "data"
+
+
 def dtensor_fused_linear_distillation_loss(student_hidden, student_weight, teacher_hidden,
                                            teacher_weight, target=None, *, student_bias=None,
                                            teacher_bias=None, backend: str = "auto",
-                                           **keywords):
+                                           tensor_parallel=None, **keywords):
     """`fastkd.fused_linear_distillation_loss` for DTensor lm-head weights.
 
     Parameters
     ----------
-    student_hidden, teacher_hidden : all-Replicate DTensor (..., Hs) / (..., Ht)
-        On the weights' mesh when the weights are sharded (the proof of tensor parallelism:
-        a plain tensor raises, see the module docstring); a plain tensor or an all-Replicate
-        DTensor when the weights are all Replicate.
-    student_weight, teacher_weight : DTensor (V, Hs) / (V, Ht)
-        Shard(0) on one mesh dimension (Replicate elsewhere), the same mesh and placements
-        for both (as `ColwiseParallel` leaves an lm-head); or all Replicate.
+    student_hidden, teacher_hidden : Tensor or all-Replicate DTensor (..., Hs) / (..., Ht)
+        Plain tensors: data parallel unless `tensor_parallel=True` (FSDP2: each rank its own
+        tokens). All-Replicate DTensors on the weights' mesh: tensor parallel.
+    student_weight, teacher_weight : Tensor or DTensor (V, Hs) / (V, Ht)
+        Data parallel: each a plain tensor, an all-Replicate DTensor or a Shard(0) DTensor
+        (FSDP2's sharded parameter, gathered for the call). Tensor parallel: Shard(0) on one
+        mesh dimension (Replicate elsewhere), the same mesh and placements for both (as
+        `ColwiseParallel` leaves an lm-head), or all Replicate.
     student_bias, teacher_bias : DTensor (V,) with the weights' placements, or None
     target : Tensor or all-Replicate DTensor (...) of integer labels, or None
+    tensor_parallel : None, True or False (see `fastkd.fused_linear_distillation_loss`)
     **keywords
         Those of `fastkd.fused_linear_distillation_loss` (chunk_size, return_components...).
 
     Returns
     -------
-    DTensor
-        The loss replicated on the mesh, or (loss, ce, divergence). Backward: the weight and
-        bias gradients as DTensors with their placements, the FULL hidden-state gradient on
-        every rank (summed over the vocabulary-parallel group).
+    Tensor or DTensor
+        Data parallel: this rank's own loss, a plain tensor (or (loss, ce, divergence));
+        the gradients of sharded weights arrive as DTensors with their placements, the mean
+        over the ranks as FSDP2 gives an unfused head. Tensor parallel: the loss replicated
+        on the mesh; the weight and bias gradients as DTensors with their placements, the
+        FULL hidden-state gradient on every rank (summed over the vocabulary-parallel group).
     """
     dt = _dt()
-
     y = _local_replicated("target", target)
+    if _parallelism(student_hidden, teacher_hidden, tensor_parallel) == "data":
+        s_w, s_b = _data_parallel_head("student", student_weight, student_bias)
+        with torch.no_grad():  # the teacher is a constant (no gradient, no graph)
+            t_w, t_b = _data_parallel_head("teacher", teacher_weight, teacher_bias)
+        return functional.fused_linear_distillation_loss(
+            student_hidden, s_w, teacher_hidden, t_w, y, student_bias=s_b, teacher_bias=t_b,
+            backend=backend, **keywords)
     if not isinstance(student_weight, dt.DTensor):
         raise TypeError("student_weight must be a DTensor when teacher_weight or a hidden "
                         f"state is one, got {type(student_weight).__name__}")
@@ -231,8 +278,8 @@ def dtensor_fused_linear_distillation_loss(student_hidden, student_weight, teach
             student_bias=local(student_bias), teacher_bias=local(teacher_bias),
             backend=backend, **keywords)
         return _replicated_out(result, mesh)
-    h_s = _proven_replicated("student_hidden", student_hidden, mesh)
-    h_t = _proven_replicated("teacher_hidden", teacher_hidden, mesh)
+    h_s = _replicated_hidden("student_hidden", student_hidden, mesh)
+    h_t = _replicated_hidden("teacher_hidden", teacher_hidden, mesh)
     _check_backend(backend)
     start = _local_slice("student_weight", student_weight, mesh_dim, 0)
     result = distributed.vocab_parallel_fused_linear_distillation_loss(

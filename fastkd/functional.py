@@ -130,6 +130,7 @@ def fused_linear_distillation_loss(
     options: LossOptions,
     backend: str = "auto",
     return_components: bool = False,
+    tensor_parallel: Optional[bool] = None,
 ):
     """``distillation_loss(h_s @ W_s.T + b_s, h_t @ W_t.T + b_t, target)`` without ever
     holding the (N, V) logits.
@@ -164,6 +165,14 @@ def fused_linear_distillation_loss(
     chunk_size : int or None, default None
         Rows per chunk. None: 64 MiB of chunk logits (student + teacher) on CPU, 512 MiB on
         CUDA, rounded down to a multiple of 64 rows.
+    tensor_parallel : bool or None, default None
+        Only for DTensor weights sharded ``Shard(0)`` (what both FSDP2's ``fully_shard`` and
+        ``ColwiseParallel`` leave). None: decided from the hidden states, plain tensors mean
+        data parallel (FSDP2: each rank its own tokens; the weight is gathered for the call
+        and its gradient reduce-scattered as FSDP2 does), ``Replicate()`` DTensors mean
+        tensor parallel (the vocab-parallel loss). True: tensor parallel with plain hidden
+        states that the caller guarantees equal on every rank. False: data parallel.
+        See docs/semantics.md "FSDP2 and 2-D meshes".
     %(options)s
 
     Returns
@@ -178,7 +187,12 @@ def fused_linear_distillation_loss(
         return dtensor_route("fused_linear")(
             student_hidden, student_weight, teacher_hidden, teacher_weight, target,
             student_bias=student_bias, teacher_bias=teacher_bias, chunk_size=chunk_size,
+            tensor_parallel=tensor_parallel,
             backend=backend, return_components=return_components, **options.keywords())
+    if tensor_parallel is not None:
+        raise ValueError(f"tensor_parallel={tensor_parallel!r} is only meaningful for DTensor "
+                         "head weights sharded Shard(0); these are plain tensors (leave it "
+                         "None)")
     check_linear_head("student", student_hidden, student_weight, student_bias)
     check_linear_head("teacher", teacher_hidden, teacher_weight, teacher_bias)
     check_heads_pair(student_hidden, student_weight, teacher_hidden, teacher_weight)

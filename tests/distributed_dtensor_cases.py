@@ -152,7 +152,8 @@ ERROR_WORD = {"shard0-logits": "student_logits", "partial-logits": "student_logi
               "plain-teacher": "teacher_logits", "mismatched-teacher": "teacher_logits",
               "backend": "backend", "weight-shard1": "student_weight",
               "plain-hidden": "student_hidden", "plain-teacher-hidden": "teacher_hidden"}
-# The ambiguity message names both ways out (tensor parallel, FSDP2 data parallel).
+# The ambiguity message (one plain hidden state, one DTensor) names both ways out (tensor
+# parallel, FSDP2 data parallel); two plain ones are data parallel (tests/test_fsdp2.py).
 ERROR_ALSO = {"plain-hidden": ("Replicate()", "FSDP2"),
               "plain-teacher-hidden": ("Replicate()", "FSDP2")}
 
@@ -178,9 +179,12 @@ def run_error(mesh, world, which):
             fastkd.distillation_loss(sd, td, y, backend="cpu")
         elif which in ("plain-hidden", "plain-teacher-hidden"):
             hs, ws, ht, wt, _ = _fused_inputs(world)
+            # One plain hidden state and one Replicate() DTensor: no proof either way.
             student_hidden = hs if which == "plain-hidden" else _replicated(hs, mesh)
+            teacher_hidden = _replicated(ht, mesh) if which == "plain-hidden" else ht
             fastkd.fused_linear_distillation_loss(
-                student_hidden, distribute_tensor(ws, mesh, _placements(mesh, 0)), ht,
+                student_hidden, distribute_tensor(ws, mesh, _placements(mesh, 0)),
+                teacher_hidden,
                 distribute_tensor(wt, mesh, _placements(mesh, 0)), y)
         else:
             hs, ws, ht, wt, _ = _fused_inputs(world)
