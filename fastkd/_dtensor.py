@@ -18,6 +18,9 @@ Accepted layouts, on a device mesh of any number of dimensions:
   All-`Replicate()` DTensor hidden states on the weights' mesh (or plain ones with
   `tensor_parallel=True`) mean tensor parallel: the vocab-parallel loss. Mixed or
   contradicting proofs raise a `ValueError` naming both ways out.
+- top-k: `sparse_distillation_loss` with `Shard(-1)` student logits runs the vocab-parallel
+  top-k loss; `fused_linear_sparse_distillation_loss` with a `Shard(0)` weight and plain
+  hidden states is data parallel (gathered, as above); its tensor-parallel form raises.
 Anything else (`Partial`, a shard of another dimension) raises naming the argument. The loss
 (and the components) come back as DTensors replicated on the mesh; the gradients as DTensors
 with their inputs' placements (`to_local` / `from_local` carry them).
@@ -290,5 +293,61 @@ def dtensor_fused_linear_distillation_loss(student_hidden, student_weight, teach
     return _replicated_out(result, mesh)
 
 
+def dtensor_sparse_distillation_loss(student_logits, teacher_topk_logprobs,
+                                     teacher_topk_indices, target=None, *,
+                                     backend: str = "auto", inplace_backward: bool = False,
+                                     **keywords):
+    """`fastkd.sparse_distillation_loss` for DTensor student logits: Shard(-1) on one mesh
+    dimension (Replicate elsewhere) runs the vocab-parallel top-k loss over that dimension
+    (the top-k teacher and target plain or all-Replicate, GLOBAL indices); all-Replicate
+    logits are computed like local ones. Returns the loss replicated on the mesh."""
+    dt = _dt()
+    lp = _local_replicated("teacher_topk_logprobs", teacher_topk_logprobs)
+    idx = _local_replicated("teacher_topk_indices", teacher_topk_indices)
+    y = _local_replicated("target", target)
+    if not isinstance(student_logits, dt.DTensor):
+        return functional.sparse_distillation_loss(
+            student_logits, lp, idx, y, backend=backend, inplace_backward=inplace_backward,
+            **keywords)
+    mesh, mesh_dim = _layout("student_logits", student_logits, -1)
+    if mesh_dim is None:
+        result = functional.sparse_distillation_loss(
+            student_logits.to_local(), lp, idx, y, backend=backend,
+            inplace_backward=inplace_backward, **keywords)
+        return _replicated_out(result, mesh)
+    _check_backend(backend)
+    if inplace_backward:
+        raise ValueError("inplace_backward=True: the vocab-parallel top-k loss of sharded "
+                         "DTensor logits has no in-place form; pass inplace_backward=False")
+    start = _local_slice("student_logits", student_logits, mesh_dim, -1)
+    result = distributed.vocab_parallel_sparse_distillation_loss(
+        student_logits.to_local(), lp, idx, y, vocab_start_index=start,
+        group=mesh.get_group(mesh_dim), **keywords)
+    return _replicated_out(result, mesh)
+
+
+def dtensor_fused_linear_sparse_distillation_loss(student_hidden, student_weight,
+                                                  teacher_topk_logprobs, teacher_topk_indices,
+                                                  target=None, *, student_bias=None,
+                                                  tensor_parallel=None, **keywords):
+    """`fastkd.fused_linear_sparse_distillation_loss` for a DTensor head weight: data
+    parallel (plain hidden states, FSDP2) gathers a Shard(0) weight for the call and returns
+    the rank's own loss; tensor parallel has no fused top-k form and raises."""
+    if _parallelism(student_hidden, student_hidden, tensor_parallel) == "tensor":
+        raise ValueError(
+            "tensor parallel (Replicate() DTensor hidden states or tensor_parallel=True): "
+            "the fused lm-head top-k loss has no vocab-parallel form; compute the vocabulary-"
+            "sharded logits (hidden @ weight_shard.T) and call fastkd.distributed."
+            "vocab_parallel_sparse_distillation_loss, or pass plain hidden states for data "
+            "parallel (FSDP2)")
+    weight, bias = _data_parallel_head("student", student_weight, student_bias)
+    return functional.fused_linear_sparse_distillation_loss(
+        student_hidden, weight, _local_replicated("teacher_topk_logprobs", teacher_topk_logprobs),
+        _local_replicated("teacher_topk_indices", teacher_topk_indices),
+        _local_replicated("target", target), student_bias=bias, **keywords)
+
+
 register_dtensor_route("logits", dtensor_distillation_loss)
 register_dtensor_route("fused_linear", dtensor_fused_linear_distillation_loss)
+register_dtensor_route("topk_logits", dtensor_sparse_distillation_loss)
+register_dtensor_route("topk_fused_linear", dtensor_fused_linear_sparse_distillation_loss)

@@ -10,7 +10,7 @@ from typing import Optional
 
 import torch
 
-from ._dispatch import kernel_for
+from ._dispatch import dtensor_route, is_dtensor, kernel_for
 from ._docs import fill_doc
 from ._inputs import autocast_head
 from ._lm_head import fused_linear_loss
@@ -99,6 +99,11 @@ def sparse_distillation_loss(
     ------
     %(raises)s
     """
+    if is_dtensor(student_logits, teacher_topk_logprobs, teacher_topk_indices, target):
+        return dtensor_route("topk_logits")(
+            student_logits, teacher_topk_logprobs, teacher_topk_indices, target,
+            backend=backend, inplace_backward=inplace_backward,
+            return_components=return_components, **options.keywords())
     check_floating("student_logits", student_logits)
     if student_logits.dim() < 1:
         raise ValueError("student_logits must have at least one dimension (..., V)")
@@ -145,6 +150,7 @@ def fused_linear_sparse_distillation_loss(
     options: TopKOptions,
     backend: str = "auto",
     return_components: bool = False,
+    tensor_parallel: Optional[bool] = None,
 ):
     """``sparse_distillation_loss(h @ W.T + b, topk_logprobs, topk_indices, target)`` computed
     ``chunk_size`` rows at a time (never (N, V) logits), as `fused_linear_distillation_loss`.
@@ -164,6 +170,10 @@ def fused_linear_sparse_distillation_loss(
     tail : {"bucket", "renormalize"}, default "bucket"
     chunk_size : int or None, default None
         Rows per chunk; None: 64 MiB of chunk logits on CPU, 512 MiB on CUDA.
+    tensor_parallel : bool or None, default None
+        For a DTensor weight sharded ``Shard(0)``, as in `fused_linear_distillation_loss`:
+        plain hidden states (or False) mean data parallel (FSDP2; the weight is gathered for
+        the call); tensor parallel has no fused top-k form yet and raises.
     %(options)s
 
     Returns
@@ -174,6 +184,17 @@ def fused_linear_sparse_distillation_loss(
     ------
     %(raises)s
     """
+    if is_dtensor(student_hidden, student_weight, student_bias, teacher_topk_logprobs,
+                  teacher_topk_indices, target):
+        return dtensor_route("topk_fused_linear")(
+            student_hidden, student_weight, teacher_topk_logprobs, teacher_topk_indices,
+            target, student_bias=student_bias, chunk_size=chunk_size, backend=backend,
+            return_components=return_components, tensor_parallel=tensor_parallel,
+            **options.keywords())
+    if tensor_parallel is not None:
+        raise ValueError(f"tensor_parallel={tensor_parallel!r} is only meaningful for a DTensor "
+                         "head weight sharded Shard(0); this one is a plain tensor (leave it "
+                         "None)")
     check_linear_head("student", student_hidden, student_weight, student_bias)
     lead_shape, vocab = student_hidden.shape[:-1], student_weight.shape[0]
     _check_topk_call(teacher_topk_logprobs, teacher_topk_indices, target, options, lead_shape,

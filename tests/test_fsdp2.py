@@ -57,6 +57,28 @@ def _unfused(student, teacher, x, y):
     return fastkd.distillation_loss(logits, t_logits, y, **KW)
 
 
+def _topk(teacher, x, k=5):
+    with torch.no_grad():
+        t_logits = teacher["head"](torch.tanh(teacher["body"](x)))
+    return torch.log_softmax(t_logits / KW["temperature"], -1).topk(k)
+
+
+TOPK_KW = dict(temperature=2.0, alpha=0.3, tail="renormalize")
+
+
+def _topk_fused(student, teacher, x, y):
+    lp, idx = _topk(teacher, x)
+    return fastkd.fused_linear_sparse_distillation_loss(
+        torch.tanh(student["body"](x)), student["head"].weight, lp, idx, y, chunk_size=3,
+        **TOPK_KW)
+
+
+def _topk_unfused(student, teacher, x, y):
+    lp, idx = _topk(teacher, x)
+    logits = student["head"](torch.tanh(student["body"](x)))
+    return fastkd.sparse_distillation_loss(logits, lp, idx, y, **TOPK_KW)
+
+
 def _sharded(mesh):
     from torch.distributed.fsdp import fully_shard
     student, teacher = _models()
@@ -100,6 +122,20 @@ def _worker(rank, init_file, out_dir):
         loss = _unfused(student, teacher, x, y)
         loss.backward()
         out["unfused"] = dict(loss=loss.detach(), grads=_grads(student))
+        for name, loss_fn in (("topk_fused", _topk_fused), ("topk_unfused", _topk_unfused)):
+            student, teacher = _sharded(mesh)
+            loss = loss_fn(student, teacher, x, y)
+            loss.backward()
+            out[name] = dict(loss=loss.detach(), grads=_grads(student))
+        # Shard(-1) DTensor logits (the same on both ranks) with a top-k teacher: the
+        # vocab-parallel top-k loss.
+        from torch.distributed.tensor import Shard, distribute_tensor
+        s_full, t_full = random_logits(ROWS, VOCAB, seed=300), random_logits(ROWS, VOCAB, seed=301)
+        lp, idx = torch.log_softmax(t_full / 2.0, -1).topk(5)
+        sd = distribute_tensor(s_full, mesh, [Shard(1)]).requires_grad_(True)
+        loss = fastkd.sparse_distillation_loss(sd, lp, idx, _batch(0)[1], **TOPK_KW)
+        loss.backward()
+        out["topk_logits"] = dict(loss=loss.to_local().detach(), grad=sd.grad.full_tensor())
         # The same tokens on both ranks with tensor_parallel=True: the vocab-parallel loss.
         x0, y0 = _batch(0)
         student, teacher = _sharded(mesh)
@@ -115,6 +151,9 @@ def _worker(rank, init_file, out_dir):
             DTensor.from_local(h, mesh, rep), student["head"].weight,
             DTensor.from_local(ht, mesh, rep), teacher["head"].weight, y,
             tensor_parallel=False))
+        lp, idx = _topk(teacher, x)
+        out["topk_tp"] = _errors(lambda: fastkd.fused_linear_sparse_distillation_loss(
+            h, student["head"].weight, lp, idx, y, tensor_parallel=True))
         torch.save(out, f"{out_dir}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()
@@ -159,6 +198,33 @@ def test_fsdp2_sharded_head_is_data_parallel(results):
             _close(grad, mean_grads[name], f"rank {rank} {name} vs mean of one-process")
 
 
+def test_fsdp2_sharded_head_top_k_teacher(results):
+    losses, grads = [], []
+    for rank in range(WORLD):
+        student, teacher = _models()
+        loss = _topk_unfused(student, teacher, *_batch(rank))
+        loss.backward()
+        losses.append(loss.detach())
+        grads.append({n: p.grad for n, p in student.named_parameters()})
+    for rank, res in enumerate(results):
+        fused, unfused = res["topk_fused"], res["topk_unfused"]
+        _close(fused["loss"], losses[rank], f"rank {rank} top-k loss vs one process")
+        _close(fused["loss"], unfused["loss"], f"rank {rank} top-k loss vs unfused FSDP2")
+        for name, grad in fused["grads"].items():
+            _close(grad, unfused["grads"][name], f"rank {rank} top-k {name} vs unfused")
+            _close(grad, sum(g[name] for g in grads) / WORLD, f"rank {rank} top-k {name}")
+
+
+def test_shard_last_dim_logits_with_top_k_teacher_are_vocab_parallel(results):
+    s_full = random_logits(ROWS, VOCAB, seed=300).requires_grad_(True)
+    lp, idx = torch.log_softmax(random_logits(ROWS, VOCAB, seed=301) / 2.0, -1).topk(5)
+    loss = fastkd.sparse_distillation_loss(s_full, lp, idx, _batch(0)[1], **TOPK_KW)
+    loss.backward()
+    for res in results:
+        _close(res["topk_logits"]["loss"], loss.detach(), "Shard(-1) top-k loss")
+        _close(res["topk_logits"]["grad"], s_full.grad, "Shard(-1) top-k gradient")
+
+
 def test_tensor_parallel_true_takes_plain_hidden_as_replicated(results):
     student, teacher = _models()
     expected = _fused(student, teacher, *_batch(0)).detach()
@@ -170,6 +236,7 @@ def test_mixed_or_contradicting_proofs_raise_naming_both_ways_out(results):
     for res in results:
         assert "one of each" in res["mixed"] and "tensor_parallel=True" in res["mixed"]
         assert "contradicts" in res["contradiction"] and "FSDP2" in res["contradiction"]
+        assert "no vocab-parallel form" in res["topk_tp"], res["topk_tp"]
 
 
 def test_tensor_parallel_needs_dtensor_weights():
